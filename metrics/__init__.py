@@ -1,0 +1,1 @@
+"""Metric maths: exact streaming accumulators, scopes, the aggregator, CSV writers, the legacy evaluator."""

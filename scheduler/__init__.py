@@ -1,0 +1,1 @@
+"""READAR: the control plane (dataset index, planning, runs, the readar command line, settings)."""

@@ -1,0 +1,1 @@
+"""Sub-commands of the readar command line, one module each."""

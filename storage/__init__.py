@@ -1,0 +1,1 @@
+"""SQL records and object storage for READAR runs."""

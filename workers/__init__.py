@@ -1,0 +1,1 @@
+"""Everything that turns one test image into logits: detectors, preprocessing, batching, the task function."""
