@@ -1,0 +1,83 @@
+"""The per-category aggregator: stored logits + ground truth of one category → metric rows in SQL.
+
+It streams the category's finished images through the metrics engine (constant memory), stores the
+category's mergeable metric state in the object store, and — once every category of the run is done —
+merges those states into the ``overall`` row and averages the category rows into the ``mean`` row.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from storage.logits import decode_logits, full_resolution_logits
+from storage.objects import ObjectStore, category_state_key
+from storage.paths import resolve_inside
+from storage.repository import Repository
+
+log = logging.getLogger(__name__)
+
+
+class AggregationError(RuntimeError):
+    """A category could not be aggregated; the message names the category and the cause."""
+
+
+def aggregate_category(
+    repo: Repository, store: ObjectStore, run_id: int, category: str,
+    *, progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Compute and store the metric rows of one category (category scope + its defect scopes)."""
+    from metrics.groundtruth import GroundTruthError, load_mask
+    from metrics.scopes import ScopedAccumulator
+
+    run = repo.get_run_by_id(run_id)
+    root = Path(run.dataset_root)
+    rows = repo.images(run_id, category=category)
+    done = [r for r in rows if r.status == "done"]
+    skipped = sum(r.status == "skipped" for r in rows)
+    failed = sum(r.status == "failed" for r in rows)
+    accumulator = ScopedAccumulator()
+    used = 0
+    for position, row in enumerate(done, start=1):
+        stored = decode_logits(store.get(row.object_key), source=f"logits of {row.image_path}")
+        logits = full_resolution_logits(stored)
+        try:
+            mask = None
+            if row.mask_path:
+                mask = load_mask(resolve_inside(root, row.mask_path), logits.shape, image_path=row.image_path)
+        except GroundTruthError as exc:
+            log.warning("skipping %s in the metrics: %s", row.image_path, exc)
+            skipped += 1
+            continue
+        accumulator.add(category, row.defect, logits, mask)
+        used += 1
+        if progress is not None:
+            progress(position, len(done))
+    metric_rows = accumulator.rows(include_summary=False)
+    for metric_row in metric_rows:
+        metric_row["num_skipped"] = skipped
+        metric_row["num_failed"] = failed
+    category_record = next(c for c in repo.categories(run_id) if c.category == category)
+    key = category_state_key(run_id, category_record.id)
+    store.put(key, accumulator.to_bytes())
+    repo.finish_aggregation(
+        run_id, category, rows=metric_rows, state_key=key, num_used=used, num_skipped=skipped, num_failed=failed,
+    )
+    if all(c.status == "done" for c in repo.categories(run_id)):
+        refresh_summary(repo, store, run_id)
+    return metric_rows
+
+
+def refresh_summary(repo: Repository, store: ObjectStore, run_id: int) -> list[dict[str, Any]]:
+    """Merge every category's stored state into the ``overall`` row and average them into ``mean``."""
+    from metrics.scopes import ScopedAccumulator
+
+    merged = ScopedAccumulator()
+    for record in repo.categories(run_id):
+        if record.state_key:
+            merged.merge(ScopedAccumulator.from_bytes(store.get(record.state_key)))
+    summary = [row for row in merged.rows(include_summary=True) if row["scope"] in ("overall", "mean")]
+    repo.store_summary_rows(run_id, summary)
+    return summary

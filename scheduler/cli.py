@@ -1,0 +1,56 @@
+"""The ``readar`` command line. Global options override ``READAR_*`` environment settings."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from pydantic import ValidationError
+
+from scheduler.context import AppContext, configure_logging
+from scheduler.settings import Settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--work-dir", type=click.Path(path_type=Path), help="Work folder [env READAR_WORK_DIR; ./readar-work].")
+@click.option("--database-url", help="SQLAlchemy URL [env READAR_DATABASE_URL; SQLite in the work folder].")
+@click.option("--object-store-url", help="fsspec URL for logits [env READAR_OBJECT_STORE_URL; <work-dir>/objects].")
+@click.option("-v", "--verbose", is_flag=True, help="Log more.")
+@click.pass_context
+def cli(ctx: click.Context, work_dir: Path | None, database_url: str | None, object_store_url: str | None,
+        verbose: bool) -> None:
+    """READAR: benchmark zero-shot anomaly segmentation by READ on MVTec-AD-format datasets."""
+    overrides = {
+        k: v for k, v in {"work_dir": work_dir, "database_url": database_url, "object_store_url": object_store_url}
+        .items() if v is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise click.UsageError(f"invalid setting: {exc}") from exc
+    configure_logging(verbose)
+    ctx.obj = AppContext(settings=settings, verbose=verbose)
+
+
+def _register() -> None:
+    from scheduler.commands import data, query, run
+
+    for command in (*run.COMMANDS, *query.COMMANDS, *data.COMMANDS):
+        cli.add_command(command)
+    try:
+        from scheduler.commands.eval import eval_command
+    except ImportError:  # pragma: no cover - the evaluator ships with the package
+        pass
+    else:
+        cli.add_command(eval_command, name="eval")
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        cli(prog_name="readar")
+    except KeyboardInterrupt:  # pragma: no cover - handled inside long commands
+        sys.exit(130)

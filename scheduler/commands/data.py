@@ -1,0 +1,40 @@
+"""Commands that write inputs: ``make-sample-data`` and ``make-tiny-checkpoint``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from scheduler.context import AppContext
+
+
+@click.command("make-sample-data")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--size", default=256, show_default=True, type=click.IntRange(32, 4096), help="Image side in px.")
+@click.option("--per-class", default=12, show_default=True, type=click.IntRange(3, 10000),
+              help="Test images per category.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.pass_obj
+def make_sample_data_command(app: AppContext, directory: Path, size: int, per_class: int, seed: int) -> None:
+    """Write a small MVTec-format dataset (textures and objects with exact defect masks) to DIRECTORY."""
+    from scheduler.sample_data import make_sample_data
+
+    summary = make_sample_data(directory, size=size, per_class=per_class, seed=seed)
+    app.console.print(f"sample dataset written to [bold]{directory}[/]: {summary}")
+
+
+@click.command("make-tiny-checkpoint")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.pass_obj
+def make_tiny_checkpoint_command(app: AppContext, directory: Path, seed: int) -> None:
+    """Write a random-weight READ checkpoint in the released layout, plus a tiny CLIP folder, to DIRECTORY."""
+    from workers.read.tiny import make_tiny_checkpoint
+
+    checkpoint, clip = make_tiny_checkpoint(directory, seed=seed)
+    app.console.print(f"tiny READ checkpoint: [bold]{checkpoint}[/]\ntiny CLIP folder:     [bold]{clip}[/]")
+    app.console.print(f"use: readar run --detector read --checkpoint {checkpoint} --clip {clip} --mvtec-root DIR")
+
+
+COMMANDS = (make_sample_data_command, make_tiny_checkpoint_command)

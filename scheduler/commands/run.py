@@ -1,0 +1,193 @@
+"""``readar run``, ``readar resume`` and ``readar demo``: plan and execute runs on this machine."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from scheduler.context import AppContext
+from scheduler.planner import RunRequest, parse_list, plan_run
+from scheduler.tables import print_metrics, write_run_csv
+from storage.redact import redact_text
+from workers.detectors.base import (
+    CONVERSATIONS,
+    DECODE_MODES,
+    PROMPT_MODES,
+    DetectorConfig,
+    DetectorError,
+    available_detectors,
+    build_detector,
+)
+
+
+def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The dataset and detector options shared by ``run`` (and ``submit``)."""
+    options = [
+        click.option("--mvtec-root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="Dataset root: <root>/<category>/test/<defect>/<image>."),
+        click.option("--classes", help="Comma-separated categories (default: all)."),
+        click.option("--max-per-class", default=-1, show_default=True, type=click.IntRange(min=-1),
+                     help="First N images per category in sorted order (-1 = all)."),
+        click.option("--exclude-defects", help="Comma-separated defect types to leave out, e.g. color,combined."),
+        click.option("--detector", default="baseline", show_default=True,
+                     help=f"Detector name ({', '.join(available_detectors())})."),
+        click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="Released READ checkpoint folder [env READAR_CHECKPOINT]."),
+        click.option("--clip", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="CLIP ViT-L/14-336 folder [env READAR_CLIP]."),
+        click.option("--prompt-mode", type=click.Choice(PROMPT_MODES), default="anomaly", show_default=True),
+        click.option("--prompt-template", help="User template for --prompt-mode template ({class_name}, "
+                     "{anomaly_type})."),
+        click.option("--decode-mode", type=click.Choice(DECODE_MODES), default="generate", show_default=True),
+        click.option("--conversation", type=click.Choice(CONVERSATIONS), default="llava_v1", show_default=True),
+        click.option("--device", help="cpu, cuda or cuda:N [env READAR_DEVICE; cpu]."),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward [env READAR_BATCH_SIZE; 4]."),
+        click.option("--run-name", help="Name of the run (default: derived from the dataset and options)."),
+    ]
+    return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+
+
+def detector_config(app: AppContext, options: dict[str, Any]) -> DetectorConfig:
+    settings = app.settings
+    try:
+        return DetectorConfig(
+            checkpoint=options.get("checkpoint") or settings.checkpoint,
+            clip=options.get("clip") or settings.clip,
+            device=options.get("device") or settings.device,
+            prompt_mode=options["prompt_mode"], prompt_template=options.get("prompt_template"),
+            decode_mode=options["decode_mode"], conversation=options["conversation"],
+            batch_size=options.get("batch_size") or settings.batch_size,
+        )
+    except DetectorError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def _request(options: dict[str, Any], config: DetectorConfig) -> RunRequest:
+    return RunRequest(
+        mvtec_root=options["mvtec_root"], detector=options["detector"], detector_config=config.public(),
+        classes=parse_list(options.get("classes")), max_per_class=options["max_per_class"],
+        exclude_defects=parse_list(options.get("exclude_defects")) or (), run_name=options.get("run_name"),
+    )
+
+
+def execute(app: AppContext, detector_name: str, config: DetectorConfig, request: RunRequest | None,
+            run_name: str | None = None) -> None:
+    """Plan (when ``request`` is given), run every pending image, print and write the metrics."""
+    from scheduler.dataset import DatasetError
+    from scheduler.runner import execute_run
+    from storage.repository import RunConflictError
+
+    try:
+        detector = build_detector(detector_name, config)
+    except DetectorError as exc:
+        raise click.ClickException(str(exc)) from exc
+    repo = app.repo
+    if request is not None:
+        try:
+            run, new_rows = plan_run(
+                repo, request, model_fingerprint=detector.fingerprint(),
+                uses_ground_truth_names=detector.uses_ground_truth_names, settings_public=app.settings.public(),
+            )
+        except (DatasetError, RunConflictError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        app.err.print(f"run [bold]{run.name}[/]: {new_rows} new image row(s) planned")
+    else:
+        run = repo.get_run(run_name or "")
+    outcome = execute_run(
+        repo, app.store, run, detector, batch_size=config.batch_size, lease_seconds=app.settings.lease_seconds,
+        max_attempts=app.settings.max_attempts, device=config.device, console=app.err,
+        secrets=app.settings.secrets(),
+    )
+    if outcome.interrupted:
+        raise SystemExit(130)
+    summarise(app, outcome.run.id, outcome.run.name)
+
+
+def summarise(app: AppContext, run_id: int, run_name: str) -> Path:
+    """Print the metrics table and where everything lives; returns the CSV path."""
+    csv_path = write_run_csv(app.repo, run_id, app.settings.work_dir / "results" / f"{run_name}.csv")
+    run = app.repo.get_run_by_id(run_id)
+    print_metrics(app.console, app.repo, run)
+    counts = app.repo.status_counts(run_id)
+    totals: dict[str, int] = {}
+    for per_status in counts.values():
+        for status, n in per_status.items():
+            totals[status] = totals.get(status, 0) + n
+    app.console.print("images: " + ", ".join(f"{n} {s}" for s, n in sorted(totals.items())))
+    app.console.print(f"metrics CSV:  {csv_path}")
+    app.console.print(f"database:     {redact_text(app.settings.resolved_database_url)}")
+    app.console.print(f"logits:       {app.store.describe()}/runs/{run_id}/images/")
+    return csv_path
+
+
+@click.command("run")
+@run_options
+@click.pass_obj
+def run_command(app: AppContext, **options: Any) -> None:
+    """Plan a run over a dataset and execute it on this machine (embedded mode; resumable)."""
+    config = detector_config(app, options)
+    execute(app, options["detector"], config, _request(options, config))
+
+
+@click.command("resume")
+@click.argument("run_name")
+@click.option("--device", help="Override the device of the stored run configuration.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Override the batch size.")
+@click.pass_obj
+def resume_command(app: AppContext, run_name: str, device: str | None, batch_size: int | None) -> None:
+    """Finish an interrupted run: images already done are not redone."""
+    from storage.repository import RunNotFoundError
+
+    try:
+        run = app.repo.get_run(run_name)
+    except RunNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
+    stored = run.config["detector_config"]
+    extra = {k.removeprefix("extra."): v for k, v in stored.items() if k.startswith("extra.")}
+    config = DetectorConfig(
+        checkpoint=Path(stored["checkpoint"]) if stored.get("checkpoint") else None,
+        clip=Path(stored["clip"]) if stored.get("clip") else None,
+        device=device or stored["device"], dtype=stored.get("dtype"), prompt_mode=stored["prompt_mode"],
+        prompt_template=stored.get("prompt_template"), decode_mode=stored["decode_mode"],
+        conversation=stored["conversation"], batch_size=batch_size or stored["batch_size"], extra=extra,
+    )
+    execute(app, run.detector, config, None, run_name=run.name)
+
+
+@click.command("demo")
+@click.option("--detector", type=click.Choice(["baseline", "read"]), default="baseline", show_default=True,
+              help="baseline: weight-free statistics; read: READ with a tiny random-weight checkpoint.")
+@click.pass_obj
+def demo_command(app: AppContext, detector: str) -> None:
+    """Generate sample data and run the whole pipeline on it (plan → tasks → objects + SQL → metrics)."""
+    from scheduler.sample_data import make_sample_data
+
+    work = app.settings.work_dir
+    data_dir = work / "sample-data"
+    if not data_dir.exists():
+        make_sample_data(data_dir)
+        app.err.print(f"sample dataset written to {data_dir}")
+    options: dict[str, Any] = {
+        "mvtec_root": data_dir, "detector": detector, "max_per_class": -1, "prompt_mode": "anomaly",
+        "decode_mode": "generate", "conversation": "llava_v1", "run_name": f"demo-{detector}",
+    }
+    if detector == "read":
+        from workers.read.tiny import make_tiny_checkpoint
+
+        tiny_dir = work / "tiny-checkpoint"
+        checkpoint, clip = make_tiny_checkpoint(tiny_dir)
+        options.update(checkpoint=checkpoint, clip=clip)
+    config = detector_config(app, options)
+    execute(app, detector, config, _request(options, config))
+    app.console.print(
+        "[dim]These numbers come from generated images"
+        + (" and a random-weight model" if detector == "read" else "")
+        + "; they say nothing about READ's accuracy on real data.[/]"
+    )
+
+
+COMMANDS = (run_command, resume_command, demo_command)

@@ -1,0 +1,47 @@
+"""The CLI's application context: settings read once, storage handles opened on first use."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from rich.console import Console
+
+from scheduler.settings import Settings
+from storage.database import Database
+from storage.objects import ObjectStore
+from storage.repository import Repository
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    verbose: bool = False
+    console: Console = field(default_factory=Console)
+    err: Console = field(default_factory=lambda: Console(stderr=True))
+
+    @cached_property
+    def database(self) -> Database:
+        database = Database(self.settings.resolved_database_url)
+        database.migrate()
+        return database
+
+    @cached_property
+    def repo(self) -> Repository:
+        return Repository(self.database)
+
+    @cached_property
+    def store(self) -> ObjectStore:
+        return ObjectStore(self.settings.resolved_object_store_url, self.settings.storage_options())
+
+
+def configure_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=verbose)], force=True,
+    )
+    for noisy in ("alembic", "botocore", "s3fs", "aiobotocore", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)

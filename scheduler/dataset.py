@@ -1,0 +1,398 @@
+"""The dataset index: an MVTec-AD-format folder parsed once into a table of test-image rows.
+
+Layout (see shared/MVTEC.md): ``<root>/<category>/test/<defect>/<image>`` with masks at
+``<root>/<category>/ground_truth/<defect>/<stem>_mask.png``; ``good`` test images have no mask (all-normal).
+
+Every image/mask pair is checked up front from file headers only (a full decode of every image would be too
+slow; workers decode fully and fail single rows on corrupt pixel data). Problems with one image never stop the
+index: they are recorded on that image's row as ``status`` (``ok`` / ``skipped`` / ``failed``) plus a ``reason``
+that says what to fix. Problems with the dataset as a whole (missing root, no categories, unknown category, bad
+arguments) raise :class:`DatasetError`.
+
+Decisions:
+- Extensions ``.png``, ``.jpg``, ``.jpeg`` in any letter case; hidden files (``.*``) and other files are ignored.
+  The ``_mask.png`` name is matched case-insensitively as well.
+- Masks may be in any mode that reduces to "defect where any colour channel is > 0" (8-bit, 16-bit, RGB, palette;
+  see :func:`workers.images.load_mask`). Modes with no such meaning (e.g. CMYK) fail the row.
+- A category whose test folder holds no images is left out of ``categories``, listed in ``empty_categories`` and
+  reported in ``warnings``; the index fails only when no selected category holds any image.
+- ``max_per_class`` applies after ``exclude_defects``: the first N rows of each category in index order.
+- Nothing may resolve outside the root: files or folders reached through a symlink whose target lies outside
+  the root are ``failed``; :func:`resolve_inside` refuses ``..``, absolute paths and escaping links.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+GOOD = "good"
+MASK_SUFFIX = "_mask.png"
+STATUSES = ("ok", "skipped", "failed")
+
+# Pillow modes whose pixels reduce to "defect where any colour channel > 0" (workers.images.load_mask).
+MASK_MODES = frozenset(
+    {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "I", "F"}
+) | frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+
+LAYOUT_HELP = (
+    "expected an MVTec-AD-format folder: <root>/<category>/test/<defect>/<image>.png with masks at "
+    "<root>/<category>/ground_truth/<defect>/<image>_mask.png (e.g. <root>/bottle/test/crack/003.png)"
+)
+
+
+class DatasetError(ValueError):
+    """The dataset as a whole cannot be indexed (missing root, bad layout, bad arguments)."""
+
+
+class PathEscapeError(DatasetError):
+    """A relative path would resolve outside its root (``..``, an absolute path, or a symlink leading out)."""
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One test image.
+
+    image_path / mask_path: POSIX paths relative to the dataset root (``mask_path`` None for good images and for
+        anomalous images without a mask).
+    label: 0 for ``good`` images, 1 for every defect folder.
+    height / width: from the image header, None when the header could not be read.
+    status: ``ok`` (use it), ``skipped`` (deliberately left out, e.g. no mask) or ``failed`` (broken input);
+    reason: why, for anything but ``ok``.
+    """
+
+    category: str
+    defect: str
+    label: int
+    image_path: str
+    mask_path: str | None
+    height: int | None
+    width: int | None
+    status: str
+    reason: str | None = None
+
+    @property
+    def file_name(self) -> str:
+        return PurePosixPath(self.image_path).name
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """All indexed test images of a dataset root, in deterministic order (category, defect, file name).
+
+    root: the dataset root, resolved (absolute, symlinks followed); entry paths are relative to it.
+    categories: categories with at least one indexed image, sorted.
+    category_defects: per category, its defect folder names except ``good``, sorted, after exclusions.
+    empty_categories: selected categories whose test folder holds no image (after exclusions).
+    warnings: human-readable notes about the layout (empty folders, stray files) that did not stop indexing.
+    """
+
+    root: Path
+    entries: tuple[DatasetEntry, ...]
+    categories: tuple[str, ...]
+    category_defects: dict[str, tuple[str, ...]]
+    empty_categories: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator[DatasetEntry]:
+        return iter(self.entries)
+
+    def entries_for(self, category: str) -> tuple[DatasetEntry, ...]:
+        """The rows of one category, in index order."""
+        return tuple(entry for entry in self.entries if entry.category == category)
+
+    def status_counts(self) -> dict[str, int]:
+        """Number of rows per status (every status present as a key)."""
+        counts = Counter(entry.status for entry in self.entries)
+        return {status: counts.get(status, 0) for status in STATUSES}
+
+    def category_counts(self) -> dict[str, dict[str, int]]:
+        """Per category: rows per status plus ``total``, ``good`` and ``anomalous`` (all statuses)."""
+        table: dict[str, dict[str, int]] = {}
+        for category in self.categories:
+            rows = self.entries_for(category)
+            counts = Counter(entry.status for entry in rows)
+            table[category] = {
+                **{status: counts.get(status, 0) for status in STATUSES},
+                "total": len(rows),
+                "good": sum(1 for entry in rows if entry.label == 0),
+                "anomalous": sum(1 for entry in rows if entry.label == 1),
+            }
+        return table
+
+    def train_dir(self, category: str) -> Path | None:
+        """``<root>/<category>/train/good`` when it exists inside the root (reference-based detectors), else None."""
+        try:
+            folder = resolve_inside(self.root, f"{category}/train/{GOOD}")
+        except PathEscapeError:
+            return None
+        return folder if folder.is_dir() else None
+
+    def image_file(self, entry: DatasetEntry) -> Path:
+        """Absolute path of an entry's image, checked to lie inside the root."""
+        return resolve_inside(self.root, entry.image_path)
+
+    def mask_file(self, entry: DatasetEntry) -> Path | None:
+        """Absolute path of an entry's mask (None without one), checked to lie inside the root."""
+        return None if entry.mask_path is None else resolve_inside(self.root, entry.mask_path)
+
+
+def resolve_inside(root: Path | str, relative: str | PurePosixPath) -> Path:
+    """Resolve ``relative`` (a POSIX path, e.g. from an SQL row) under ``root``; refuse anything that escapes.
+
+    Raises :class:`PathEscapeError` for empty or absolute paths, ``..`` components, NUL characters, and symlinks
+    whose target lies outside the root. The file need not exist.
+    """
+    text = str(relative)
+    if not text or "\x00" in text:
+        raise PathEscapeError(f"refusing path {text!r}: it is empty or contains a NUL character")
+    parts = PurePosixPath(text.replace("\\", "/"))
+    if parts.is_absolute() or Path(text).is_absolute():
+        raise PathEscapeError(f"refusing absolute path {text!r}; paths must be relative to the dataset root")
+    if ".." in parts.parts:
+        raise PathEscapeError(
+            f"refusing path {text!r}: '..' components are not allowed under the dataset root"
+        )
+    root_resolved = Path(root).resolve()
+    candidate = (root_resolved / Path(*parts.parts)).resolve()
+    if not candidate.is_relative_to(root_resolved):
+        raise PathEscapeError(
+            f"path {text!r} resolves to {candidate}, outside the dataset root {root_resolved}; "
+            "replace the symlink with the file itself"
+        )
+    return candidate
+
+
+def _is_visible_dir(path: Path) -> bool:
+    return not path.name.startswith(".") and path.is_dir()
+
+
+def _is_image_name(path: Path) -> bool:
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _sorted_children(folder: Path) -> list[Path]:
+    """Children of ``folder`` sorted by name (byte order of the name: stable across platforms and locales)."""
+    try:
+        return sorted(folder.iterdir(), key=lambda child: child.name)
+    except OSError:
+        return []
+
+
+def _fmt_size(height: int, width: int) -> str:
+    return f"{height}×{width}"
+
+
+def _find_categories(root: Path) -> list[str]:
+    return [
+        child.name for child in _sorted_children(root) if _is_visible_dir(child) and (child / "test").is_dir()
+    ]
+
+
+def _escape_reason(kind: str, relative: str, path: Path, root_resolved: Path) -> str | None:
+    """A reason string when ``path`` resolves outside the root, else None."""
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: symlink loop on older Pythons
+        return f"{kind} {relative} cannot be resolved ({exc}); fix or remove the link"
+    if not target.is_relative_to(root_resolved):
+        return (
+            f"{kind} {relative} resolves to {target}, outside the dataset root; "
+            "copy the file into the root instead of linking to it"
+        )
+    return None
+
+
+def _read_header(path: Path) -> tuple[tuple[int, int] | None, str | None, str | None]:
+    """``((height, width), mode, None)`` from the file header, or ``(None, None, error text)``."""
+    try:
+        if path.stat().st_size == 0:
+            return None, None, "the file is empty (0 bytes)"
+        with Image.open(path) as image:
+            width, height = image.size
+            return (int(height), int(width)), image.mode, None
+    except UnidentifiedImageError:
+        return None, None, "the file is not in an image format Pillow recognises"
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        return None, None, f"its header cannot be read ({exc})"
+
+
+def _mask_lookup(folder: Path) -> dict[str, Path]:
+    """Mask files of one ground-truth folder keyed by lower-case name."""
+    if not folder.is_dir():
+        return {}
+    return {child.name.lower(): child for child in _sorted_children(folder) if not child.name.startswith(".")}
+
+
+def _check_image(
+    root_resolved: Path,
+    category: str,
+    defect: str,
+    image: Path,
+    masks: dict[str, Path],
+) -> DatasetEntry:
+    """Build one row, recording the first problem found as its status and reason."""
+    label = 0 if defect == GOOD else 1
+    image_rel = f"{category}/test/{defect}/{image.name}"
+    expected_mask_rel = f"{category}/ground_truth/{defect}/{image.stem}{MASK_SUFFIX}"
+    mask = masks.get(f"{image.stem}{MASK_SUFFIX}".lower()) if label else None
+    mask_rel = f"{category}/ground_truth/{defect}/{mask.name}" if mask is not None else None
+
+    def row(status: str, reason: str | None, size: tuple[int, int] | None) -> DatasetEntry:
+        height, width = size if size is not None else (None, None)
+        return DatasetEntry(category, defect, label, image_rel, mask_rel, height, width, status, reason)
+
+    escaped = _escape_reason("image", image_rel, image, root_resolved)
+    if escaped:
+        return row("failed", escaped, None)
+    size, _, error = _read_header(image)
+    if size is None:
+        return row("failed", f"image {image_rel}: {error}; replace or remove the file", None)
+    if label == 0:
+        return row("ok", None, size)
+    if mask is None or mask_rel is None:
+        return row(
+            "skipped",
+            f"anomalous image {image_rel} has no mask (expected {expected_mask_rel}); "
+            "add the mask or exclude this defect type",
+            size,
+        )
+    escaped = _escape_reason("mask", mask_rel, mask, root_resolved)
+    if escaped:
+        return row("failed", escaped, size)
+    mask_size, mask_mode, error = _read_header(mask)
+    if mask_size is None:
+        return row("failed", f"mask {mask_rel}: {error}; replace or remove the mask", size)
+    if mask_mode not in MASK_MODES:
+        return row(
+            "failed",
+            f"mask {mask_rel} has image mode {mask_mode!r}; save it as a grayscale PNG with 0 = normal, 255 = defect",
+            size,
+        )
+    if mask_size != size:
+        return row(
+            "failed",
+            f"mask {mask_rel} is {_fmt_size(*mask_size)} but the image {image_rel} is {_fmt_size(*size)} "
+            "(height×width); masks must match their image pixel for pixel",
+            size,
+        )
+    return row("ok", None, size)
+
+
+def _select_categories(root: Path, available: list[str], classes: Sequence[str] | None) -> list[str]:
+    if not available:
+        raise DatasetError(f"no categories found in {root}: no <category>/test/ folders; {LAYOUT_HELP}")
+    if not classes:
+        return available
+    if isinstance(classes, str):
+        raise DatasetError(f"classes must be a list of category names, not the string {classes!r}")
+    unknown = sorted({name for name in classes if name not in available})
+    if unknown:
+        raise DatasetError(
+            f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(map(repr, unknown))} in {root}; "
+            f"available: {', '.join(available)}"
+        )
+    wanted = set(classes)
+    return [name for name in available if name in wanted]
+
+
+def index_dataset(
+    root: Path | str,
+    *,
+    classes: Sequence[str] | None = None,
+    max_per_class: int = -1,
+    exclude_defects: Sequence[str] = (),
+) -> DatasetIndex:
+    """Parse an MVTec-AD-format folder into a :class:`DatasetIndex`.
+
+    classes: category names to keep (None or empty: all). Unknown names raise :class:`DatasetError`.
+    max_per_class: keep the first N images of each category in index order (after exclusions); -1 keeps all.
+    exclude_defects: defect folder names to leave out everywhere (e.g. ``("color", "combined")``); names absent
+        from a category are ignored. ``good`` cannot be excluded.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DatasetError(f"dataset root {root} does not exist; {LAYOUT_HELP}")
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} is not a directory; {LAYOUT_HELP}")
+    if isinstance(max_per_class, bool) or not isinstance(max_per_class, int):
+        raise DatasetError(f"max_per_class must be an integer (-1 for all images); got {max_per_class!r}")
+    if max_per_class == 0 or max_per_class < -1:
+        raise DatasetError(f"max_per_class must be -1 (all images) or a positive number; got {max_per_class}")
+    if isinstance(exclude_defects, str):
+        raise DatasetError(
+            f"exclude_defects must be a list of defect names, not the string {exclude_defects!r}"
+        )
+    excluded = set(exclude_defects)
+    if GOOD in excluded:
+        raise DatasetError("'good' cannot be excluded: good images are the negatives of every metric")
+
+    root_resolved = root.resolve()
+    selected = _select_categories(root, _find_categories(root), classes)
+
+    entries: list[DatasetEntry] = []
+    categories: list[str] = []
+    category_defects: dict[str, tuple[str, ...]] = {}
+    empty: list[str] = []
+    notes: list[str] = []
+    for category in selected:
+        test_dir = root / category / "test"
+        children = _sorted_children(test_dir)
+        defect_dirs = [child for child in children if _is_visible_dir(child) and child.name not in excluded]
+        stray = [child.name for child in children if child.is_file() and _is_image_name(child)]
+        if stray:
+            notes.append(
+                f"{category}/test holds {len(stray)} image(s) outside a defect folder (e.g. {stray[0]}); "
+                "they were ignored: move them into test/<defect>/"
+            )
+        rows: list[DatasetEntry] = []
+        for defect_dir in defect_dirs:
+            # Symlinks are kept even when broken or pointing elsewhere: the row then records why it failed.
+            images = [
+                child
+                for child in _sorted_children(defect_dir)
+                if _is_image_name(child) and (child.is_symlink() or child.is_file())
+            ]
+            if not images:
+                notes.append(f"{category}/test/{defect_dir.name} holds no images")
+            masks = _mask_lookup(root / category / "ground_truth" / defect_dir.name)
+            rows.extend(
+                _check_image(root_resolved, category, defect_dir.name, image, masks) for image in images
+            )
+        category_defects[category] = tuple(d.name for d in defect_dirs if d.name != GOOD)
+        if max_per_class > 0:
+            rows = rows[:max_per_class]
+        if not rows:
+            empty.append(category)
+            notes.append(
+                f"category {category} has no test images under {category}/test/<defect>/; it was left out"
+            )
+            continue
+        categories.append(category)
+        entries.extend(rows)
+
+    if not entries:
+        raise DatasetError(
+            f"no test images found for categories {', '.join(selected)} in {root}; {LAYOUT_HELP}"
+        )
+    for note in notes:
+        logger.warning("dataset %s: %s", root, note)
+    return DatasetIndex(
+        root=root_resolved,
+        entries=tuple(entries),
+        categories=tuple(categories),
+        category_defects={name: category_defects[name] for name in categories},
+        empty_categories=tuple(empty),
+        warnings=tuple(notes),
+    )

@@ -1,0 +1,137 @@
+"""The embedded executor: runs every pending image of a run on this machine, no servers needed.
+
+It uses the same per-image task function as the Celery workers, through a thread pool whose size is the
+batch size, so concurrently processed images share batched forwards. Because SQL holds all state, an
+interrupted run (Ctrl-C, kill -9) resumes where it stopped: finished images are never redone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from metrics.aggregator import aggregate_category, refresh_summary
+from storage.models import Run
+from storage.objects import ObjectStore
+from storage.repository import Repository
+from workers.batcher import Batcher
+from workers.detectors.base import Detector
+from workers.task import WorkerContext, process_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOutcome:
+    run: Run
+    processed: dict[str, int]
+    interrupted: bool = False
+
+
+def _dead_local_owners(owners: list[str]) -> list[str]:
+    """Lease owners ``host:pid`` on this host whose process no longer exists."""
+    host = socket.gethostname()
+    dead = []
+    for owner in owners:
+        owner_host, _, pid_text = owner.rpartition(":")
+        if owner_host != host or not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            dead.append(owner)
+        except PermissionError:
+            pass
+    return dead
+
+
+def execute_run(
+    repo: Repository, store: ObjectStore, run: Run, detector: Detector, *, batch_size: int, lease_seconds: int,
+    max_attempts: int, device: str, console: Console | None = None, secrets: list[str] | None = None,
+    image_hook: Callable[[int, str], None] | None = None,
+) -> RunOutcome:
+    """Process every pending image, aggregating each category as it completes."""
+    console = console or Console(stderr=True)
+    released = repo.release_expired_or_orphaned(run.id, _dead_local_owners(repo.running_owners(run.id)))
+    if released:
+        console.print(f"[yellow]resuming: {released} image(s) left running by a stopped process are queued again")
+    if not _dead_local_owners(repo.running_owners(run.id)) and not repo.running_owners(run.id):
+        repo.reset_stale_aggregations(run.id)
+    repo.set_run_status(run.id, "running")
+    lock = threading.Lock()
+
+    def aggregate(run_id: int, category: str) -> None:
+        with lock:  # one aggregation at a time keeps memory flat
+            aggregate_category(repo, store, run_id, category)
+
+    batcher = Batcher(detector.detect, max_batch=batch_size)
+    ctx = WorkerContext(
+        repo=repo, store=store, detector=detector, batcher=batcher, lease_seconds=lease_seconds,
+        max_attempts=max_attempts, device=device, on_category_complete=aggregate, secrets=secrets or [],
+    )
+    outcomes: dict[str, int] = {}
+    interrupted = False
+    stop = threading.Event()
+
+    def task(image_id: int) -> str:
+        if stop.is_set():
+            return "cancelled"
+        outcome = process_image(ctx, run.id, image_id)
+        if image_hook is not None:
+            image_hook(image_id, outcome)
+        return outcome
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
+            pending = repo.pending_image_ids(run.id)
+            bar = progress.add_task(f"run {run.name}", total=len(pending))
+            with ThreadPoolExecutor(max_workers=batch_size, thread_name_prefix="readar-task") as pool:
+                while pending and not stop.is_set():
+                    futures = [pool.submit(task, image_id) for image_id in pending]
+                    try:
+                        for future in as_completed(futures):
+                            outcome = future.result()
+                            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                            if outcome != "retry":
+                                progress.advance(bar)
+                    except KeyboardInterrupt:
+                        stop.set()
+                        for future in futures:
+                            future.cancel()
+                        raise
+                    pending = repo.pending_image_ids(run.id)  # retries, leases that expired meanwhile
+    except KeyboardInterrupt:
+        interrupted = True
+        console.print(f"[yellow]interrupted; finished images are kept. Resume with: readar resume {run.name}")
+    finally:
+        batcher.close()
+    if interrupted:
+        return RunOutcome(run, outcomes, interrupted=True)
+    # Categories that completed before this invocation (or whose aggregator died) are aggregated here.
+    for record in repo.categories(run.id):
+        if repo.try_start_aggregation(run.id, record.category, stale_after_s=0):
+            aggregate(run.id, record.category)
+    if all(c.status == "done" for c in repo.categories(run.id)):
+        refresh_summary(repo, store, run.id)
+        active = sum(
+            n for counts in repo.status_counts(run.id).values() for s, n in counts.items() if s in ("queued", "running")
+        )
+        repo.set_run_status(run.id, "done" if active == 0 else "running")
+    return RunOutcome(repo.get_run_by_id(run.id), outcomes)

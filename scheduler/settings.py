@@ -1,0 +1,90 @@
+"""READAR settings: one object, read once from ``READAR_*`` environment variables and CLI flags, passed down.
+
+Credentials never live in this object's printable form: URLs are shown through :func:`redact_url`, and S3
+keys come only from the environment (``READAR_S3_KEY`` / ``READAR_S3_SECRET`` or the standard AWS variables
+that s3fs reads itself).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from storage.redact import redact_text, redact_url
+
+__all__ = ["Settings", "redact_text", "redact_url"]
+
+
+class Settings(BaseSettings):
+    """Every knob of READAR. Environment: ``READAR_<FIELD>`` (e.g. ``READAR_DATABASE_URL``)."""
+
+    model_config = SettingsConfigDict(env_prefix="READAR_", extra="ignore")
+
+    work_dir: Path = Field(Path("readar-work"), description="Folder for the default database, objects and CSVs.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default a SQLite file <work_dir>/readar.sqlite. PostgreSQL: "
+        "postgresql+psycopg://user@host/db (password via the URL from the environment only)."
+    )
+    object_store_url: str | None = Field(
+        None, description="fsspec URL for logits; default the local folder <work_dir>/objects; s3://bucket/prefix."
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333.")
+    s3_key: SecretStr | None = Field(None, description="S3 access key (environment only).")
+    s3_secret: SecretStr | None = Field(None, description="S3 secret key (environment only).")
+    broker_url: str | None = Field(None, description="Celery broker (redis://...); unset = embedded mode.")
+    checkpoint: Path | None = Field(None, description="Local folder of a released READ checkpoint.")
+    clip: Path | None = Field(None, description="Local folder of CLIP ViT-L/14-336 (HF format).")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N.")
+    batch_size: int = Field(4, ge=1, le=1024, description="Images per batched forward.")
+    lease_seconds: int = Field(600, ge=5, description="How long a claimed image is owned before others may retry.")
+    max_attempts: int = Field(3, ge=1, le=100, description="Attempts before an image is quarantined as failed.")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+            raise ValueError(f"device must be cpu, cuda or cuda:N; got {value!r}")
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.work_dir / 'readar.sqlite').resolve()}"
+
+    @property
+    def resolved_object_store_url(self) -> str:
+        if self.object_store_url:
+            return self.object_store_url
+        return str((self.work_dir / "objects").resolve())
+
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec options for the object store (credentials included, never printed)."""
+        options: dict[str, Any] = {}
+        if self.resolved_object_store_url.startswith("s3://"):
+            if self.s3_endpoint_url:
+                options["client_kwargs"] = {"endpoint_url": self.s3_endpoint_url}
+            if self.s3_key and self.s3_secret:
+                options["key"] = self.s3_key.get_secret_value()
+                options["secret"] = self.s3_secret.get_secret_value()
+        return options
+
+    def secrets(self) -> list[str]:
+        return [s.get_secret_value() for s in (self.s3_key, self.s3_secret) if s is not None]
+
+    def public(self) -> dict[str, Any]:
+        """A printable, storable view with every credential redacted."""
+        return {
+            "database_url": redact_url(self.resolved_database_url),
+            "object_store_url": redact_url(self.resolved_object_store_url),
+            "s3_endpoint_url": redact_url(self.s3_endpoint_url),
+            "broker_url": redact_url(self.broker_url),
+            "device": self.device,
+            "batch_size": self.batch_size,
+            "lease_seconds": self.lease_seconds,
+            "max_attempts": self.max_attempts,
+        }

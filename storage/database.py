@@ -1,0 +1,66 @@
+"""Database connection: engine creation, Alembic migrations applied on start, sessions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.redact import redact_text, redact_url
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be reached or migrated; the message says which URL (redacted) and why."""
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001 - DB-API objects are untyped
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers (readar results/status) work while a run writes; busy_timeout waits out short locks.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class Database:
+    """An engine plus a session factory for one database URL. Call :meth:`migrate` once at start."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(url, echo=echo, connect_args={"timeout": 30})
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_engine(url, echo=echo, pool_pre_ping=True)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        return self.sessions()
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (idempotent; safe to call from every process)."""
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        try:
+            with self.engine.begin() as connection:
+                if not self.is_sqlite:
+                    # Serialise concurrent migrators (several workers starting at once) on PostgreSQL.
+                    connection.exec_driver_sql("SELECT pg_advisory_xact_lock(427100)")
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+        except Exception as exc:
+            raise DatabaseError(
+                f"cannot migrate the database at {redact_url(self.url)}: {redact_text(str(exc))}"
+            ) from exc
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,110 @@
+"""Object store for logits and metric states, through fsspec: a local folder by default, ``s3://`` for
+S3-compatible stores. Keys are relative posix paths that can never escape the store's prefix."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import uuid
+from typing import Any
+
+import fsspec
+
+from storage.redact import redact_text, redact_url
+
+_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9._\-]+$")
+
+
+class ObjectStoreError(RuntimeError):
+    """An object could not be read or written; the message names the key and the store (redacted)."""
+
+
+def image_object_key(run_id: int, image_id: int) -> str:
+    """The fixed key of an image's logits: a rerun overwrites the same object (DESIGN.md section 2)."""
+    return f"runs/{int(run_id)}/images/{int(image_id)}.npz"
+
+
+def category_state_key(run_id: int, category_row_id: int) -> str:
+    """Key of a category's serialised metric state (merged into the overall and mean rows)."""
+    return f"runs/{int(run_id)}/metric-states/{int(category_row_id)}.npz"
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape the prefix (``..``, absolute paths, odd characters)."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") or not _SAFE_SEGMENT.match(p) for p in parts):
+        raise ObjectStoreError(f"refusing object key {key!r}: keys are relative paths of [A-Za-z0-9._-] segments")
+    return key
+
+
+class ObjectStore:
+    """Read and write whole objects by key under one fsspec URL."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.filesystem, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        self.is_local = self.filesystem.protocol in ("file", ("file", "local")) or "file" in self.filesystem.protocol
+        self._secrets = [str(v) for k, v in (storage_options or {}).items() if k in ("key", "secret", "token")]
+        if self.is_local:
+            os.makedirs(self.root, exist_ok=True)
+
+    def describe(self) -> str:
+        return redact_url(self.url) or ""
+
+    def _path(self, key: str) -> str:
+        return posixpath.join(self.root, check_key(key))
+
+    def _error(self, action: str, key: str, exc: BaseException) -> ObjectStoreError:
+        message = redact_text(f"cannot {action} object {key!r} in {self.describe()}: {exc}", self._secrets)
+        return ObjectStoreError(message)
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write an object whole. Local writes go to a temporary name and are renamed into place, so a reader
+        never sees a partial object; S3 PUTs are atomic by nature."""
+        path = self._path(key)
+        try:
+            if self.is_local:
+                directory = os.path.dirname(path)
+                os.makedirs(directory, exist_ok=True)
+                temporary = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+                try:
+                    with open(temporary, "wb") as handle:
+                        handle.write(data)
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                    os.replace(temporary, path)
+                finally:
+                    if os.path.exists(temporary):
+                        os.unlink(temporary)
+            else:
+                self.filesystem.pipe_file(path, data)
+        except OSError as exc:
+            raise self._error("write", key, exc) from exc
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return self.filesystem.cat_file(path)
+        except FileNotFoundError as exc:
+            raise ObjectStoreError(f"object {key!r} does not exist in {self.describe()}") from exc
+        except OSError as exc:
+            raise self._error("read", key, exc) from exc
+
+    def exists(self, key: str) -> bool:
+        return bool(self.filesystem.exists(self._path(key)))
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        if self.filesystem.exists(path):
+            self.filesystem.rm_file(path)
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys under ``prefix`` (sorted)."""
+        base = self._path(prefix)
+        if not self.filesystem.exists(base):
+            return []
+        found = self.filesystem.find(base)
+        root = self.root.rstrip("/") + "/"
+        keys = [p[len(root):] if p.startswith(root) else p for p in found]
+        return sorted(k for k in keys if not posixpath.basename(k).startswith(".tmp-"))

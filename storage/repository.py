@@ -1,0 +1,412 @@
+"""Repository: every read and write of run state, with the delivery protocol of DESIGN.md section 2.
+
+SQL is the record of truth. A worker *claims* an image (status running, a lease, the fence incremented,
+attempts counted), writes its logits to the image's fixed object key, then *completes* the row only if its
+fence is still current, so a stale duplicate can never overwrite a newer result. A category is complete when
+none of its rows is queued or running; the first finisher that sees that wins a compare-and-set on the
+category row and runs (or enqueues) the aggregator exactly once per change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+
+from storage.database import Database
+from storage.models import ACTIVE_STATUSES, Category, Image, MetricRow, Run
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class RunConflictError(RuntimeError):
+    """A run of that name exists with a different configuration."""
+
+
+class RunNotFoundError(LookupError):
+    """No run of that name."""
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    """One image row to create: what the dataset index knows about it."""
+
+    category: str
+    defect: str
+    label: int
+    image_path: str
+    mask_path: str | None
+    height: int | None
+    width: int | None
+    status: str = "queued"  # queued, or skipped/failed when the index already found a problem
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    image_id: int
+    fence: int
+    attempts: int
+
+
+class Repository:
+    """Run state on one database."""
+
+    def __init__(self, database: Database) -> None:
+        self.db = database
+
+    # ---------------------------------------------------------------- runs
+    def get_run(self, name: str) -> Run:
+        with self.db.session() as session:
+            run = session.scalar(select(Run).where(Run.name == name))
+        if run is None:
+            raise RunNotFoundError(f"no run named {name!r}; `readar runs` lists the runs in this database")
+        return run
+
+    def find_run(self, name: str) -> Run | None:
+        with self.db.session() as session:
+            return session.scalar(select(Run).where(Run.name == name))
+
+    def get_run_by_id(self, run_id: int) -> Run:
+        with self.db.session() as session:
+            run = session.get(Run, run_id)
+        if run is None:
+            raise RunNotFoundError(f"no run with id {run_id}")
+        return run
+
+    def list_runs(self) -> list[Run]:
+        with self.db.session() as session:
+            return list(session.scalars(select(Run).order_by(Run.id)))
+
+    def create_run(
+        self, *, name: str, detector: str, dataset_root: str, config: dict[str, Any], code_version: str,
+        model_fingerprint: str | None, identity_keys: Sequence[str],
+    ) -> Run:
+        """Create the run, or return the existing one when its identity (``identity_keys`` of ``config`` plus
+        detector and dataset root) matches; a mismatch raises :class:`RunConflictError`."""
+        with self.db.session() as session, session.begin():
+            existing = session.scalar(select(Run).where(Run.name == name))
+            if existing is None:
+                run = Run(
+                    name=name, created_at=utcnow(), status="planned", detector=detector,
+                    dataset_root=dataset_root, config=config, code_version=code_version,
+                    model_fingerprint=model_fingerprint,
+                )
+                session.add(run)
+                session.flush()
+                return run
+        differences = [
+            key for key in identity_keys if existing.config.get(key) != config.get(key)
+        ]
+        if existing.detector != detector:
+            differences.append("detector")
+        if existing.dataset_root != dataset_root:
+            differences.append("dataset_root")
+        if differences:
+            raise RunConflictError(
+                f"run {name!r} already exists with different settings ({', '.join(differences)}); "
+                f"resume it with `readar resume {name}` or choose another --run-name"
+            )
+        return existing
+
+    def set_run_status(self, run_id: int, status: str) -> None:
+        with self.db.session() as session, session.begin():
+            session.execute(update(Run).where(Run.id == run_id).values(status=status))
+
+    # ---------------------------------------------------------------- planning
+    def add_images(self, run_id: int, planned: Iterable[PlannedImage]) -> int:
+        """Insert rows for images not yet in the run (idempotent); returns how many were new."""
+        planned = list(planned)
+        with self.db.session() as session, session.begin():
+            known = set(session.scalars(select(Image.image_path).where(Image.run_id == run_id)))
+            new_rows = [
+                Image(
+                    run_id=run_id, category=p.category, defect=p.defect, label=p.label, image_path=p.image_path,
+                    mask_path=p.mask_path, height=p.height, width=p.width, status=p.status, attempts=0, fence=0,
+                    error=p.reason,
+                )
+                for p in planned
+                if p.image_path not in known
+            ]
+            session.add_all(new_rows)
+            categories = {p.category for p in planned}
+            known_categories = set(
+                session.scalars(select(Category.category).where(Category.run_id == run_id))
+            )
+            session.add_all(
+                Category(run_id=run_id, category=c, status="open", dirty=True, version=0, num_used=0,
+                         num_skipped=0, num_failed=0)
+                for c in sorted(categories - known_categories)
+            )
+        return len(new_rows)
+
+    # ---------------------------------------------------------------- delivery protocol
+    def claim(self, image_id: int, owner: str, lease_seconds: int, *, max_attempts: int = 3) -> Claim | None:
+        """Claim an image if it is queued or its lease expired; None when someone else holds it or it is done.
+
+        An image whose attempts are used up without a recorded failure (its worker died every time, e.g. a
+        poison input that crashes the process) is quarantined as ``failed`` here instead of claimed again.
+        """
+        now = utcnow()
+        claimable = or_(Image.status == "queued", and_(Image.status == "running", Image.lease_expires_at < now))
+        with self.db.session() as session, session.begin():
+            quarantined = session.execute(
+                update(Image)
+                .where(Image.id == image_id, claimable, Image.attempts >= max_attempts)
+                .values(
+                    status="failed", lease_expires_at=None, finished_at=now,
+                    error=func.coalesce(Image.error, "") + f"quarantined: {max_attempts} attempts ended without "
+                    "a result (the worker died or timed out each time)",
+                )
+            ).rowcount
+            if quarantined:
+                self._mark_dirty(session, image_id)
+                return None
+            row = session.execute(
+                update(Image)
+                .where(Image.id == image_id, claimable)
+                .values(
+                    status="running", lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    fence=Image.fence + 1, attempts=Image.attempts + 1, started_at=now, worker=owner,
+                )
+                .returning(Image.fence, Image.attempts)
+            ).first()
+        return None if row is None else Claim(image_id, int(row[0]), int(row[1]))
+
+    def complete(
+        self, claim: Claim, *, object_key: str, image_score: float, diagnostics: dict[str, Any],
+        timings: dict[str, Any], device: str | None,
+    ) -> bool:
+        """Commit a result if the claim's fence is still current; False for a stale writer."""
+        with self.db.session() as session, session.begin():
+            done = session.execute(
+                update(Image)
+                .where(Image.id == claim.image_id, Image.fence == claim.fence, Image.status == "running")
+                .values(
+                    status="done", object_key=object_key, image_score=image_score, diagnostics=diagnostics,
+                    timings=timings, device=device, finished_at=utcnow(), error=None, lease_expires_at=None,
+                )
+            ).rowcount
+            if done:
+                self._mark_dirty(session, claim.image_id)
+        return bool(done)
+
+    def fail(self, claim: Claim, error: str, *, max_attempts: int, permanent: bool = False) -> str | None:
+        """Record a failed attempt: back to queued for a retry, or ``failed`` (quarantined) when the attempts
+        are used up or the error is permanent (bad input). Returns the new status, None for a stale claim."""
+        with self.db.session() as session, session.begin():
+            row = session.get(Image, claim.image_id)
+            if row is None or row.fence != claim.fence or row.status != "running":
+                return None
+            status = "failed" if permanent or row.attempts >= max_attempts else "queued"
+            row.status = status
+            row.error = error
+            row.lease_expires_at = None
+            row.finished_at = utcnow() if status == "failed" else None
+            if status == "failed":
+                self._mark_dirty(session, claim.image_id)
+        return status
+
+    def release(self, claim: Claim) -> bool:
+        """Give an image back (graceful shutdown) without counting the attempt."""
+        with self.db.session() as session, session.begin():
+            return bool(
+                session.execute(
+                    update(Image)
+                    .where(Image.id == claim.image_id, Image.fence == claim.fence, Image.status == "running")
+                    .values(status="queued", lease_expires_at=None, attempts=Image.attempts - 1)
+                ).rowcount
+            )
+
+    def release_expired_or_orphaned(self, run_id: int, orphaned_owners: Iterable[str] = ()) -> int:
+        """Requeue running rows whose lease expired or whose owner is known to be dead."""
+        now = utcnow()
+        owners = list(orphaned_owners)
+        condition = Image.lease_expires_at < now
+        if owners:
+            condition = or_(condition, Image.lease_owner.in_(owners))
+        with self.db.session() as session, session.begin():
+            return session.execute(
+                update(Image)
+                .where(Image.run_id == run_id, Image.status == "running", condition)
+                .values(status="queued", lease_expires_at=None)
+            ).rowcount
+
+    @staticmethod
+    def _mark_dirty(session: Any, image_id: int) -> None:
+        category_of_image = select(Image.run_id, Image.category).where(Image.id == image_id).subquery()
+        session.execute(
+            update(Category)
+            .where(Category.run_id == category_of_image.c.run_id, Category.category == category_of_image.c.category)
+            .values(dirty=True)
+        )
+
+    # ---------------------------------------------------------------- queries
+    def image(self, image_id: int) -> Image:
+        with self.db.session() as session:
+            row = session.get(Image, image_id)
+        if row is None:
+            raise LookupError(f"no image row with id {image_id}")
+        return row
+
+    def pending_image_ids(self, run_id: int) -> list[int]:
+        """Images still to process: queued, or running with an expired lease."""
+        now = utcnow()
+        with self.db.session() as session:
+            return list(
+                session.scalars(
+                    select(Image.id)
+                    .where(
+                        Image.run_id == run_id,
+                        or_(Image.status == "queued", and_(Image.status == "running", Image.lease_expires_at < now)),
+                    )
+                    .order_by(Image.id)
+                )
+            )
+
+    def running_owners(self, run_id: int) -> list[str]:
+        with self.db.session() as session:
+            return [
+                o for o in session.scalars(
+                    select(Image.lease_owner).where(Image.run_id == run_id, Image.status == "running").distinct()
+                ) if o
+            ]
+
+    def images(
+        self, run_id: int, *, category: str | None = None, status: str | None = None,
+    ) -> list[Image]:
+        query = select(Image).where(Image.run_id == run_id)
+        if category:
+            query = query.where(Image.category == category)
+        if status:
+            query = query.where(Image.status == status)
+        with self.db.session() as session:
+            return list(session.scalars(query.order_by(Image.category, Image.defect, Image.image_path)))
+
+    def status_counts(self, run_id: int) -> dict[str, dict[str, int]]:
+        """{category: {status: count}}."""
+        with self.db.session() as session:
+            rows = session.execute(
+                select(Image.category, Image.status, func.count())
+                .where(Image.run_id == run_id)
+                .group_by(Image.category, Image.status)
+            ).all()
+        counts: dict[str, dict[str, int]] = {}
+        for category, status, count in rows:
+            counts.setdefault(category, {})[status] = int(count)
+        return counts
+
+    def categories(self, run_id: int) -> list[Category]:
+        with self.db.session() as session:
+            return list(session.scalars(select(Category).where(Category.run_id == run_id).order_by(Category.category)))
+
+    # ---------------------------------------------------------------- aggregation
+    def try_start_aggregation(self, run_id: int, category: str, *, stale_after_s: int = 3600) -> bool:
+        """Compare-and-set: True for exactly one caller once the category has no active rows and new results
+        since its last aggregation (or a previous aggregator died and its claim went stale)."""
+        now = utcnow()
+        active = (
+            select(func.count())
+            .select_from(Image)
+            .where(Image.run_id == run_id, Image.category == category, Image.status.in_(ACTIVE_STATUSES))
+            .scalar_subquery()
+        )
+        with self.db.session() as session, session.begin():
+            return bool(
+                session.execute(
+                    update(Category)
+                    .where(
+                        Category.run_id == run_id,
+                        Category.category == category,
+                        active == 0,
+                        or_(
+                            and_(Category.dirty.is_(True), Category.status != "aggregating"),
+                            and_(Category.status == "aggregating",
+                                 Category.aggregating_since < now - timedelta(seconds=stale_after_s)),
+                        ),
+                    )
+                    .values(status="aggregating", dirty=False, aggregating_since=now)
+                ).rowcount
+            )
+
+    def reset_stale_aggregations(self, run_id: int) -> int:
+        """Embedded resume: an aggregation left 'aggregating' by a dead process becomes due again."""
+        with self.db.session() as session, session.begin():
+            return session.execute(
+                update(Category)
+                .where(Category.run_id == run_id, Category.status == "aggregating")
+                .values(status="open", dirty=True, aggregating_since=None)
+            ).rowcount
+
+    def finish_aggregation(
+        self, run_id: int, category: str, *, rows: list[dict[str, Any]], state_key: str, num_used: int,
+        num_skipped: int, num_failed: int,
+    ) -> int:
+        """Store a category's metric rows (replacing older versions) and mark it done; returns the version."""
+        now = utcnow()
+        with self.db.session() as session, session.begin():
+            record = session.scalar(
+                select(Category).where(Category.run_id == run_id, Category.category == category)
+            )
+            if record is None:
+                raise LookupError(f"run {run_id} has no category {category!r}")
+            record.version += 1
+            record.status = "open" if record.dirty else "done"
+            record.aggregating_since = None
+            record.state_key = state_key
+            record.num_used, record.num_skipped, record.num_failed = num_used, num_skipped, num_failed
+            self._replace_metric_rows(session, run_id, rows, version=record.version, now=now,
+                                      where=MetricRow.category == category)
+            return record.version
+
+    def store_summary_rows(self, run_id: int, rows: list[dict[str, Any]]) -> None:
+        """Replace the overall and mean rows."""
+        with self.db.session() as session, session.begin():
+            self._replace_metric_rows(session, run_id, rows, version=0, now=utcnow(),
+                                      where=MetricRow.scope.in_(("overall", "mean")))
+
+    @staticmethod
+    def _replace_metric_rows(session: Any, run_id: int, rows: list[dict[str, Any]], *, version: int,
+                             now: datetime, where: Any) -> None:
+        for old in session.scalars(select(MetricRow).where(MetricRow.run_id == run_id, where)):
+            session.delete(old)
+        session.flush()
+        known = {"scope", "category", "defect_type", "iAUROC", "pAUROC", "PRO", "PRO_hard", "F1_max",
+                 "num_images", "num_anom_images"}
+        for row in rows:
+            session.add(
+                MetricRow(
+                    run_id=run_id, scope=row["scope"], category=row["category"],
+                    defect_type=row.get("defect_type") or "",
+                    iauroc=_nan_to_none(row.get("iAUROC")), pauroc=_nan_to_none(row.get("pAUROC")),
+                    pro=_nan_to_none(row.get("PRO")), pro_hard=_nan_to_none(row.get("PRO_hard")),
+                    f1_max=_nan_to_none(row.get("F1_max")), num_images=int(row.get("num_images", 0)),
+                    num_anom_images=int(row.get("num_anom_images", 0)),
+                    extra={k: _jsonable(v) for k, v in row.items() if k not in known},
+                    version=version, updated_at=now,
+                )
+            )
+
+    def metric_rows(self, run_id: int) -> list[MetricRow]:
+        with self.db.session() as session:
+            return list(session.scalars(select(MetricRow).where(MetricRow.run_id == run_id).order_by(MetricRow.id)))
+
+
+def _nan_to_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return None if value != value else value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if hasattr(value, "item"):
+        return value.item()
+    return value

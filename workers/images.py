@@ -1,0 +1,149 @@
+"""Image and mask loading for workers: any common PNG/JPEG flavour in, 8-bit RGB (or a boolean mask) out.
+
+The dataset index only reads image headers (fast); the full decode happens here, in the worker, so that a
+corrupt or truncated file fails its own image row with a message that names the file instead of failing a run.
+
+Conversion rules (MVTec AD mixes RGB and single-channel PNGs; other MVTec-format datasets add more):
+- grayscale (``L``, ``1``, ``LA``) → the one channel repeated three times;
+- palette (``P``, ``PA``) → the palette colours;
+- ``RGBA`` → its colour channels; the alpha channel is dropped, not composited (anomaly masks are aligned with the
+  stored pixels, so pixels must keep their stored colour);
+- 16-bit or 32-bit integer grayscale (``I;16*``, ``I``) → scaled from 0…65535 to 0…255 (rounded);
+- float grayscale (``F``) → values in 0…1 are scaled by 255, anything else is clipped to 0…255;
+- other modes (``CMYK``, ``YCbCr``, ``LAB``, ``HSV``) → Pillow's conversion to RGB.
+EXIF orientation is deliberately not applied: MVTec masks are aligned with the stored pixel grid.
+Multi-frame files (GIF, TIFF) use their first frame.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Modes whose integer samples span 16 bits (Pillow opens 16-bit grayscale PNGs as ``I;16`` or ``I``).
+_WIDE_INTEGER_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+_GRAYSCALE_MODES = ("L", "1", "LA", "La")
+_PALETTE_MODES = ("P", "PA")
+
+
+class ImageLoadError(RuntimeError):
+    """A file could not be decoded as an image; ``path`` names it and ``reason`` says what went wrong."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(
+            f"cannot load image {self.path}: {reason}. Replace the file with a valid PNG or JPEG, "
+            "or remove it from the dataset and re-index"
+        )
+
+
+def _open_fully(path: Path) -> Image.Image:
+    """Open and fully decode ``path`` (first frame), turning every failure into :class:`ImageLoadError`."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageLoadError(path, "the file does not exist") from None
+    except OSError as exc:
+        raise ImageLoadError(path, f"the file cannot be accessed ({exc.strerror or exc})") from exc
+    if not path.is_file():
+        raise ImageLoadError(path, "the path is not a regular file")
+    if size == 0:
+        raise ImageLoadError(path, "the file is empty (0 bytes)")
+    try:
+        # Pillow's LOAD_TRUNCATED_IMAGES stays False (its default): a short file must fail, not come back grey.
+        with Image.open(path) as opened:
+            opened.load()
+            # ``load`` decodes the pixels; copying detaches them from the file handle.
+            return opened.copy()
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, "the file is not in an image format Pillow recognises") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(path, f"the image is implausibly large ({exc})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        # Truncated data raises OSError ("image file is truncated"), broken chunks raise SyntaxError/ValueError.
+        raise ImageLoadError(path, f"the image data is corrupt or truncated ({exc})") from None
+
+
+def _wide_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale 16-bit sample values (0…65535) to 8 bits, rounding to nearest."""
+    wide = np.clip(array.astype(np.float64), 0, 65535)
+    return np.rint(wide / 257.0).astype(np.uint8)
+
+
+def _float_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Float samples: 0…1 images are scaled by 255, anything else is taken as 0…255 and clipped."""
+    values = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+    if values.size and values.min() >= 0.0 and values.max() <= 1.0:
+        values = values * 255.0
+    return np.rint(np.clip(values, 0, 255)).astype(np.uint8)
+
+
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Convert a decoded Pillow image of any mode to a contiguous uint8 (H, W, 3) array."""
+    mode = image.mode
+    if mode == "RGB":
+        array = np.asarray(image, dtype=np.uint8)
+    elif mode in _GRAYSCALE_MODES:
+        gray = np.asarray(image.convert("L"), dtype=np.uint8)
+        array = np.repeat(gray[:, :, None], 3, axis=2)
+    elif mode in _WIDE_INTEGER_MODES:
+        gray = _wide_to_uint8(np.asarray(image))
+        array = np.repeat(gray[:, :, None], 3, axis=2)
+    elif mode == "F":
+        gray = _float_to_uint8(np.asarray(image))
+        array = np.repeat(gray[:, :, None], 3, axis=2)
+    elif mode in _PALETTE_MODES:
+        # Via RGBA so palettes with a transparency entry convert without Pillow's transparency warning.
+        array = np.asarray(image.convert("RGBA").convert("RGB"))
+    else:
+        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return np.ascontiguousarray(array, dtype=np.uint8)
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """Fully decode the image at ``path`` into a uint8 RGB array (H, W, 3).
+
+    Raises :class:`ImageLoadError` for missing, empty, truncated, corrupt and non-image files.
+    """
+    path = Path(path)
+    image = _open_fully(path)
+    try:
+        array = _to_rgb_array(image)
+    except (OSError, ValueError) as exc:
+        raise ImageLoadError(path, f"mode {image.mode!r} cannot be converted to RGB ({exc})") from None
+    if array.ndim != 3 or array.shape[2] != 3 or 0 in array.shape:
+        raise ImageLoadError(path, f"decoding gave an array of shape {array.shape}, not (H, W, 3)")
+    return array
+
+
+def load_mask(path: Path) -> np.ndarray:
+    """Fully decode a ground-truth mask into a boolean array (H, W); True marks defect pixels.
+
+    Rule (DatasetIndex accepts masks by the same rule): a pixel is defect when any colour channel of its stored
+    value is > 0, whatever the bit depth (0/255 8-bit, 0/65535 16-bit, RGB or palette masks all work). Alpha is
+    ignored. Palette masks are judged by their palette colours.
+    """
+    path = Path(path)
+    image = _open_fully(path)
+    mode = image.mode
+    if mode in _PALETTE_MODES:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("LA", "La"):
+        values = np.asarray(image)[..., 0]
+    elif mode in ("RGBA", "RGBa"):
+        values = np.asarray(image)[..., :3]
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        values = np.asarray(image.convert("RGB"))
+    else:
+        values = np.asarray(image)
+    if values.ndim == 3:
+        defect = (values > 0).any(axis=2)
+    elif values.ndim == 2:
+        defect = values > 0
+    else:
+        raise ImageLoadError(path, f"mask mode {image.mode!r} decodes to shape {values.shape}, not (H, W)")
+    return np.ascontiguousarray(defect, dtype=bool)

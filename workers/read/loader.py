@@ -1,0 +1,266 @@
+"""Load a released READ folder plus a CLIP folder into a :class:`ReadModel` — local files only, once per process.
+
+Checks, each with a typed error naming the file to fix: config and tokenizer present and carrying READ's added
+tokens; every shard listed by the index present and readable (pickle shards only through
+``torch.load(weights_only=True)``); no tensor missing, unexpected or of the wrong shape; the CLIP folder holding
+the vision tower the checkpoint expects (DESIGN.md 5.2).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file as load_safetensors
+from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
+
+from workers.read.config import IM_END_TOKEN, IM_START_TOKEN, SEG_TOKEN, ReadConfig
+from workers.read.errors import (
+    CheckpointError,
+    ClipFolderError,
+    CorruptShardError,
+    MissingWeightsError,
+    UnexpectedWeightsError,
+    WeightShapeError,
+)
+from workers.read.model import ReadModel, build_projector, build_text_hidden_fcs, fast_init
+from workers.read.preprocess import ClipPreprocessing
+from workers.read.sam_keys import official_to_hf, sam_config_from_weights
+
+# Released state-dict prefixes → the ReadModel part that owns them.
+_LANGUAGE_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
+_PROJECTOR_PREFIX = "model.mm_projector."
+_TEXT_FCS_PREFIX = "model.text_hidden_fcs."
+_SAM_PREFIX = "model.visual_model."
+# Tolerated and skipped: a vision tower copy (the original reloads it from the CLIP folder, as here) and
+# LLaMA rotary tables that old transformers versions saved as buffers (recomputed from the config).
+_IGNORED_PREFIXES = ("model.vision_tower.",)
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(device: str, dtype: str | None) -> torch.dtype:
+    """None → float32 on CPU, bfloat16 on CUDA; otherwise one of DTYPES' names."""
+    if dtype is None:
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Ids of the tokens READ treats specially."""
+
+    seg: int
+    im_start: int
+    im_end: int
+    eos: int
+    pad: int
+
+
+def load_tokenizer(checkpoint: Path, vocab_size: int) -> tuple[Any, TokenIds]:
+    """The checkpoint's tokenizer and the ids of [SEG], <im_start>, <im_end>, </s>."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{checkpoint} has no usable tokenizer files: {exc}") from exc
+    ids = {}
+    for token in (SEG_TOKEN, IM_START_TOKEN, IM_END_TOKEN):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id or not 0 <= token_id < vocab_size:
+            raise CheckpointError(
+                f"the tokenizer in {checkpoint} lacks {token} (or its id {token_id} is outside the model's "
+                f"{vocab_size}-token vocabulary); READ checkpoints add [SEG], <im_start> and <im_end>"
+            )
+        ids[token] = int(token_id)
+    if tokenizer.eos_token_id is None:
+        raise CheckpointError(f"the tokenizer in {checkpoint} has no end-of-sequence token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id or 0
+    return tokenizer, TokenIds(ids[SEG_TOKEN], ids[IM_START_TOKEN], ids[IM_END_TOKEN], int(tokenizer.eos_token_id),
+                               int(pad))
+
+
+def load_clip_config(clip_dir: Path | None, config: ReadConfig) -> CLIPVisionConfig:
+    """The vision config of the CLIP folder, checked against what the READ checkpoint was trained with."""
+    expected = (f"expected a local folder with {config.vision_tower} in transformers' CLIP format "
+                f"(config.json with a vision tower of width {config.mm_hidden_size}, weights, preprocessor_config.json)")
+    if clip_dir is None or not (Path(clip_dir) / "config.json").is_file():
+        raise ClipFolderError(f"CLIP folder {clip_dir} has no config.json; {expected}")
+    raw = json.loads((Path(clip_dir) / "config.json").read_text(encoding="utf-8"))
+    if raw.get("model_type") not in ("clip", "clip_vision_model"):
+        raise ClipFolderError(f"{clip_dir} holds a {raw.get('model_type')!r} model, not CLIP; {expected}")
+    vision = CLIPVisionConfig(**raw["vision_config"]) if raw["model_type"] == "clip" else CLIPVisionConfig(**raw)
+    if vision.hidden_size != config.mm_hidden_size:
+        raise ClipFolderError(
+            f"{clip_dir} has a vision tower of width {vision.hidden_size} but the READ checkpoint's projector takes "
+            f"{config.mm_hidden_size}; {expected}"
+        )
+    return vision
+
+
+def weight_files(checkpoint: Path) -> dict[Path, set[str] | None]:
+    """Shard files of a checkpoint → the tensor names the index assigns them (None without an index)."""
+    for index_name in _INDEX_FILES:
+        index_path = checkpoint / index_name
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(f"{index_path} is not a weight index (needs a 'weight_map'): {exc}") from exc
+            files: dict[Path, set[str] | None] = {}
+            for name, file_name in weight_map.items():
+                files.setdefault(checkpoint / file_name, set()).add(name)  # type: ignore[union-attr]
+            absent = sorted(str(path) for path in files if not path.is_file())
+            if absent:
+                raise CheckpointError(f"{index_path} lists shards that are not there: {absent}")
+            return files
+    for single in _SINGLE_FILES:
+        if (checkpoint / single).is_file():
+            return {checkpoint / single: None}
+    raise CheckpointError(
+        f"{checkpoint} has no weights: expected {' or '.join(_INDEX_FILES)} with its shards, or {' or '.join(_SINGLE_FILES)}"
+    )
+
+
+def read_shard(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one shard on the CPU; CorruptShardError when it cannot be read."""
+    try:
+        if path.suffix == ".safetensors":
+            tensors = load_safetensors(str(path), device="cpu")
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any failure to parse (pickle, zip, safetensors header) means an unusable file
+        raise CorruptShardError(
+            f"weight shard {path} cannot be read ({type(exc).__name__}: {exc}); it is truncated or corrupt — copy it again"
+        ) from exc
+    if not isinstance(tensors, dict) or not all(isinstance(value, torch.Tensor) for value in tensors.values()):
+        raise CorruptShardError(f"weight shard {path} does not hold a name → tensor mapping")
+    return tensors
+
+
+def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's shards, checked against the index."""
+    state: dict[str, torch.Tensor] = {}
+    for path, listed in weight_files(Path(checkpoint)).items():
+        tensors = read_shard(path)
+        if listed is not None and listed - tensors.keys():
+            raise MissingWeightsError(f"{path} lacks tensors its index lists: {sorted(listed - tensors.keys())[:10]}")
+        state.update(tensors)
+    return state
+
+
+def _report(names: Iterable[str], limit: int = 10) -> str:
+    ordered = sorted(names)
+    more = f" … and {len(ordered) - limit} more" if len(ordered) > limit else ""
+    return ", ".join(ordered[:limit]) + more
+
+
+def split_state(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Released names → per-part state dicts named as the ReadModel submodules expect."""
+    parts: dict[str, dict[str, torch.Tensor]] = {"language_model": {}, "projector": {}, "text_hidden_fcs": {}, "sam": {}}
+    unexpected = []
+    for name, tensor in state.items():
+        if name.startswith(_LANGUAGE_PREFIXES):
+            parts["language_model"][name] = tensor
+        elif name.startswith(_PROJECTOR_PREFIX):
+            parts["projector"][name[len(_PROJECTOR_PREFIX):]] = tensor
+        elif name.startswith(_TEXT_FCS_PREFIX):
+            parts["text_hidden_fcs"][name[len(_TEXT_FCS_PREFIX):]] = tensor
+        elif name.startswith(_SAM_PREFIX):
+            parts["sam"][name[len(_SAM_PREFIX):]] = tensor
+        elif not (name.startswith(_IGNORED_PREFIXES) or name.endswith(_IGNORED_SUFFIXES)):
+            unexpected.append(name)
+    if unexpected:
+        raise UnexpectedWeightsError(f"the checkpoint holds tensors READ does not use: {_report(unexpected)}")
+    return parts
+
+
+def _check_and_load(module: torch.nn.Module, state: dict[str, torch.Tensor], *, prefix: str, source: Path) -> None:
+    expected = module.state_dict()
+    missing = expected.keys() - state.keys()
+    if missing:
+        raise MissingWeightsError(f"{source} lacks tensors: {_report(prefix + name for name in missing)}")
+    unexpected = state.keys() - expected.keys()
+    if unexpected:
+        raise UnexpectedWeightsError(f"{source} holds tensors READ does not use: {_report(prefix + n for n in unexpected)}")
+    wrong = [f"{prefix}{name} {tuple(state[name].shape)} (model expects {tuple(param.shape)})"
+             for name, param in expected.items() if state[name].shape != param.shape]
+    if wrong:
+        raise WeightShapeError(f"{source} has tensors of the wrong shape: {_report(wrong)}")
+    module.load_state_dict(state, strict=True)
+
+
+def load_read_model(checkpoint: Path, clip_dir: Path | None, *, device: str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> ReadModel:
+    """Build the model from local files (never the network) and load every weight."""
+    checkpoint = Path(checkpoint)
+    config = ReadConfig.from_folder(checkpoint)
+    vision_config = load_clip_config(clip_dir, config)
+    parts = split_state(read_state_dict(checkpoint))
+    sam_state = official_to_hf(parts["sam"])
+    sam_config = sam_config_from_weights(parts["sam"])
+    try:
+        vision_tower, info = CLIPVisionModel.from_pretrained(
+            str(clip_dir), config=vision_config, local_files_only=True, dtype=dtype, output_loading_info=True
+        )
+    except (OSError, ValueError) as exc:
+        raise ClipFolderError(f"cannot load the CLIP vision tower from {clip_dir}: {exc}") from exc
+    if info.get("missing_keys"):
+        raise ClipFolderError(f"{clip_dir} lacks vision-tower weights: {_report(info['missing_keys'])}")
+    with fast_init(dtype, device):
+        from transformers import LlamaForCausalLM, SamModel
+
+        model = ReadModel(
+            vision_tower,
+            build_projector(config.mm_hidden_size, config.llama.hidden_size),
+            LlamaForCausalLM(config.llama),
+            build_text_hidden_fcs(config.llama.hidden_size, config.out_dim),
+            SamModel(sam_config),
+            vision_select_layer=config.vision_select_layer,
+        )
+    model.vision_tower.to(device)
+    _check_and_load(model.language_model, parts["language_model"], prefix="", source=checkpoint)
+    _check_and_load(model.projector, parts["projector"], prefix=_PROJECTOR_PREFIX, source=checkpoint)
+    _check_and_load(model.text_hidden_fcs, parts["text_hidden_fcs"], prefix=_TEXT_FCS_PREFIX, source=checkpoint)
+    _check_and_load(model.sam, sam_state, prefix=_SAM_PREFIX + "(transformers name) ", source=checkpoint)
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class LoadedRead:
+    """A loaded model with the pieces its callers need."""
+
+    model: ReadModel
+    config: ReadConfig
+
+
+# Models already loaded in this process, by (checkpoint, clip, device, dtype): a worker loads each once.
+_LOADED: dict[tuple[str, str, str, str], LoadedRead] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def cached_read_model(checkpoint: Path, clip_dir: Path | None, *, device: str, dtype: torch.dtype) -> LoadedRead:
+    """:func:`load_read_model` at most once per process and key (thread-safe)."""
+    key = (str(Path(checkpoint).resolve()), str(Path(clip_dir).resolve()) if clip_dir else "", device, str(dtype))
+    with _LOAD_LOCK:
+        if key not in _LOADED:
+            model = load_read_model(Path(checkpoint), clip_dir, device=device, dtype=dtype)
+            _LOADED[key] = LoadedRead(model, ReadConfig.from_folder(Path(checkpoint)))
+        return _LOADED[key]
+
+
+def clip_preprocessing(clip_dir: Path | None) -> ClipPreprocessing:
+    """CLIP preprocessing settings of the folder (CLIP defaults when it has no preprocessor_config.json)."""
+    return ClipPreprocessing.from_folder(Path(clip_dir)) if clip_dir else ClipPreprocessing()

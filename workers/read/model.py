@@ -1,0 +1,154 @@
+"""The READ model: transformers' CLIP vision tower, LLaMA and SAM, joined by READ's two small MLPs.
+
+Parts (DESIGN.md 5.1): CLIPVisionModel → ``mm_projector`` (Linear–GELU–Linear, LLaVA-1.5 ``mlp2x_gelu``) →
+LlamaForCausalLM; the [SEG] state → ``text_hidden_fcs`` (Linear–ReLU–Linear → 256) → SAM's prompt; SamModel
+for the image embeddings, prompt encoder and mask decoder. Module names mirror the released state dict so the
+shards load without renaming (except SAM, see :mod:`workers.read.sam_keys`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM, SamConfig, SamModel
+
+from workers.read.errors import ReadError
+
+
+def build_projector(vision_width: int, text_width: int) -> nn.Sequential:
+    """LLaVA-1.5 ``mlp2x_gelu``: Linear(vision→text) – GELU – Linear(text→text); names ``0`` and ``2``."""
+    return nn.Sequential(nn.Linear(vision_width, text_width), nn.GELU(), nn.Linear(text_width, text_width))
+
+
+def build_text_hidden_fcs(text_width: int, out_dim: int) -> nn.ModuleList:
+    """LISA's ``text_hidden_fcs``: a list holding Linear – ReLU – Linear(→out_dim); names ``0.0`` and ``0.2``."""
+    return nn.ModuleList([nn.Sequential(nn.Linear(text_width, text_width), nn.ReLU(), nn.Linear(text_width, out_dim))])
+
+
+@contextlib.contextmanager
+def fast_init(dtype: torch.dtype, device: torch.device | str) -> Iterator[None]:
+    """Build modules directly on ``device`` in ``dtype`` without transformers' random initialisation.
+
+    Used when every weight is about to be overwritten (loading) or is irrelevant (benchmarks).
+    """
+    try:  # transformers >= 5 keeps it here
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older layouts
+        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device), no_init_weights():
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class ReadModel(nn.Module):
+    """CLIP + projector + LLaMA + text_hidden_fcs + SAM.
+
+    vision_select_layer: CLIP hidden-state index whose patch tokens are the image features (-2 in LLaVA-1.5).
+    """
+
+    def __init__(
+        self,
+        vision_tower: CLIPVisionModel,
+        projector: nn.Sequential,
+        language_model: LlamaForCausalLM,
+        text_hidden_fcs: nn.ModuleList,
+        sam: SamModel,
+        *,
+        vision_select_layer: int = -2,
+    ) -> None:
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.projector = projector
+        self.language_model = language_model
+        self.text_hidden_fcs = text_hidden_fcs
+        self.sam = sam
+        self.vision_select_layer = vision_select_layer
+        # transformers renamed the cache argument of the decoder's forward (past_key_values → cache).
+        parameters = inspect.signature(language_model.model.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+
+    @classmethod
+    def from_configs(
+        cls,
+        llama: LlamaConfig,
+        vision: Any,
+        sam: SamConfig,
+        *,
+        mm_hidden_size: int,
+        out_dim: int,
+        vision_select_layer: int = -2,
+    ) -> ReadModel:
+        """Build the architecture (weights uninitialised under :func:`fast_init`, random otherwise)."""
+        return cls(
+            CLIPVisionModel(vision),
+            build_projector(mm_hidden_size, llama.hidden_size),
+            LlamaForCausalLM(llama),
+            build_text_hidden_fcs(llama.hidden_size, out_dim),
+            SamModel(sam),
+            vision_select_layer=vision_select_layer,
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.projector[0].weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.projector[0].weight.device
+
+    def image_features(self, clip_pixels: torch.Tensor) -> torch.Tensor:
+        """Projected CLIP patch features: (B, 3, 336, 336) → (B, N, hidden), N = (336/14)² = 576.
+
+        LLaVA's CLIPVisionTower.feature_select: hidden state ``vision_select_layer``, CLS token dropped.
+        """
+        outputs = self.vision_tower(pixel_values=clip_pixels.to(self.device, self.dtype), output_hidden_states=True)
+        patches = outputs.hidden_states[self.vision_select_layer][:, 1:]
+        return self.projector(patches)
+
+    def sam_image_embeddings(self, sam_pixels: torch.Tensor) -> torch.Tensor:
+        """SAM image encoder: (B, 3, 1024, 1024) normalised, padded pixels → (B, 256, 64, 64)."""
+        return self.sam.vision_encoder(pixel_values=sam_pixels.to(self.device, self.dtype)).last_hidden_state
+
+    def seg_projection(self, seg_states: torch.Tensor) -> torch.Tensor:
+        """text_hidden_fcs: (K, hidden) [SEG] states → (K, out_dim) SAM prompt tokens."""
+        return self.text_hidden_fcs[0](seg_states.to(self.dtype))
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """(…, L) token ids → (…, L, hidden) input embeddings."""
+        return self.language_model.model.embed_tokens(token_ids.to(self.device))
+
+    def decoder_states(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any,
+    ) -> torch.Tensor:
+        """Run the LLaMA decoder on new positions, extending ``cache`` in place.
+
+        inputs_embeds: (B, L, hidden); attention_mask: (B, past + L) 1 = attend; position_ids: (B, L).
+        Returns the last-layer hidden states after the final norm, (B, L, hidden).
+        """
+        if attention_mask.shape[1] < inputs_embeds.shape[1]:
+            raise ReadError("attention mask is shorter than the new tokens; it must cover cached + new positions")
+        outputs = self.language_model.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask.to(self.device),
+            position_ids=position_ids.to(self.device),
+            use_cache=True,
+            **{self._cache_argument: cache},
+        )
+        return outputs.last_hidden_state
+
+    def next_token_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """lm_head: (…, hidden) → (…, vocab) logits in float32."""
+        return self.language_model.lm_head(states).float()

@@ -1,0 +1,109 @@
+"""Image inputs of READ: the CLIP view (336 px) and the SAM view (1024 px frame). DESIGN.md 5.3.
+
+Both are pure functions of a uint8 RGB array, written with PIL so that they give the same numbers whichever
+image-processing backend transformers picks on a machine (the original used transformers' PIL-based
+CLIPImageProcessor and segment-anything's ResizeLongestSide, which resizes a PIL image bilinearly).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from workers.read.errors import ReadError
+
+# segment-anything's Sam.pixel_mean / pixel_std (RGB, 0-255 scale).
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+SAM_FRAME = 1024
+
+# OpenAI CLIP normalisation; used when the CLIP folder has no preprocessor_config.json.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ClipPreprocessing:
+    """CLIPImageProcessor settings: shortest side → ``resize``, centre crop ``crop`` × ``crop``, mean/std."""
+
+    resize: int = 336
+    crop: int = 336
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    @classmethod
+    def from_folder(cls, clip_dir: Path) -> ClipPreprocessing:
+        """Read ``preprocessor_config.json`` of a CLIP folder (CLIPImageProcessor format)."""
+        path = Path(clip_dir) / "preprocessor_config.json"
+        if not path.is_file():
+            return cls()
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        size = raw.get("size", 336)
+        crop = raw.get("crop_size", size)
+        resize = size.get("shortest_edge", 336) if isinstance(size, dict) else int(size)
+        crop_side = crop.get("height", resize) if isinstance(crop, dict) else int(crop)
+        return cls(
+            resize=int(resize),
+            crop=int(crop_side),
+            mean=tuple(raw.get("image_mean", CLIP_MEAN)),  # type: ignore[arg-type]
+            std=tuple(raw.get("image_std", CLIP_STD)),  # type: ignore[arg-type]
+        )
+
+
+def clip_pixels(image: np.ndarray, settings: ClipPreprocessing) -> torch.Tensor:
+    """CLIP input of one image: float32 (3, crop, crop).
+
+    As transformers' CLIPImageProcessor: the shortest side becomes ``resize`` and the other
+    ``int(resize * long / short)`` (truncated), PIL bicubic on uint8; centre crop with the offset rounded down;
+    scale to [0, 1]; normalise.
+    """
+    height, width = image.shape[:2]
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(settings.resize * long / short)
+    new_w, new_h = (settings.resize, new_long) if width <= height else (new_long, settings.resize)
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample=Image.Resampling.BICUBIC))
+    top, left = (new_h - settings.crop) // 2, (new_w - settings.crop) // 2
+    cropped = resized[top : top + settings.crop, left : left + settings.crop].astype(np.float32) / 255.0
+    mean = np.asarray(settings.mean, dtype=np.float32)
+    std = np.asarray(settings.std, dtype=np.float32)
+    return torch.from_numpy(((cropped - mean) / std).transpose(2, 0, 1).copy())
+
+
+def sam_input_size(original_size: tuple[int, int], frame: int = SAM_FRAME) -> tuple[int, int]:
+    """(h_in, w_in): the longest side scaled to ``frame``, each side rounded half up (ResizeLongestSide)."""
+    height, width = original_size
+    scale = frame / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def sam_pixels(image: np.ndarray, frame: int = SAM_FRAME) -> tuple[torch.Tensor, tuple[int, int]]:
+    """SAM input of one image: float32 (3, frame, frame) and its ``input_size`` (h_in, w_in).
+
+    segment-anything (ResizeLongestSide.apply_image + Sam.preprocess): bilinear PIL resize of the longest side
+    to ``frame``, normalise with SAM's mean/std, zero-pad bottom and right.
+    """
+    in_h, in_w = sam_input_size((int(image.shape[0]), int(image.shape[1])), frame)
+    resized = np.asarray(Image.fromarray(image).resize((in_w, in_h), resample=Image.Resampling.BILINEAR))
+    normalised = (resized.astype(np.float32) - np.asarray(SAM_PIXEL_MEAN, np.float32)) / np.asarray(
+        SAM_PIXEL_STD, np.float32
+    )
+    framed = np.zeros((3, frame, frame), dtype=np.float32)
+    framed[:, :in_h, :in_w] = normalised.transpose(2, 0, 1)
+    return torch.from_numpy(framed), (in_h, in_w)
+
+
+def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """Check and normalise an image array to contiguous uint8 (H, W, 3)."""
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ReadError(f"expected an RGB image (H, W, 3); got an array of shape {array.shape}")
+    if array.dtype != np.uint8:
+        raise ReadError(f"expected a uint8 image; got dtype {array.dtype}")
+    return np.ascontiguousarray(array)

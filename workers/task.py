@@ -1,0 +1,178 @@
+"""The per-image task: claim the row → load the image → detect → write the logits object → commit the row.
+
+This one function is what every execution mode runs: the embedded local executor and the Celery workers.
+It is the only place where model output meets storage (DESIGN.md section 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from storage.logits import encode_logits, full_resolution_logits
+from storage.objects import ObjectStore, ObjectStoreError, image_object_key
+from storage.paths import PathEscapeError, resolve_inside
+from storage.redact import redact_text
+from storage.repository import Claim, Repository
+from workers.batcher import Batcher
+from workers.detectors.base import Detection, Detector, ImageSample
+
+log = logging.getLogger(__name__)
+
+
+def worker_identity() -> str:
+    """``host:pid`` — also how the embedded mode recognises leases of dead local processes."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a task needs to know about its run (read once per run and cached)."""
+
+    run_id: int
+    dataset_root: Path
+    category_defects: dict[str, tuple[str, ...]]
+
+
+@dataclass
+class WorkerContext:
+    """Long-lived per-process state: storage handles, the model, the batcher."""
+
+    repo: Repository
+    store: ObjectStore
+    detector: Detector
+    batcher: Batcher
+    owner: str = field(default_factory=worker_identity)
+    lease_seconds: int = 600
+    max_attempts: int = 3
+    device: str = "cpu"
+    # Called with (run_id, category) by the one task that wins a category's aggregation compare-and-set.
+    on_category_complete: Callable[[int, str], None] | None = None
+    secrets: list[str] = field(default_factory=list)
+    _runs: dict[int, RunInfo] = field(default_factory=dict)
+
+    def run_info(self, run_id: int) -> RunInfo:
+        if run_id not in self._runs:
+            run = self.repo.get_run_by_id(run_id)
+            defects = {k: tuple(v) for k, v in run.config.get("category_defects", {}).items()}
+            self._runs[run_id] = RunInfo(run_id, Path(run.dataset_root), defects)
+        return self._runs[run_id]
+
+
+class PermanentImageError(RuntimeError):
+    """The image itself is unusable (bad file, path outside the root): retrying cannot help."""
+
+
+def _load_sample(info: RunInfo, row: Any) -> ImageSample:
+    from workers.images import ImageLoadError, load_rgb
+
+    try:
+        path = resolve_inside(info.dataset_root, row.image_path)
+        image = load_rgb(path)
+    except (PathEscapeError, ImageLoadError) as exc:
+        raise PermanentImageError(str(exc)) from exc
+    if row.height and row.width and image.shape[:2] != (row.height, row.width):
+        raise PermanentImageError(
+            f"{row.image_path} is {image.shape[0]}×{image.shape[1]} now but was {row.height}×{row.width} when "
+            "the run was planned; the dataset changed under the run — plan a new run"
+        )
+    train_dir = info.dataset_root / row.category / "train" / "good"
+    return ImageSample(
+        image=image, category=row.category, defect=row.defect,
+        category_defects=info.category_defects.get(row.category, ()),
+        train_dir=train_dir if train_dir.is_dir() else None, key=row.image_path,
+    )
+
+
+def image_score(detection: Detection) -> tuple[float, np.ndarray]:
+    """(max probability of the score map, full-resolution float16 logits)."""
+    logits = full_resolution_logits(detection.logits)
+    top = float(logits.max())
+    return 1.0 / (1.0 + math.exp(-top)) if top > -700 else 0.0, logits
+
+
+def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> str:
+    """Run one image end to end. Returns the outcome: done, failed, retry, stale or not-claimed.
+
+    Transient errors (object store) leave the row queued for another attempt; permanent input errors fail it
+    at once; other detector errors are retried until ``max_attempts`` and then quarantined.
+    """
+    claim = ctx.repo.claim(image_id, ctx.owner, ctx.lease_seconds, max_attempts=ctx.max_attempts)
+    if claim is None:
+        category = ctx.repo.image(image_id).category
+        _maybe_aggregate(ctx, run_id, category)  # a quarantine may have completed the category
+        return "not-claimed"
+    row = ctx.repo.image(image_id)
+    info = ctx.run_info(run_id)
+    timings: dict[str, float] = {}
+    try:
+        started = time.perf_counter()
+        sample = _load_sample(info, row)
+        timings["load_ms"] = (time.perf_counter() - started) * 1e3
+        started = time.perf_counter()
+        prepared = ctx.detector.prepare(sample)
+        timings["prepare_ms"] = (time.perf_counter() - started) * 1e3
+        started = time.perf_counter()
+        detection: Detection = ctx.batcher(prepared)
+        timings["detect_ms"] = (time.perf_counter() - started) * 1e3
+        started = time.perf_counter()
+        score, _ = image_score(detection)
+        key = image_object_key(run_id, image_id)
+        ctx.store.put(key, encode_logits(detection.logits))
+        timings["store_ms"] = (time.perf_counter() - started) * 1e3
+    except PermanentImageError as exc:
+        return _record_failure(ctx, claim, run_id, row.category, str(exc), permanent=True)
+    except ObjectStoreError as exc:
+        return _record_failure(ctx, claim, run_id, row.category, str(exc), permanent=False)
+    except Exception as exc:  # noqa: BLE001 - any detector failure is recorded against this image
+        log.exception("detector failed on %s", row.image_path)
+        return _record_failure(ctx, claim, run_id, row.category, f"{type(exc).__name__}: {exc}", permanent=False)
+    committed = ctx.repo.complete(
+        claim, object_key=key, image_score=score, diagnostics=_jsonable(detection.diagnostics),
+        timings=timings, device=ctx.device,
+    )
+    if not committed:
+        log.info("stale result for %s dropped: a newer claim owns the row", row.image_path)
+        return "stale"
+    _maybe_aggregate(ctx, run_id, row.category)
+    return "done"
+
+
+def _record_failure(ctx: WorkerContext, claim: Claim, run_id: int, category: str, error: str, *, permanent: bool
+                    ) -> str:
+    error = redact_text(error, ctx.secrets)
+    status = ctx.repo.fail(claim, error, max_attempts=ctx.max_attempts, permanent=permanent)
+    if status == "failed":
+        log.warning("image %d failed: %s", claim.image_id, error)
+        _maybe_aggregate(ctx, run_id, category)
+        return "failed"
+    return "retry" if status == "queued" else "stale"
+
+
+def _maybe_aggregate(ctx: WorkerContext, run_id: int, category: str) -> None:
+    if ctx.on_category_complete is not None and ctx.repo.try_start_aggregation(run_id, category):
+        ctx.on_category_complete(run_id, category)
+
+
+def _jsonable(value: Any) -> Any:
+    """Diagnostics as plain JSON types (numpy scalars and arrays converted; NaN → None)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
