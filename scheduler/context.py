@@ -18,7 +18,8 @@ from storage.repository import Repository
 class AppContext:
     settings: Settings
     verbose: bool = False
-    console: Console = field(default_factory=Console)
+    # Tables stay readable when output is piped (rich would otherwise assume 80 columns).
+    console: Console = field(default_factory=lambda: Console(width=None if Console().is_terminal else 140))
     err: Console = field(default_factory=lambda: Console(stderr=True))
 
     @cached_property

@@ -31,6 +31,10 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
 
+from storage.paths import PathEscapeError, resolve_inside
+
+__all__ = ["PathEscapeError", "resolve_inside"]
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -51,10 +55,6 @@ LAYOUT_HELP = (
 
 class DatasetError(ValueError):
     """The dataset as a whole cannot be indexed (missing root, bad layout, bad arguments)."""
-
-
-class PathEscapeError(DatasetError):
-    """A relative path would resolve outside its root (``..``, an absolute path, or a symlink leading out)."""
 
 
 @dataclass(frozen=True)
@@ -146,32 +146,6 @@ class DatasetIndex:
     def mask_file(self, entry: DatasetEntry) -> Path | None:
         """Absolute path of an entry's mask (None without one), checked to lie inside the root."""
         return None if entry.mask_path is None else resolve_inside(self.root, entry.mask_path)
-
-
-def resolve_inside(root: Path | str, relative: str | PurePosixPath) -> Path:
-    """Resolve ``relative`` (a POSIX path, e.g. from an SQL row) under ``root``; refuse anything that escapes.
-
-    Raises :class:`PathEscapeError` for empty or absolute paths, ``..`` components, NUL characters, and symlinks
-    whose target lies outside the root. The file need not exist.
-    """
-    text = str(relative)
-    if not text or "\x00" in text:
-        raise PathEscapeError(f"refusing path {text!r}: it is empty or contains a NUL character")
-    parts = PurePosixPath(text.replace("\\", "/"))
-    if parts.is_absolute() or Path(text).is_absolute():
-        raise PathEscapeError(f"refusing absolute path {text!r}; paths must be relative to the dataset root")
-    if ".." in parts.parts:
-        raise PathEscapeError(
-            f"refusing path {text!r}: '..' components are not allowed under the dataset root"
-        )
-    root_resolved = Path(root).resolve()
-    candidate = (root_resolved / Path(*parts.parts)).resolve()
-    if not candidate.is_relative_to(root_resolved):
-        raise PathEscapeError(
-            f"path {text!r} resolves to {candidate}, outside the dataset root {root_resolved}; "
-            "replace the symlink with the file itself"
-        )
-    return candidate
 
 
 def _is_visible_dir(path: Path) -> bool:

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 
 class PathEscapeError(ValueError):
-    """A relative path resolves outside its root (``..`` or a symlink pointing elsewhere)."""
+    """A relative path is empty, absolute, has ``..`` or resolves (through a symlink) outside its root."""
 
 
-def resolve_inside(root: Path, relative: str | Path) -> Path:
-    """``root / relative`` resolved, refusing absolute paths, ``..`` and symlinks that lead outside ``root``."""
-    relative = Path(relative)
-    if relative.is_absolute() or ".." in relative.parts:
-        raise PathEscapeError(f"refusing path {str(relative)!r}: it must be relative to {root} without '..'")
-    real_root = Path(root).resolve()
-    resolved = (real_root / relative).resolve()
-    if not resolved.is_relative_to(real_root):
+def resolve_inside(root: Path | str, relative: str | PurePosixPath) -> Path:
+    """Resolve ``relative`` (a POSIX path, e.g. from an SQL row) under ``root``; refuse anything that escapes.
+
+    Raises :class:`PathEscapeError` for empty or absolute paths, ``..`` components (backslashes count as
+    separators), NUL characters, and symlinks whose target lies outside the root. The file need not exist.
+    """
+    text = str(relative)
+    if not text or "\x00" in text:
+        raise PathEscapeError(f"refusing path {text!r}: it is empty or contains a NUL character")
+    parts = PurePosixPath(text.replace("\\", "/"))
+    if parts.is_absolute() or Path(text).is_absolute():
+        raise PathEscapeError(f"refusing absolute path {text!r}; paths must be relative to the dataset root")
+    if ".." in parts.parts:
+        raise PathEscapeError(f"refusing path {text!r}: '..' components are not allowed under the dataset root")
+    root_resolved = Path(root).resolve()
+    candidate = (root_resolved / Path(*parts.parts)).resolve()
+    if not candidate.is_relative_to(root_resolved):
         raise PathEscapeError(
-            f"{real_root / relative} resolves to {resolved}, outside the dataset root {real_root}; "
-            "copy the file into the dataset instead of linking to it"
+            f"path {text!r} resolves to {candidate}, outside the dataset root {root_resolved}; "
+            "replace the symlink with the file itself"
         )
-    return resolved
+    return candidate

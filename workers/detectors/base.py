@@ -164,7 +164,8 @@ def load_builtin_detectors() -> None:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name != module:  # a real missing dependency inside the module: surface it
+            # Skip a built-in whose own package is absent; a missing dependency inside it is a real error.
+            if not exc.name or not (module == exc.name or module.startswith(exc.name + ".")):
                 raise
 
 

@@ -1,0 +1,5 @@
+"""``python -m scheduler`` runs the readar command line."""
+
+from scheduler.cli import main
+
+main()

@@ -1,0 +1,153 @@
+"""SQL repository and the delivery protocol, on SQLite and on the real PostgreSQL server."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import inspect
+
+from storage.database import Database
+from storage.repository import PlannedImage, Repository, RunConflictError, RunNotFoundError
+
+pytestmark = pytest.mark.services  # the PostgreSQL half of each parametrised test needs the server
+
+
+def _repo(url: str) -> Repository:
+    database = Database(url)
+    database.migrate()
+    return Repository(database)
+
+
+def _planned(n: int, category: str = "bottle") -> list[PlannedImage]:
+    return [
+        PlannedImage(category=category, defect="good" if i % 2 == 0 else "crack", label=i % 2,
+                     image_path=f"{category}/test/x/{i:03d}.png", mask_path=None, height=8, width=8)
+        for i in range(n)
+    ]
+
+
+def _run(repo: Repository, name: str = "r1", **config: object) -> int:
+    return repo.create_run(
+        name=name, detector="baseline", dataset_root="/data", config={"classes": None, **config},
+        code_version="test", model_fingerprint=None, identity_keys=("classes", "max_per_class"),
+    ).id
+
+
+def test_migrations_create_the_schema_and_are_idempotent(database_url: str) -> None:
+    database = Database(database_url)
+    database.migrate()
+    database.migrate()
+    tables = set(inspect(database.engine).get_table_names())
+    assert {"runs", "images", "categories", "metric_rows", "alembic_version"} <= tables
+    columns = {c["name"] for c in inspect(database.engine).get_columns("images")}
+    assert {"status", "attempts", "lease_owner", "lease_expires_at", "fence", "object_key", "image_score"} <= columns
+
+
+def test_runs_are_found_by_name_and_conflicting_configs_refused(database_url: str) -> None:
+    repo = _repo(database_url)
+    run_id = _run(repo)
+    assert _run(repo) == run_id  # same identity: the same run (resume)
+    with pytest.raises(RunConflictError, match="max_per_class"):
+        _run(repo, max_per_class=5)
+    with pytest.raises(RunNotFoundError, match="readar runs"):
+        repo.get_run("missing")
+
+
+def test_planning_is_idempotent(database_url: str) -> None:
+    repo = _repo(database_url)
+    run_id = _run(repo)
+    assert repo.add_images(run_id, _planned(6)) == 6
+    assert repo.add_images(run_id, _planned(6)) == 0
+    assert len(repo.images(run_id)) == 6
+    assert [c.category for c in repo.categories(run_id)] == ["bottle"]
+
+
+def test_claim_complete_and_the_fence_refuses_a_stale_writer(database_url: str) -> None:
+    repo = _repo(database_url)
+    run_id = _run(repo)
+    repo.add_images(run_id, _planned(2))
+    image_id = repo.pending_image_ids(run_id)[0]
+    first = repo.claim(image_id, "w1", lease_seconds=1)
+    assert first is not None and first.fence == 1 and first.attempts == 1
+    assert repo.claim(image_id, "w2", lease_seconds=60) is None  # lease held
+    time.sleep(1.2)
+    second = repo.claim(image_id, "w2", lease_seconds=60)  # lease expired: redelivery
+    assert second is not None and second.fence == 2 and second.attempts == 2
+    result = {"object_key": "k", "image_score": 0.5, "diagnostics": {}, "timings": {}, "device": "cpu"}
+    assert repo.complete(second, **result) is True
+    assert repo.complete(first, **result) is False  # the stale duplicate cannot overwrite
+    row = repo.image(image_id)
+    assert (row.status, row.fence, row.attempts, row.worker) == ("done", 2, 2, "w2")
+    assert repo.claim(image_id, "w3", lease_seconds=60) is None  # done is terminal
+
+
+def test_failures_retry_then_quarantine(database_url: str) -> None:
+    repo = _repo(database_url)
+    run_id = _run(repo)
+    repo.add_images(run_id, _planned(1))
+    (image_id,) = repo.pending_image_ids(run_id)
+    statuses = []
+    for _ in range(3):
+        claim = repo.claim(image_id, "w", lease_seconds=60, max_attempts=3)
+        assert claim is not None
+        statuses.append(repo.fail(claim, "boom", max_attempts=3))
+    assert statuses == ["queued", "queued", "failed"]
+    assert repo.image(image_id).error == "boom"
+
+
+def test_an_image_whose_worker_always_dies_is_quarantined_at_claim(database_url: str) -> None:
+    repo = _repo(database_url)
+    run_id = _run(repo)
+    repo.add_images(run_id, _planned(1))
+    (image_id,) = repo.pending_image_ids(run_id)
+    for owner in ("w1", "w2"):
+        assert repo.claim(image_id, owner, lease_seconds=60, max_attempts=2) is not None
+        repo.release_expired_or_orphaned(run_id, [owner])  # the owner died
+    assert repo.claim(image_id, "w3", lease_seconds=60, max_attempts=2) is None
+    row = repo.image(image_id)
+    assert row.status == "failed" and "quarantined" in row.error
+
+
+def test_permanent_errors_fail_at_once_and_release_does_not_count(database_url: str) -> None:
+    repo = _repo(database_url)
+    run_id = _run(repo)
+    repo.add_images(run_id, _planned(2))
+    first, second = repo.pending_image_ids(run_id)
+    claim = repo.claim(first, "w", lease_seconds=60)
+    assert repo.fail(claim, "corrupt file", max_attempts=5, permanent=True) == "failed"
+    claim = repo.claim(second, "w", lease_seconds=60)
+    assert repo.release(claim) is True
+    row = repo.image(second)
+    assert (row.status, row.attempts) == ("queued", 0)
+
+
+def test_exactly_one_aggregation_trigger_among_concurrent_finishers(database_url: str) -> None:
+    repo = _repo(database_url)
+    run_id = _run(repo)
+    repo.add_images(run_id, _planned(4))
+    assert repo.try_start_aggregation(run_id, "bottle") is False  # images still queued
+    for image_id in repo.pending_image_ids(run_id):
+        claim = repo.claim(image_id, "w", lease_seconds=60)
+        repo.complete(claim, object_key="k", image_score=0.1, diagnostics={}, timings={}, device="cpu")
+    wins: list[bool] = []
+    barrier = threading.Barrier(6)
+
+    def attempt() -> None:
+        barrier.wait()
+        wins.append(repo.try_start_aggregation(run_id, "bottle"))
+
+    threads = [threading.Thread(target=attempt) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(wins) == [False] * 5 + [True]
+    version = repo.finish_aggregation(run_id, "bottle", rows=[{"scope": "category", "category": "bottle",
+                                      "iAUROC": 0.5, "num_images": 4}], state_key="s", num_used=4,
+                                      num_skipped=0, num_failed=0)
+    assert version == 1
+    assert repo.try_start_aggregation(run_id, "bottle") is False  # nothing new since
+    (row,) = repo.metric_rows(run_id)
+    assert (row.scope, row.iauroc, row.num_images, row.version) == ("category", 0.5, 4, 1)
