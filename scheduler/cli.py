@@ -16,13 +16,16 @@ from scheduler.settings import Settings
 @click.option("--work-dir", type=click.Path(path_type=Path), help="Work folder [env READAR_WORK_DIR; ./readar-work].")
 @click.option("--database-url", help="SQLAlchemy URL [env READAR_DATABASE_URL; SQLite in the work folder].")
 @click.option("--object-store-url", help="fsspec URL for logits [env READAR_OBJECT_STORE_URL; <work-dir>/objects].")
+@click.option("--broker-url", help="Celery broker, e.g. redis://127.0.0.1:6379/0 [env READAR_BROKER_URL; unset = "
+              "embedded mode].")
 @click.option("-v", "--verbose", is_flag=True, help="Log more.")
 @click.pass_context
 def cli(ctx: click.Context, work_dir: Path | None, database_url: str | None, object_store_url: str | None,
-        verbose: bool) -> None:
+        broker_url: str | None, verbose: bool) -> None:
     """READAR: benchmark zero-shot anomaly segmentation by READ on MVTec-AD-format datasets."""
     overrides = {
-        k: v for k, v in {"work_dir": work_dir, "database_url": database_url, "object_store_url": object_store_url}
+        k: v for k, v in {"work_dir": work_dir, "database_url": database_url, "object_store_url": object_store_url,
+                          "broker_url": broker_url}
         .items() if v is not None
     }
     try:
@@ -34,9 +37,9 @@ def cli(ctx: click.Context, work_dir: Path | None, database_url: str | None, obj
 
 
 def _register() -> None:
-    from scheduler.commands import data, query, run
+    from scheduler.commands import data, distributed, query, run
 
-    for command in (*run.COMMANDS, *query.COMMANDS, *data.COMMANDS):
+    for command in (*run.COMMANDS, *distributed.COMMANDS, *query.COMMANDS, *data.COMMANDS):
         cli.add_command(command)
     try:
         from scheduler.commands.eval import eval_command

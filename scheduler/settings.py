@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from storage.redact import redact_text, redact_url
@@ -40,8 +40,20 @@ class Settings(BaseSettings):
     clip: Path | None = Field(None, description="Local folder of CLIP ViT-L/14-336 (HF format).")
     device: str = Field("cpu", description="cpu, cuda or cuda:N.")
     batch_size: int = Field(4, ge=1, le=1024, description="Images per batched forward.")
-    lease_seconds: int = Field(600, ge=5, description="How long a claimed image is owned before others may retry.")
+    lease_seconds: int = Field(
+        1200, ge=2, description="How long a claimed image is owned before another worker may retry it; above the "
+        "hard time limit, at most the visibility timeout."
+    )
     max_attempts: int = Field(3, ge=1, le=100, description="Attempts before an image is quarantined as failed.")
+    soft_time_limit: int = Field(600, ge=1, description="Seconds before a task is asked to stop (Celery).")
+    hard_time_limit: int = Field(900, ge=1, description="Seconds before a task is killed (Celery).")
+    visibility_timeout: int = Field(
+        1500, ge=1, description="Redis redelivery timeout for unacknowledged tasks; above the lease. Use the same "
+        "value on every client (workers, scheduler, monitoring)."
+    )
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus port of a worker (unset: off).")
+    heartbeat_file: Path | None = Field(None, description="File a worker touches on progress (liveness probes).")
+    plugins: str = Field("", description="Comma-separated modules imported at start (they register detectors).")
 
     @field_validator("device")
     @classmethod
@@ -49,6 +61,19 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
             raise ValueError(f"device must be cpu, cuda or cuda:N; got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _check_time_limits(self) -> Settings:
+        if not self.soft_time_limit < self.hard_time_limit:
+            raise ValueError(f"soft_time_limit ({self.soft_time_limit}) must be below hard_time_limit "
+                             f"({self.hard_time_limit})")
+        if not self.hard_time_limit < self.lease_seconds <= self.visibility_timeout:
+            raise ValueError(
+                f"need hard_time_limit ({self.hard_time_limit}) < lease_seconds ({self.lease_seconds}) <= "
+                f"visibility_timeout ({self.visibility_timeout}): a live task must never lose its lease, and a "
+                "redelivered task must find the dead worker's lease expired"
+            )
+        return self
 
     @property
     def resolved_database_url(self) -> str:
@@ -87,4 +112,7 @@ class Settings(BaseSettings):
             "batch_size": self.batch_size,
             "lease_seconds": self.lease_seconds,
             "max_attempts": self.max_attempts,
+            "soft_time_limit": self.soft_time_limit,
+            "hard_time_limit": self.hard_time_limit,
+            "visibility_timeout": self.visibility_timeout,
         }

@@ -66,6 +66,7 @@ class Image(Base):
     device: Mapped[str | None] = mapped_column(String(50), nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    enqueued_at: Mapped[datetime | None] = mapped_column(nullable=True)  # last queue message sent (scale-out)
 
 
 class Category(Base):

@@ -269,6 +269,46 @@ class Repository:
                 )
             )
 
+    def images_to_enqueue(self, run_id: int, *, stale_after_s: int) -> list[int]:
+        """Queued images with no queue message sent within ``stale_after_s`` (the visibility timeout): those a
+        (re)submit must enqueue. Done, running and freshly enqueued images are left alone."""
+        cutoff = utcnow() - timedelta(seconds=stale_after_s)
+        with self.db.session() as session:
+            return list(
+                session.scalars(
+                    select(Image.id)
+                    .where(Image.run_id == run_id, Image.status == "queued",
+                           or_(Image.enqueued_at.is_(None), Image.enqueued_at < cutoff))
+                    .order_by(Image.id)
+                )
+            )
+
+    def mark_enqueued(self, image_ids: Sequence[int]) -> None:
+        now = utcnow()
+        with self.db.session() as session, session.begin():
+            for start in range(0, len(image_ids), 5000):
+                chunk = list(image_ids[start : start + 5000])
+                session.execute(update(Image).where(Image.id.in_(chunk)).values(enqueued_at=now))
+
+    def clear_enqueued(self, run_id: int) -> None:
+        """Forget the message timestamps of queued rows whose lease just expired (they need new messages)."""
+        with self.db.session() as session, session.begin():
+            session.execute(
+                update(Image)
+                .where(Image.run_id == run_id, Image.status == "queued", Image.started_at.is_not(None))
+                .values(enqueued_at=None)
+            )
+
+    def clear_all_enqueued(self, run_id: int) -> None:
+        """After a cancel: every queued image needs a new message on resume."""
+        with self.db.session() as session, session.begin():
+            session.execute(update(Image).where(Image.run_id == run_id, Image.status == "queued")
+                            .values(enqueued_at=None))
+
+    def expire_leases_now(self, run_id: int) -> int:
+        """Requeue running rows whose lease expired (the reconciler's first step); returns how many."""
+        return self.release_expired_or_orphaned(run_id)
+
     def running_owners(self, run_id: int) -> list[str]:
         with self.db.session() as session:
             return [
@@ -301,6 +341,14 @@ class Repository:
             counts.setdefault(category, {})[status] = int(count)
         return counts
 
+    def finished_since(self, run_id: int, since: datetime) -> int:
+        """Images that reached a terminal state after ``since`` (for rates and ETAs)."""
+        with self.db.session() as session:
+            return int(session.scalar(
+                select(func.count()).select_from(Image)
+                .where(Image.run_id == run_id, Image.finished_at.is_not(None), Image.finished_at >= since)
+            ) or 0)
+
     def categories(self, run_id: int) -> list[Category]:
         with self.db.session() as session:
             return list(session.scalars(select(Category).where(Category.run_id == run_id).order_by(Category.category)))
@@ -332,6 +380,15 @@ class Repository:
                     )
                     .values(status="aggregating", dirty=False, aggregating_since=now)
                 ).rowcount
+            )
+
+    def reopen_aggregation(self, run_id: int, category: str) -> None:
+        """A failed aggregator gives the category back: it is due again."""
+        with self.db.session() as session, session.begin():
+            session.execute(
+                update(Category)
+                .where(Category.run_id == run_id, Category.category == category, Category.status == "aggregating")
+                .values(status="open", dirty=True, aggregating_since=None)
             )
 
     def reset_stale_aggregations(self, run_id: int) -> int:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test command (README): every test, the real services included. Fails when no test ran.
+# The test command (README): services up, then every test. Fails when a test fails or when none ran.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+bash tests/services.sh || exit 1
 python -m pytest -p no:cacheprovider "$@"
 status=$?
 if [ "$status" -eq 5 ]; then

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,9 @@ class WorkerContext:
     # Called with (run_id, category) by the one task that wins a category's aggregation compare-and-set.
     on_category_complete: Callable[[int, str], None] | None = None
     secrets: list[str] = field(default_factory=list)
+    # Longest wait for a detection (the soft time limit): thread pools cannot interrupt a task, so the task
+    # stops waiting, records a retryable failure and frees its slot.
+    detect_timeout_s: float | None = None
     _runs: dict[int, RunInfo] = field(default_factory=dict)
 
     def run_info(self, run_id: int) -> RunInfo:
@@ -66,6 +70,10 @@ class WorkerContext:
             defects = {k: tuple(v) for k, v in run.config.get("category_defects", {}).items()}
             self._runs[run_id] = RunInfo(run_id, Path(run.dataset_root), defects)
         return self._runs[run_id]
+
+
+class DetectionTimeout(RuntimeError):
+    """The detector did not answer within the soft time limit."""
 
 
 class PermanentImageError(RuntimeError):
@@ -122,7 +130,13 @@ def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> str:
         prepared = ctx.detector.prepare(sample)
         timings["prepare_ms"] = (time.perf_counter() - started) * 1e3
         started = time.perf_counter()
-        detection: Detection = ctx.batcher(prepared)
+        try:
+            detection: Detection = ctx.batcher.submit(prepared).result(timeout=ctx.detect_timeout_s)
+        except FutureTimeoutError:
+            raise DetectionTimeout(
+                f"the detector took longer than the soft time limit ({ctx.detect_timeout_s:.0f} s) on "
+                f"{row.image_path}"
+            ) from None
         timings["detect_ms"] = (time.perf_counter() - started) * 1e3
         started = time.perf_counter()
         score, _ = image_score(detection)

@@ -47,23 +47,87 @@ def runs_command(app: AppContext) -> None:
     app.console.print(table)
 
 
+def _status_table(app: AppContext, run: Any) -> Table:
+    from datetime import timedelta
+
+    from storage.repository import utcnow
+
+    counts = app.repo.status_counts(run.id)
+    categories = {c.category: c for c in app.repo.categories(run.id)}
+    recent = app.repo.finished_since(run.id, utcnow() - timedelta(minutes=5))
+    rate = recent / 300.0
+    remaining = sum(c.get("queued", 0) + c.get("running", 0) for c in counts.values())
+    eta = f"{remaining / rate / 60:.1f} min" if rate > 0 else "—"
+    title = f"run {run.name} ({run.status}) — {rate:.2f} images/s over 5 min, {remaining} left, ETA {eta}"
+    table = Table(title=title, title_justify="left")
+    for column in ("category", "progress", *IMAGE_STATUSES, "metrics"):
+        table.add_column(column, justify="left" if column in ("category", "progress") else "right")
+    for category, per_status in sorted(counts.items()):
+        record = categories.get(category)
+        total = sum(per_status.values())
+        finished = total - per_status.get("queued", 0) - per_status.get("running", 0)
+        filled = int(20 * finished / total) if total else 20
+        bar = "█" * filled + "░" * (20 - filled) + f" {finished}/{total}"
+        aggregated = f"v{record.version} {record.status}" if record else "—"
+        table.add_row(category, bar, *(str(per_status.get(s, 0)) for s in IMAGE_STATUSES), aggregated)
+    return table
+
+
 @click.command("status")
 @click.argument("run_name")
+@click.option("--watch", is_flag=True, help="Refresh until the run finishes (reconciles every refresh when a "
+              "broker is configured).")
+@click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(min=0.5))
 @click.pass_obj
-def status_command(app: AppContext, run_name: str) -> None:
-    """Per-category progress of a run, with failures."""
+def status_command(app: AppContext, run_name: str, watch: bool, interval: float) -> None:
+    """Per-category progress of a run: counts, rate, ETA, aggregation state and failures."""
+    import time
+
+    from rich.live import Live
+
     run = _run(app, run_name)
-    table = Table(title=f"run {run.name} ({run.status})", title_justify="left")
-    for column in ("category", *IMAGE_STATUSES, "aggregated"):
-        table.add_column(column, justify="left" if column == "category" else "right")
-    categories = {c.category: c for c in app.repo.categories(run.id)}
-    for category, counts in sorted(app.repo.status_counts(run.id).items()):
-        record = categories.get(category)
-        aggregated = f"v{record.version} {record.status}" if record else "—"
-        table.add_row(category, *(str(counts.get(s, 0)) for s in IMAGE_STATUSES), aggregated)
-    app.console.print(table)
+    if not watch:
+        app.console.print(_status_table(app, run))
+    else:
+        with Live(_status_table(app, run), console=app.console, refresh_per_second=1) as live:
+            while True:
+                if app.settings.broker_url:
+                    from scheduler.commands.distributed import celery_for
+                    from scheduler.dispatch import reconcile_run
+
+                    reconcile_run(celery_for(app), app.repo, run.id,
+                                  visibility_timeout=app.settings.visibility_timeout,
+                                  stale_aggregation_s=app.settings.hard_time_limit)
+                run = app.repo.get_run_by_id(run.id)
+                live.update(_status_table(app, run))
+                counts = app.repo.status_counts(run.id)
+                pending = sum(c.get("queued", 0) + c.get("running", 0) for c in counts.values())
+                categories = app.repo.categories(run.id)
+                if run.status == "cancelled" or (pending == 0 and all(c.status == "done" for c in categories)):
+                    break
+                time.sleep(interval)
     for row in app.repo.images(run.id, status="failed")[:20]:
         app.console.print(f"[red]failed[/] {row.image_path}: {row.error}")
+    if watch and app.repo.metric_rows(run.id):
+        from scheduler.commands.run import summarise
+
+        summarise(app, run.id, run.name)
+
+
+@click.command("metrics")
+@click.argument("run_name")
+@click.option("--out-csv", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the CSV (default: <work-dir>/results/<run>.csv).")
+@click.option("--defects", is_flag=True, help="Also print the per-defect-type rows.")
+@click.pass_obj
+def metrics_command(app: AppContext, run_name: str, out_csv: Path | None, defects: bool) -> None:
+    """Print a run's stored metrics and write its CSV (no recomputation)."""
+    from scheduler.tables import print_metrics, write_run_csv
+
+    run = _run(app, run_name)
+    path = write_run_csv(app.repo, run.id, out_csv or app.settings.work_dir / "results" / f"{run.name}.csv")
+    print_metrics(app.console, app.repo, run, include_defects=defects)
+    app.console.print(f"metrics CSV: {path}")
 
 
 @click.command("results")
@@ -124,4 +188,4 @@ def export_command(app: AppContext, run_name: str, directory: Path, layout: str)
     app.console.print(f"exported {len(rows)} image folder(s) to {directory} ({layout} layout)")
 
 
-COMMANDS = (runs_command, status_command, results_command, export_command)
+COMMANDS = (runs_command, status_command, metrics_command, results_command, export_command)

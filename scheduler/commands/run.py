@@ -19,7 +19,6 @@ from workers.detectors.base import (
     PROMPT_MODES,
     DetectorConfig,
     DetectorError,
-    available_detectors,
     build_detector,
 )
 
@@ -34,7 +33,7 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="First N images per category in sorted order (-1 = all)."),
         click.option("--exclude-defects", help="Comma-separated defect types to leave out, e.g. color,combined."),
         click.option("--detector", default="baseline", show_default=True,
-                     help=f"Detector name ({', '.join(available_detectors())})."),
+                     help="Detector name: baseline, read, lisa, noop, or one a plug-in registers."),
         click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
                      help="Released READ checkpoint folder [env READAR_CHECKPOINT]."),
         click.option("--clip", type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -139,22 +138,28 @@ def run_command(app: AppContext, **options: Any) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), help="Override the batch size.")
 @click.pass_obj
 def resume_command(app: AppContext, run_name: str, device: str | None, batch_size: int | None) -> None:
-    """Finish an interrupted run: images already done are not redone."""
+    """Finish an interrupted run: images already done are not redone.
+
+    With a broker configured, unfinished images are enqueued for the workers; otherwise they run here."""
     from storage.repository import RunNotFoundError
 
     try:
         run = app.repo.get_run(run_name)
     except RunNotFoundError as exc:
         raise click.ClickException(str(exc)) from exc
-    stored = run.config["detector_config"]
-    extra = {k.removeprefix("extra."): v for k, v in stored.items() if k.startswith("extra.")}
-    config = DetectorConfig(
-        checkpoint=Path(stored["checkpoint"]) if stored.get("checkpoint") else None,
-        clip=Path(stored["clip"]) if stored.get("clip") else None,
-        device=device or stored["device"], dtype=stored.get("dtype"), prompt_mode=stored["prompt_mode"],
-        prompt_template=stored.get("prompt_template"), decode_mode=stored["decode_mode"],
-        conversation=stored["conversation"], batch_size=batch_size or stored["batch_size"], extra=extra,
-    )
+    if app.settings.broker_url:  # scale-out: hand the unfinished images back to the workers
+        from scheduler.commands.distributed import celery_for
+        from scheduler.dispatch import reconcile_run
+
+        app.repo.set_run_status(run.id, "running")
+        report = reconcile_run(celery_for(app), app.repo, run.id, visibility_timeout=app.settings.visibility_timeout,
+                               stale_aggregation_s=app.settings.hard_time_limit)
+        app.console.print(f"run {run.name} resumed: {report.enqueued} task(s) enqueued, {report.leases_expired} "
+                          f"expired lease(s) requeued, {report.aggregations} aggregation(s) triggered")
+        return
+    from workers.runtime import detector_config_from_run
+
+    config = detector_config_from_run(run.config["detector_config"], device=device, batch_size=batch_size)
     execute(app, run.detector, config, None, run_name=run.name)
 
 

@@ -1,0 +1,168 @@
+"""Scale-out commands: ``worker``, ``submit``, ``cancel``, ``aggregate``, ``reconcile``, ``healthcheck``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from scheduler.commands.run import _request, detector_config, run_options
+from scheduler.context import AppContext
+from scheduler.planner import plan_run
+from storage.redact import redact_url
+from storage.repository import RunNotFoundError
+
+
+def celery_for(app: AppContext):  # noqa: ANN201 - celery.Celery
+    """A Celery client with the shared configuration; refuses to run without a broker."""
+    if not app.settings.broker_url:
+        raise click.UsageError(
+            "this command needs a broker: set READAR_BROKER_URL (e.g. redis://127.0.0.1:6379/0) or pass "
+            "--broker-url; without one, `readar run` executes on this machine"
+        )
+    from workers.celery_app import make_app
+
+    return make_app(app.settings)
+
+
+def _run_or_fail(app: AppContext, name: str) -> Any:
+    try:
+        return app.repo.get_run(name)
+    except RunNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.command("submit")
+@run_options
+@click.pass_obj
+def submit_command(app: AppContext, **options: Any) -> None:
+    """Plan a run and enqueue one task per unfinished image for the workers (needs READAR_BROKER_URL)."""
+    from scheduler.dataset import DatasetError
+    from scheduler.dispatch import enqueue_images
+    from storage.repository import RunConflictError
+
+    celery = celery_for(app)
+    config = detector_config(app, options)
+    request = _request(options, config)
+    uses_names = config.prompt_mode == "anomaly" and request.detector not in ("baseline", "noop")
+    try:
+        run, new_rows = plan_run(app.repo, request, model_fingerprint=None, uses_ground_truth_names=uses_names,
+                                 settings_public=app.settings.public())
+    except (DatasetError, RunConflictError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if run.status in ("cancelled", "done", "planned"):
+        app.repo.set_run_status(run.id, "running" if run.status != "done" else "done")
+    sent = enqueue_images(celery, app.repo, run.id, visibility_timeout=app.settings.visibility_timeout)
+    app.console.print(f"run [bold]{run.name}[/]: {new_rows} new image row(s), {sent} task(s) enqueued on "
+                      f"{redact_url(app.settings.broker_url)}")
+    app.console.print(f"watch it with: readar status {run.name} --watch")
+
+
+@click.command("cancel")
+@click.argument("run_name")
+@click.pass_obj
+def cancel_command(app: AppContext, run_name: str) -> None:
+    """Stop a run: workers drop its remaining tasks; `readar resume` continues it later."""
+    run = _run_or_fail(app, run_name)
+    app.repo.set_run_status(run.id, "cancelled")
+    app.repo.clear_all_enqueued(run.id)
+    app.console.print(f"run {run.name} cancelled; images already done are kept")
+
+
+@click.command("aggregate")
+@click.argument("run_name")
+@click.option("--category", help="Only this category (default: every category with no pending images).")
+@click.pass_obj
+def aggregate_command(app: AppContext, run_name: str, category: str | None) -> None:
+    """Recompute metric rows now, on this machine, from the stored logits."""
+    from metrics.aggregator import aggregate_category, refresh_summary
+    from scheduler.commands.run import summarise
+
+    run = _run_or_fail(app, run_name)
+    categories = [c.category for c in app.repo.categories(run.id)]
+    if category and category not in categories:
+        raise click.ClickException(f"run {run.name} has no category {category!r}; it has {', '.join(categories)}")
+    counts = app.repo.status_counts(run.id)
+    for name in [category] if category else categories:
+        if any(counts.get(name, {}).get(s, 0) for s in ("queued", "running")):
+            app.err.print(f"[yellow]{name}: images still pending; aggregating what is done so far")
+        aggregate_category(app.repo, app.store, run.id, name)
+    if all(c.status == "done" for c in app.repo.categories(run.id)):
+        refresh_summary(app.repo, app.store, run.id)
+    summarise(app, run.id, run.name)
+
+
+@click.command("reconcile")
+@click.argument("run_name", required=False)
+@click.pass_obj
+def reconcile_command(app: AppContext, run_name: str | None) -> None:
+    """Re-enqueue expired leases and lost messages; trigger missed aggregations (all unfinished runs)."""
+    from scheduler.dispatch import reconcile_run
+
+    celery = celery_for(app)
+    runs = [_run_or_fail(app, run_name)] if run_name else [
+        r for r in app.repo.list_runs() if r.status not in ("done", "cancelled")
+    ]
+    for run in runs:
+        report = reconcile_run(celery, app.repo, run.id, visibility_timeout=app.settings.visibility_timeout,
+                               stale_aggregation_s=app.settings.hard_time_limit)
+        app.console.print(f"{run.name}: {report.leases_expired} expired lease(s) requeued, {report.enqueued} task(s) "
+                          f"enqueued, {report.aggregations} aggregation(s) triggered")
+
+
+@click.command("worker")
+@click.option("--gpus", help="Comma-separated GPU indices: one worker process per GPU.")
+@click.option("--device", type=click.Choice(["cpu"]), help="Run on the CPU instead of GPUs.")
+@click.option("--processes", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="CPU worker processes (with --device cpu).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward = task threads per process.")
+@click.option("--queues", default="readar.images,readar.aggregate", show_default=True)
+@click.pass_obj
+def worker_command(app: AppContext, gpus: str | None, device: str | None, processes: int, batch_size: int | None,
+                   queues: str) -> None:
+    """Start workers that take image tasks from the broker (one process per GPU, model loaded once each)."""
+    from workers.supervisor import plan_children, supervise
+
+    celery_for(app)  # refuses without a broker
+    if gpus and device:
+        raise click.UsageError("use either --gpus or --device cpu, not both")
+    gpu_list = None
+    if gpus:
+        try:
+            gpu_list = [int(g) for g in gpus.split(",") if g.strip()]
+        except ValueError:
+            raise click.UsageError(f"--gpus takes comma-separated integers, e.g. 0,1; got {gpus!r}") from None
+    elif device is None and app.settings.device.startswith("cuda"):
+        gpu_list = [int(app.settings.device.partition(":")[2] or 0)]
+    specs = plan_children(
+        gpus=gpu_list, processes=processes, batch_size=batch_size or app.settings.batch_size, queues=queues,
+        work_dir=app.settings.work_dir.resolve(), metrics_port=app.settings.metrics_port,
+        loglevel="INFO" if app.verbose else "WARNING",
+    )
+    app.err.print(f"starting {len(specs)} worker process(es) on {redact_url(app.settings.broker_url)}")
+    sys.exit(supervise(specs, hard_time_limit=app.settings.hard_time_limit))
+
+
+@click.command("healthcheck")
+@click.option("--max-idle", default=900, show_default=True, type=click.IntRange(min=1),
+              help="Unhealthy when the heartbeat is older than this many seconds.")
+@click.option("--heartbeat-file", type=click.Path(path_type=Path), help="Default: READAR_HEARTBEAT_FILE.")
+@click.pass_obj
+def healthcheck_command(app: AppContext, max_idle: int, heartbeat_file: Path | None) -> None:
+    """Exit 0 when a worker made progress recently (liveness probe)."""
+    from workers.monitoring import heartbeat_age
+
+    path = heartbeat_file or app.settings.heartbeat_file
+    if path is None:
+        raise click.UsageError("no heartbeat file: set READAR_HEARTBEAT_FILE or pass --heartbeat-file")
+    age = heartbeat_age(path)
+    if age > max_idle:
+        click.echo(f"unhealthy: no progress for {age:.0f} s (limit {max_idle} s)", err=True)
+        sys.exit(1)
+    click.echo(f"healthy: last progress {age:.0f} s ago")
+
+
+COMMANDS = (submit_command, cancel_command, aggregate_command, reconcile_command, worker_command,
+            healthcheck_command)

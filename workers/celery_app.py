@@ -1,0 +1,138 @@
+"""The Celery application: JSON-only messages carrying ids, one task per image, an aggregator task.
+
+Settings follow DESIGN.md section 2: late acknowledgement, reject on worker loss, prefetch 1, soft and hard
+time limits, a Redis visibility timeout above the lease (the same value on every client), retries with
+backoff for transient errors only, cancelling long-running tasks when the broker connection is lost.
+Workers use a thread pool whose size is the batch size, so concurrently delivered tasks share batched
+forwards through the in-process batcher (DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_ready
+from sqlalchemy.exc import OperationalError
+
+from scheduler.settings import Settings
+from storage.objects import ObjectStoreError
+from storage.redact import redact_url
+from workers.monitoring import IMAGES, QUEUE_WAIT, Heartbeat, start_metrics_server
+from workers.queues import AGGREGATE_CATEGORY, AGGREGATE_QUEUE, IMAGE_QUEUE, PROCESS_IMAGE
+from workers.runtime import WorkerRuntime
+from workers.task import process_image
+
+log = logging.getLogger(__name__)
+
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration every client (worker, scheduler, Flower) must share."""
+    return {
+        "broker_url": settings.broker_url or "redis://127.0.0.1:6379/0",
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "task_serializer": "json",
+        "accept_content": ["json"],  # never pickle: a pickled message is refused, not executed
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "task_ignore_result": True,  # SQL is the record of truth; no result backend
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": settings.soft_time_limit,
+        "task_time_limit": settings.hard_time_limit,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_default_queue": IMAGE_QUEUE,
+        "task_routes": {PROCESS_IMAGE: {"queue": IMAGE_QUEUE}, AGGREGATE_CATEGORY: {"queue": AGGREGATE_QUEUE}},
+        "worker_hijack_root_logger": False,
+    }
+
+
+def make_app(settings: Settings) -> Celery:
+    celery = Celery("readar", set_as_current=False)
+    celery.conf.update(celery_config(settings))
+    return celery
+
+
+_settings = Settings()
+app = make_app(_settings)
+
+_runtime: WorkerRuntime | None = None
+_runtime_lock = threading.Lock()
+_heartbeat: Heartbeat | None = None
+
+
+def runtime() -> WorkerRuntime:
+    """The process's runtime, created on first use (after Celery has started: no CUDA before any fork)."""
+    global _runtime, _heartbeat
+    with _runtime_lock:
+        if _runtime is None:
+            _heartbeat = Heartbeat(_settings.heartbeat_file)
+            start_metrics_server(_settings.metrics_port)
+            _runtime = WorkerRuntime(_settings, on_category_complete=enqueue_aggregation)
+            log.info("worker runtime ready: database %s, objects %s", redact_url(_settings.resolved_database_url),
+                     _runtime.store.describe())
+        return _runtime
+
+
+def enqueue_aggregation(run_id: int, category: str) -> None:
+    app.send_task(AGGREGATE_CATEGORY, args=[run_id, category], queue=AGGREGATE_QUEUE)
+
+
+def _backoff(retries: int) -> int:
+    return min(2 ** retries, 60)
+
+
+@app.task(name=PROCESS_IMAGE, bind=True, max_retries=10)
+def process_image_task(self: Any, run_id: int, image_id: int, enqueued_at: float | None = None) -> str:
+    """Ids in, one call, status out. Transient storage errors retry with backoff; everything else is recorded
+    in SQL by :func:`workers.task.process_image`."""
+    state = runtime()
+    if enqueued_at is not None and self.request.retries == 0:
+        QUEUE_WAIT.observe(max(time.time() - float(enqueued_at), 0.0))
+    if state.repo.get_run_by_id(run_id).status == "cancelled":
+        return "cancelled"
+    if _heartbeat is not None:
+        _heartbeat.task_started()
+    try:
+        outcome = process_image(state.context_for_run(run_id), run_id, image_id)
+    except (OperationalError, ObjectStoreError) as exc:
+        log.warning("transient error on image %d (%s); retrying", image_id, type(exc).__name__)
+        raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
+    finally:
+        if _heartbeat is not None:
+            _heartbeat.task_finished()
+    IMAGES.labels(outcome).inc()
+    if outcome == "retry":  # the row went back to queued: send it again after a pause
+        raise self.retry(countdown=_backoff(self.request.retries))
+    return outcome
+
+
+@app.task(name=AGGREGATE_CATEGORY, bind=True, max_retries=5)
+def aggregate_category_task(self: Any, run_id: int, category: str) -> int:
+    """Compute a category's metric rows; on failure the category becomes due again and the task retries."""
+    from metrics.aggregator import aggregate_category
+
+    state = runtime()
+    try:
+        rows = aggregate_category(state.repo, state.store, run_id, category)
+    except Exception as exc:
+        state.repo.reopen_aggregation(run_id, category)
+        if state.repo.try_start_aggregation(run_id, category):
+            raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
+        raise
+    return len(rows)
+
+
+@worker_ready.connect
+def _on_worker_ready(**_: Any) -> None:
+    runtime()  # storage checks, heartbeat and metrics endpoint up before the first task arrives

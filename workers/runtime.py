@@ -1,0 +1,88 @@
+"""Process-wide worker state: storage handles and one model per detector configuration, loaded once.
+
+A Celery worker process serves tasks of any run; the detector a run needs (name + configuration stored with
+the run, with this worker's device and batch size) is built on first use and then reused.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from scheduler.settings import Settings  # a leaf module: pydantic + storage.redact only
+from storage.database import Database
+from storage.objects import ObjectStore
+from storage.repository import Repository
+from workers.batcher import Batcher
+from workers.detectors.base import DetectorConfig, build_detector
+from workers.monitoring import record_batch
+from workers.task import WorkerContext
+
+
+def import_plugins(spec: str) -> None:
+    """Import the comma-separated plug-in modules (they register detectors on import)."""
+    for module in (m.strip() for m in spec.split(",")):
+        if module:
+            importlib.import_module(module)
+
+
+def detector_config_from_run(stored: dict[str, Any], *, device: str | None = None,
+                             batch_size: int | None = None) -> DetectorConfig:
+    """Rebuild a run's DetectorConfig from its stored public form, with this worker's device and batch size."""
+    extra = {k.removeprefix("extra."): v for k, v in stored.items() if k.startswith("extra.")}
+    return DetectorConfig(
+        checkpoint=Path(stored["checkpoint"]) if stored.get("checkpoint") else None,
+        clip=Path(stored["clip"]) if stored.get("clip") else None,
+        device=device or stored["device"], dtype=stored.get("dtype"), prompt_mode=stored["prompt_mode"],
+        prompt_template=stored.get("prompt_template"), decode_mode=stored["decode_mode"],
+        conversation=stored["conversation"], batch_size=batch_size or stored["batch_size"], extra=extra,
+    )
+
+
+class WorkerRuntime:
+    """Everything a worker process keeps between tasks."""
+
+    def __init__(self, settings: Settings, *, on_category_complete: Callable[[int, str], None] | None = None,
+                 device: str | None = None, batch_size: int | None = None) -> None:
+        self.settings = settings
+        self.device = device or settings.device
+        self.batch_size = batch_size or settings.batch_size
+        self.on_category_complete = on_category_complete
+        import_plugins(settings.plugins)
+        self.database = Database(settings.resolved_database_url)
+        self.database.migrate()
+        self.repo = Repository(self.database)
+        self.store = ObjectStore(settings.resolved_object_store_url, settings.storage_options())
+        self._contexts: dict[str, WorkerContext] = {}
+        self._runs: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def context_for_run(self, run_id: int) -> WorkerContext:
+        """The context (model + batcher) serving this run; built once per detector configuration."""
+        with self._lock:
+            key = self._runs.get(run_id)
+            if key is None:
+                run = self.repo.get_run_by_id(run_id)
+                config = detector_config_from_run(run.config["detector_config"], device=self.device,
+                                                  batch_size=self.batch_size)
+                key = json.dumps({"detector": run.detector, **config.public()}, sort_keys=True)
+                self._runs[run_id] = key
+                if key not in self._contexts:
+                    detector = build_detector(run.detector, config)
+                    self._contexts[key] = WorkerContext(
+                        repo=self.repo, store=self.store, detector=detector,
+                        batcher=Batcher(detector.detect, max_batch=config.batch_size, on_batch=record_batch),
+                        lease_seconds=self.settings.lease_seconds, max_attempts=self.settings.max_attempts,
+                        device=config.device, on_category_complete=self.on_category_complete,
+                        secrets=self.settings.secrets(), detect_timeout_s=float(self.settings.soft_time_limit),
+                    )
+            return self._contexts[key]
+
+    def close(self) -> None:
+        for context in self._contexts.values():
+            context.batcher.close()
+        self.database.dispose()

@@ -1,0 +1,109 @@
+"""``readar worker``: one Celery worker process per GPU (or N CPU processes), supervised.
+
+The supervisor never imports torch or touches CUDA: each child is a fresh interpreter (fork + exec) with
+``CUDA_VISIBLE_DEVICES`` set to its GPU. A child that dies is restarted; a child whose heartbeat stalls past
+the hard time limit (stuck inside a task: thread pools cannot be interrupted) is killed and restarted, and
+its unacknowledged messages are redelivered by the broker. SIGTERM is forwarded for a graceful shutdown:
+Celery finishes the tasks in flight, and unfinished ones stay unacknowledged for another worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from workers.monitoring import heartbeat_age
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChildSpec:
+    name: str
+    env: dict[str, str]
+    command: list[str]
+
+
+@dataclass
+class Child:
+    spec: ChildSpec
+    process: subprocess.Popen
+    heartbeat: Path | None
+
+
+def plan_children(*, gpus: list[int] | None, processes: int, batch_size: int, queues: str, work_dir: Path,
+                  metrics_port: int | None, loglevel: str) -> list[ChildSpec]:
+    host = socket.gethostname()
+    slots: list[tuple[str, dict[str, str]]] = []
+    if gpus:
+        for gpu in gpus:
+            slots.append((f"gpu{gpu}", {"CUDA_VISIBLE_DEVICES": str(gpu), "READAR_DEVICE": "cuda:0"}))
+    else:
+        for index in range(processes):
+            slots.append((f"cpu{index}", {"CUDA_VISIBLE_DEVICES": "", "READAR_DEVICE": "cpu"}))
+    specs = []
+    for position, (label, extra) in enumerate(slots):
+        env = dict(os.environ, **extra, READAR_BATCH_SIZE=str(batch_size),
+                   READAR_HEARTBEAT_FILE=str(work_dir / "heartbeats" / f"{label}-{os.getpid()}"))
+        if metrics_port:
+            env["READAR_METRICS_PORT"] = str(metrics_port + position)
+        else:
+            env.pop("READAR_METRICS_PORT", None)
+        command = [sys.executable, "-m", "workers.worker_main", "--name", f"readar-{label}@{host}",
+                   "--queues", queues, "--concurrency", str(batch_size), "--loglevel", loglevel]
+        specs.append(ChildSpec(label, env, command))
+    return specs
+
+
+def _start(spec: ChildSpec) -> Child:
+    heartbeat = Path(spec.env["READAR_HEARTBEAT_FILE"])
+    heartbeat.parent.mkdir(parents=True, exist_ok=True)
+    heartbeat.unlink(missing_ok=True)
+    process = subprocess.Popen(spec.command, env=spec.env)
+    log.warning("started worker %s (pid %d)", spec.name, process.pid)
+    return Child(spec, process, heartbeat)
+
+
+def supervise(specs: list[ChildSpec], *, hard_time_limit: int, check_every_s: float = 2.0) -> int:
+    """Run the children until SIGTERM/SIGINT; returns the exit code."""
+    children = [_start(spec) for spec in specs]
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    grace = hard_time_limit + 60
+    while not stopping:
+        time.sleep(check_every_s)
+        for index, child in enumerate(children):
+            if stopping:
+                break
+            code = child.process.poll()
+            if code is not None:
+                log.warning("worker %s exited with %s; restarting it", child.spec.name, code)
+                children[index] = _start(child.spec)
+            elif child.heartbeat is not None and heartbeat_age(child.heartbeat) > grace and \
+                    child.heartbeat.exists():
+                log.warning("worker %s made no progress for %d s; killing and restarting it", child.spec.name, grace)
+                child.process.kill()
+                child.process.wait()
+                children[index] = _start(child.spec)
+    for child in children:
+        try:
+            child.process.wait(timeout=hard_time_limit + 30)
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+    return 0

@@ -1,0 +1,29 @@
+"""One Celery worker process (started by ``readar worker``): a thread pool sized to the batch size, so
+concurrently delivered image tasks share batched forwards. Settings come from the environment the
+supervisor prepared (device, heartbeat file, metrics port)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m workers.worker_main")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--queues", default="readar.images,readar.aggregate")
+    parser.add_argument("--concurrency", type=int, required=True)
+    parser.add_argument("--loglevel", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.loglevel, format="%(asctime)s %(processName)s %(levelname)s %(message)s")
+    from workers.celery_app import app
+
+    app.worker_main([
+        "worker", "--pool", "threads", "--concurrency", str(args.concurrency), "--queues", args.queues,
+        "--hostname", args.name, "--without-gossip", "--without-mingle", "--task-events",
+        "--loglevel", args.loglevel,
+    ])
+
+
+if __name__ == "__main__":
+    main()
