@@ -29,7 +29,8 @@ def aggregate_category(
     *, progress: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Compute and store the metric rows of one category (category scope + its defect scopes)."""
-    from metrics.groundtruth import GroundTruthError, load_mask
+    from metrics.errors import GroundTruthError, MetricInputError
+    from metrics.groundtruth import load_mask
     from metrics.scopes import ScopedAccumulator
 
     run = repo.get_run_by_id(run_id)
@@ -47,11 +48,11 @@ def aggregate_category(
             mask = None
             if row.mask_path:
                 mask = load_mask(resolve_inside(root, row.mask_path), logits.shape, image_path=row.image_path)
-        except GroundTruthError as exc:
+            accumulator.add(category, row.defect, logits, mask)
+        except (GroundTruthError, MetricInputError) as exc:
             log.warning("skipping %s in the metrics: %s", row.image_path, exc)
             skipped += 1
             continue
-        accumulator.add(category, row.defect, logits, mask)
         used += 1
         if progress is not None:
             progress(position, len(done))

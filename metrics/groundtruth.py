@@ -33,6 +33,11 @@ def load_mask(path: str | Path, expected_shape: tuple[int, int], *, image_path: 
     mask_path = Path(path)
     try:
         with Image.open(mask_path) as image:
+            # Same reading as the dataset index: palette masks by their colours, alpha ignored.
+            if image.mode in ("P", "PA", "RGBA"):
+                image = image.convert("RGB")
+            elif image.mode == "LA":
+                image = image.convert("L")
             pixels = np.asarray(image)
     except FileNotFoundError:
         raise GroundTruthError(f"mask {mask_path} for image {image_path} does not exist") from None

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
 from metrics.scopes import CSV_COLUMNS, METRIC_COLUMNS
@@ -40,23 +41,31 @@ def _percent(value: Any) -> str:
     return "–" if math.isnan(number) else f"{100.0 * number:.2f}"
 
 
+def _scope_name(row: Mapping[str, Any]) -> str:
+    if row["scope"] in ("overall", "mean"):
+        return str(row["scope"])
+    if row["scope"] == "defect":
+        return f"  {row.get('defect_type', '')}"  # under its category's row
+    return str(row["category"])
+
+
 def metrics_table(rows: Iterable[Mapping[str, Any]], *, title: str = "READAR metrics (%)") -> Table:
-    """A rich Table of rows: scope, category / defect type, the five metrics in percent, image counts."""
-    table = Table(title=title, show_lines=False)
-    table.add_column("scope")
-    table.add_column("category")
-    table.add_column("defect")
+    """A rich Table of rows: scope name, the five metrics in percent, image counts (and skips if any)."""
+    rows = list(rows)
+    show_skipped = any(int(row.get("num_skipped", 0)) for row in rows)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("scope", overflow="ellipsis", no_wrap=True, max_width=15)
     for column in METRIC_COLUMNS:
-        table.add_column(column, justify="right")
-    table.add_column("images", justify="right")
-    table.add_column("anomalous", justify="right")
-    table.add_column("skipped", justify="right")
+        table.add_column(column, justify="right", no_wrap=True, min_width=max(len(column), 6))
+    table.add_column("images", justify="right", no_wrap=True, min_width=6)
+    table.add_column("anom.", justify="right", no_wrap=True, min_width=5)
+    if show_skipped:
+        table.add_column("skip", justify="right", no_wrap=True, min_width=4)
     for row in rows:
-        style = "bold" if row["scope"] in ("overall", "mean") else None
-        table.add_row(
-            str(row["scope"]), str(row["category"]), str(row.get("defect_type", "")),
-            *(_percent(row[column]) for column in METRIC_COLUMNS),
-            str(row["num_images"]), str(row["num_anom_images"]), str(row.get("num_skipped", 0)),
-            style=style,
-        )
+        cells = [_scope_name(row), *(_percent(row[column]) for column in METRIC_COLUMNS),
+                 str(row["num_images"]), str(row["num_anom_images"])]
+        if show_skipped:
+            cells.append(str(row.get("num_skipped", 0)))
+        table.add_row(*cells, style="bold" if row["scope"] in ("overall", "mean") else None,
+                      end_section=row["scope"] == "overall")
     return table

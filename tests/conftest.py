@@ -80,8 +80,8 @@ class SeaweedS3:
         self.port = _free_port()
         config = directory / "s3.json"
         config.write_text(
-            '{"identities":[{"name":"readar","credentials":[{"accessKey":"%s","secretKey":"%s"}],'
-            '"actions":["Admin","Read","Write","List","Tagging"]}]}' % (self.access_key, self.secret_key)
+            f'{{"identities":[{{"name":"readar","credentials":[{{"accessKey":"{self.access_key}","secretKey":"{self.secret_key}"}}],'
+            '"actions":["Admin","Read","Write","List","Tagging"]}]}'
         )
         ports = {name: _free_port() for name in ("master", "volume", "filer")}
         command = [

@@ -80,7 +80,7 @@ def test_float16_bins_are_one_value_each_and_fold_negative_zero() -> None:
 maps_strategy = st.integers(min_value=0, max_value=2**32 - 1)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=maps_strategy, split=st.integers(min_value=1, max_value=4))
 def test_merge_and_serialisation_equal_one_shot(seed: int, split: int) -> None:
     rng = np.random.default_rng(seed)
@@ -94,7 +94,7 @@ def test_merge_and_serialisation_equal_one_shot(seed: int, split: int) -> None:
     _assert_close(merged.finalize(), one_shot, 1e-12)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=maps_strategy, scale_power=st.integers(min_value=-3, max_value=3))
 def test_order_only_metrics_ignore_monotone_transforms_and_image_order(seed: int, scale_power: int) -> None:
     rng = np.random.default_rng(seed)
@@ -107,7 +107,7 @@ def test_order_only_metrics_ignore_monotone_transforms_and_image_order(seed: int
     _assert_close(moved, base, 1e-12, names=("iAUROC", "pAUROC", "F1_max", "PRO_hard"))
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     values=st.lists(st.floats(min_value=-30, max_value=30, width=16), min_size=12, max_size=12),
     defect_bits=st.integers(min_value=1, max_value=2**12 - 2),

@@ -41,7 +41,7 @@ def test_full_resolution_of_low_res_maps_follows_the_crop_geometry() -> None:
     assert (full[:, width // 2 + 3 :] == -8).all()
     # The padding rows (>= 128 in the low-res map) touch only the last image row, through the bilinear
     # kernel at the crop edge, as in the original post-processing.
-    assert (-8 < full[-1, : width // 2 - 3]).all() and (full[-1, : width // 2 - 3] < 8).all()
+    assert (full[-1, : width // 2 - 3] > -8).all() and (full[-1, : width // 2 - 3] < 8).all()
 
 
 def test_several_maps_combine_by_per_pixel_max_and_empty_means_no_mask() -> None:

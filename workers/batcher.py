@@ -25,7 +25,7 @@ class Batcher:
     """Collects items from many threads into batches for one ``run_batch`` callable."""
 
     def __init__(
-        self, run_batch: Callable[[Sequence[Any]], list[Any]], *, max_batch: int, max_wait_s: float = 0.005,
+        self, run_batch: Callable[[Sequence[Any]], list[Any]], *, max_batch: int, max_wait_s: float = 0.02,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         if max_batch < 1:

@@ -34,7 +34,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration every client (worker, scheduler, Flower) must share."""
     return {
         "broker_url": settings.broker_url or "redis://127.0.0.1:6379/0",
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout,
+            # Sweep for messages of dead workers often enough that redelivery follows the visibility timeout
+            # closely (kombu's default sweep is every ~100 s).
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
+            "unacked_restore_throttle": 1,
+            # A broker that vanishes without closing the connection must not hang publishes forever.
+            "socket_timeout": 30,
+            "socket_connect_timeout": 10,
+        },
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "task_serializer": "json",
@@ -114,7 +123,22 @@ def process_image_task(self: Any, run_id: int, image_id: int, enqueued_at: float
     IMAGES.labels(outcome).inc()
     if outcome == "retry":  # the row went back to queued: send it again after a pause
         raise self.retry(countdown=_backoff(self.request.retries))
+    if outcome == "held":  # someone else's lease is live: look again once it could have expired
+        raise self.retry(countdown=_lease_wait(state, image_id), max_retries=None)
     return outcome
+
+
+def _lease_wait(state: WorkerRuntime, image_id: int) -> float:
+    from storage.repository import utcnow
+
+    expires = state.repo.image(image_id).lease_expires_at
+    if expires is None:
+        return 1.0
+    if expires.tzinfo is None:  # SQLite returns naive UTC datetimes
+        from datetime import UTC
+
+        expires = expires.replace(tzinfo=UTC)
+    return max(1.0, min((expires - utcnow()).total_seconds() + 1.0, float(_settings.lease_seconds)))
 
 
 @app.task(name=AGGREGATE_CATEGORY, bind=True, max_retries=5)

@@ -36,6 +36,22 @@ class Child:
     spec: ChildSpec
     process: subprocess.Popen
     heartbeat: Path | None
+    started: float = 0.0
+
+
+def children_progressing(children: list[Child], *, grace: float, now: float | None = None) -> bool:
+    """True when every child made progress within ``grace`` seconds (a child still starting up counts as
+    progressing until ``grace`` has passed since its start)."""
+    now = time.time() if now is None else now
+    for child in children:
+        if child.heartbeat is None:
+            continue
+        age = heartbeat_age(child.heartbeat)
+        if age == float("inf"):
+            age = now - child.started
+        if age > grace:
+            return False
+    return True
 
 
 def plan_children(*, gpus: list[int] | None, processes: int, batch_size: int, queues: str, work_dir: Path,
@@ -68,11 +84,16 @@ def _start(spec: ChildSpec) -> Child:
     heartbeat.unlink(missing_ok=True)
     process = subprocess.Popen(spec.command, env=spec.env)
     log.warning("started worker %s (pid %d)", spec.name, process.pid)
-    return Child(spec, process, heartbeat)
+    return Child(spec, process, heartbeat, started=time.time())
 
 
-def supervise(specs: list[ChildSpec], *, hard_time_limit: int, check_every_s: float = 2.0) -> int:
-    """Run the children until SIGTERM/SIGINT; returns the exit code."""
+def supervise(specs: list[ChildSpec], *, hard_time_limit: int, heartbeat_file: Path | None = None,
+              check_every_s: float = 2.0) -> int:
+    """Run the children until SIGTERM/SIGINT; returns the exit code.
+
+    ``heartbeat_file`` (READAR_HEARTBEAT_FILE, what ``readar healthcheck`` reads) is touched while every
+    child is making progress, so a liveness probe sees the whole worker machine's state.
+    """
     children = [_start(spec) for spec in specs]
     stopping = False
 
@@ -86,8 +107,13 @@ def supervise(specs: list[ChildSpec], *, hard_time_limit: int, check_every_s: fl
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     grace = hard_time_limit + 60
+    if heartbeat_file is not None:
+        heartbeat_file.parent.mkdir(parents=True, exist_ok=True)
+        heartbeat_file.touch()
     while not stopping:
         time.sleep(check_every_s)
+        if heartbeat_file is not None and children_progressing(children, grace=grace):
+            heartbeat_file.touch()
         for index, child in enumerate(children):
             if stopping:
                 break

@@ -109,15 +109,19 @@ def image_score(detection: Detection) -> tuple[float, np.ndarray]:
 
 
 def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> str:
-    """Run one image end to end. Returns the outcome: done, failed, retry, stale or not-claimed.
+    """Run one image end to end. Returns the outcome: done, failed, retry, stale, held or not-claimed.
 
     Transient errors (object store) leave the row queued for another attempt; permanent input errors fail it
     at once; other detector errors are retried until ``max_attempts`` and then quarantined.
     """
     claim = ctx.repo.claim(image_id, ctx.owner, ctx.lease_seconds, max_attempts=ctx.max_attempts)
     if claim is None:
-        category = ctx.repo.image(image_id).category
-        _maybe_aggregate(ctx, run_id, category)  # a quarantine may have completed the category
+        current = ctx.repo.image(image_id)
+        if current.status == "running":
+            # Another claim holds a live lease: a duplicate delivery, or a redelivery that arrived before the
+            # dead owner's lease ran out. The caller retries after the lease, so the image cannot get lost.
+            return "held"
+        _maybe_aggregate(ctx, run_id, current.category)  # a quarantine may have completed the category
         return "not-claimed"
     row = ctx.repo.image(image_id)
     info = ctx.run_info(run_id)

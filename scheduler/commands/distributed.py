@@ -142,7 +142,8 @@ def worker_command(app: AppContext, gpus: str | None, device: str | None, proces
         loglevel="INFO" if app.verbose else "WARNING",
     )
     app.err.print(f"starting {len(specs)} worker process(es) on {redact_url(app.settings.broker_url)}")
-    sys.exit(supervise(specs, hard_time_limit=app.settings.hard_time_limit))
+    sys.exit(supervise(specs, hard_time_limit=app.settings.hard_time_limit,
+                       heartbeat_file=app.settings.heartbeat_file))
 
 
 @click.command("healthcheck")

@@ -76,26 +76,42 @@ class ReadConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str = "config.json") -> ReadConfig:
-        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+        required = (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "vocab_size",
+            "intermediate_size",
+        )
         missing = [name for name in (*required, "mm_hidden_size") if name not in raw]
         if missing:
-            raise CheckpointError(f"{source} lacks the fields {missing}; is it a READ/LISA (LLaVA-LLaMA) config?")
+            raise CheckpointError(
+                f"{source} lacks the fields {missing}; is it a READ/LISA (LLaVA-LLaMA) config?"
+            )
         llama_kwargs = {name: raw[name] for name in _LLAMA_FIELDS if name in raw and raw[name] is not None}
         llama = LlamaConfig(**llama_kwargs)
         select_layer = int(raw.get("mm_vision_select_layer", -2))
         if select_layer >= 0:
-            raise CheckpointError(f"{source}: mm_vision_select_layer must be negative (READ uses -2); got {select_layer}")
+            raise CheckpointError(
+                f"{source}: mm_vision_select_layer must be negative (READ uses -2); got {select_layer}"
+            )
         projector = raw.get("mm_projector_type", "mlp2x_gelu")
         if projector != "mlp2x_gelu":
-            raise CheckpointError(f"{source}: mm_projector_type {projector!r} is not supported; READ uses 'mlp2x_gelu'")
+            raise CheckpointError(
+                f"{source}: mm_projector_type {projector!r} is not supported; READ uses 'mlp2x_gelu'"
+            )
         select_feature = raw.get("mm_vision_select_feature", "patch")
         if select_feature != "patch":
-            raise CheckpointError(f"{source}: mm_vision_select_feature {select_feature!r} is not supported; READ uses 'patch'")
+            raise CheckpointError(
+                f"{source}: mm_vision_select_feature {select_feature!r} is not supported; READ uses 'patch'"
+            )
         return cls(
             llama=llama,
             mm_hidden_size=int(raw["mm_hidden_size"]),
             vision_select_layer=select_layer,
             use_im_start_end=bool(raw.get("mm_use_im_start_end", True)),
             out_dim=int(raw.get("out_dim", 256)),
-            vision_tower=str(raw.get("mm_vision_tower") or raw.get("vision_tower") or "openai/clip-vit-large-patch14-336"),
+            vision_tower=str(
+                raw.get("mm_vision_tower") or raw.get("vision_tower") or "openai/clip-vit-large-patch14-336"
+            ),
         )

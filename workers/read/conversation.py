@@ -49,11 +49,14 @@ def question_text(mode: str, *, class_name: str, anomaly_type: str, template: st
     return wording.format(class_name=class_name, anomaly_type=anomaly_type)
 
 
-def conversation_text(question: str, *, template: str = "llava_v1", use_im_start_end: bool = True,
-                      answer: str | None = None) -> str:
+def conversation_text(
+    question: str, *, template: str = "llava_v1", use_im_start_end: bool = True, answer: str | None = None
+) -> str:
     """The full prompt string with the ``<image>`` placeholder, ending with "ASSISTANT:" (or the forced answer)."""
     if template not in SYSTEM_PROMPTS:
-        raise ReadError(f"unknown conversation template {template!r}; choose one of {', '.join(SYSTEM_PROMPTS)}")
+        raise ReadError(
+            f"unknown conversation template {template!r}; choose one of {', '.join(SYSTEM_PROMPTS)}"
+        )
     image = f"{IM_START_TOKEN}{IMAGE_PLACEHOLDER}{IM_END_TOKEN}" if use_im_start_end else IMAGE_PLACEHOLDER
     text = f"{SYSTEM_PROMPTS[template]} USER: {image}\n{question} ASSISTANT:"
     return f"{text} {answer}" if answer else text
@@ -75,7 +78,9 @@ def tokenize_query(tokenizer: Any, text: str) -> TokenizedQuery:
     """Split ``text`` at its single ``<image>`` and tokenise both sides as LLaVA's tokenizer_image_token does."""
     pieces = text.split(IMAGE_PLACEHOLDER)
     if len(pieces) != 2:
-        raise ReadError(f"a READ prompt needs exactly one {IMAGE_PLACEHOLDER}; got {len(pieces) - 1} in {text!r}")
+        raise ReadError(
+            f"a READ prompt needs exactly one {IMAGE_PLACEHOLDER}; got {len(pieces) - 1} in {text!r}"
+        )
     before = list(tokenizer(pieces[0]).input_ids)
     after = list(tokenizer(pieces[1]).input_ids)
     bos = tokenizer.bos_token_id

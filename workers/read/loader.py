@@ -8,16 +8,17 @@ the vision tower the checkpoint expects (DESIGN.md 5.2).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file as load_safetensors
-from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
+from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaForCausalLM, SamModel
 
 from workers.read.config import IM_END_TOKEN, IM_START_TOKEN, SEG_TOKEN, ReadConfig
 from workers.read.errors import (
@@ -45,8 +46,14 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_dtype(device: str, dtype: str | None) -> torch.dtype:
@@ -88,20 +95,25 @@ def load_tokenizer(checkpoint: Path, vocab_size: int) -> tuple[Any, TokenIds]:
     if tokenizer.eos_token_id is None:
         raise CheckpointError(f"the tokenizer in {checkpoint} has no end-of-sequence token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id or 0
-    return tokenizer, TokenIds(ids[SEG_TOKEN], ids[IM_START_TOKEN], ids[IM_END_TOKEN], int(tokenizer.eos_token_id),
-                               int(pad))
+    return tokenizer, TokenIds(
+        ids[SEG_TOKEN], ids[IM_START_TOKEN], ids[IM_END_TOKEN], int(tokenizer.eos_token_id), int(pad)
+    )
 
 
 def load_clip_config(clip_dir: Path | None, config: ReadConfig) -> CLIPVisionConfig:
     """The vision config of the CLIP folder, checked against what the READ checkpoint was trained with."""
-    expected = (f"expected a local folder with {config.vision_tower} in transformers' CLIP format "
-                f"(config.json with a vision tower of width {config.mm_hidden_size}, weights, preprocessor_config.json)")
+    expected = (
+        f"expected a local folder with {config.vision_tower} in transformers' CLIP format "
+        f"(config.json with a vision tower of width {config.mm_hidden_size}, weights, preprocessor_config.json)"
+    )
     if clip_dir is None or not (Path(clip_dir) / "config.json").is_file():
         raise ClipFolderError(f"CLIP folder {clip_dir} has no config.json; {expected}")
     raw = json.loads((Path(clip_dir) / "config.json").read_text(encoding="utf-8"))
     if raw.get("model_type") not in ("clip", "clip_vision_model"):
         raise ClipFolderError(f"{clip_dir} holds a {raw.get('model_type')!r} model, not CLIP; {expected}")
-    vision = CLIPVisionConfig(**raw["vision_config"]) if raw["model_type"] == "clip" else CLIPVisionConfig(**raw)
+    vision = (
+        CLIPVisionConfig(**raw["vision_config"]) if raw["model_type"] == "clip" else CLIPVisionConfig(**raw)
+    )
     if vision.hidden_size != config.mm_hidden_size:
         raise ClipFolderError(
             f"{clip_dir} has a vision tower of width {vision.hidden_size} but the READ checkpoint's projector takes "
@@ -118,7 +130,9 @@ def weight_files(checkpoint: Path) -> dict[Path, set[str] | None]:
             try:
                 weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
             except (OSError, json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(f"{index_path} is not a weight index (needs a 'weight_map'): {exc}") from exc
+                raise CheckpointError(
+                    f"{index_path} is not a weight index (needs a 'weight_map'): {exc}"
+                ) from exc
             files: dict[Path, set[str] | None] = {}
             for name, file_name in weight_map.items():
                 files.setdefault(checkpoint / file_name, set()).add(name)  # type: ignore[union-attr]
@@ -145,7 +159,9 @@ def read_shard(path: Path) -> dict[str, torch.Tensor]:
         raise CorruptShardError(
             f"weight shard {path} cannot be read ({type(exc).__name__}: {exc}); it is truncated or corrupt — copy it again"
         ) from exc
-    if not isinstance(tensors, dict) or not all(isinstance(value, torch.Tensor) for value in tensors.values()):
+    if not isinstance(tensors, dict) or not all(
+        isinstance(value, torch.Tensor) for value in tensors.values()
+    ):
         raise CorruptShardError(f"weight shard {path} does not hold a name → tensor mapping")
     return tensors
 
@@ -156,7 +172,9 @@ def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     for path, listed in weight_files(Path(checkpoint)).items():
         tensors = read_shard(path)
         if listed is not None and listed - tensors.keys():
-            raise MissingWeightsError(f"{path} lacks tensors its index lists: {sorted(listed - tensors.keys())[:10]}")
+            raise MissingWeightsError(
+                f"{path} lacks tensors its index lists: {sorted(listed - tensors.keys())[:10]}"
+            )
         state.update(tensors)
     return state
 
@@ -169,17 +187,22 @@ def _report(names: Iterable[str], limit: int = 10) -> str:
 
 def split_state(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Released names → per-part state dicts named as the ReadModel submodules expect."""
-    parts: dict[str, dict[str, torch.Tensor]] = {"language_model": {}, "projector": {}, "text_hidden_fcs": {}, "sam": {}}
+    parts: dict[str, dict[str, torch.Tensor]] = {
+        "language_model": {},
+        "projector": {},
+        "text_hidden_fcs": {},
+        "sam": {},
+    }
     unexpected = []
     for name, tensor in state.items():
         if name.startswith(_LANGUAGE_PREFIXES):
             parts["language_model"][name] = tensor
         elif name.startswith(_PROJECTOR_PREFIX):
-            parts["projector"][name[len(_PROJECTOR_PREFIX):]] = tensor
+            parts["projector"][name[len(_PROJECTOR_PREFIX) :]] = tensor
         elif name.startswith(_TEXT_FCS_PREFIX):
-            parts["text_hidden_fcs"][name[len(_TEXT_FCS_PREFIX):]] = tensor
+            parts["text_hidden_fcs"][name[len(_TEXT_FCS_PREFIX) :]] = tensor
         elif name.startswith(_SAM_PREFIX):
-            parts["sam"][name[len(_SAM_PREFIX):]] = tensor
+            parts["sam"][name[len(_SAM_PREFIX) :]] = tensor
         elif not (name.startswith(_IGNORED_PREFIXES) or name.endswith(_IGNORED_SUFFIXES)):
             unexpected.append(name)
     if unexpected:
@@ -187,23 +210,47 @@ def split_state(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
     return parts
 
 
-def _check_and_load(module: torch.nn.Module, state: dict[str, torch.Tensor], *, prefix: str, source: Path) -> None:
+def _check_and_load(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], *, prefix: str, source: Path
+) -> None:
     expected = module.state_dict()
     missing = expected.keys() - state.keys()
     if missing:
         raise MissingWeightsError(f"{source} lacks tensors: {_report(prefix + name for name in missing)}")
     unexpected = state.keys() - expected.keys()
     if unexpected:
-        raise UnexpectedWeightsError(f"{source} holds tensors READ does not use: {_report(prefix + n for n in unexpected)}")
-    wrong = [f"{prefix}{name} {tuple(state[name].shape)} (model expects {tuple(param.shape)})"
-             for name, param in expected.items() if state[name].shape != param.shape]
+        raise UnexpectedWeightsError(
+            f"{source} holds tensors READ does not use: {_report(prefix + n for n in unexpected)}"
+        )
+    wrong = [
+        f"{prefix}{name} {tuple(state[name].shape)} (model expects {tuple(param.shape)})"
+        for name, param in expected.items()
+        if state[name].shape != param.shape
+    ]
     if wrong:
         raise WeightShapeError(f"{source} has tensors of the wrong shape: {_report(wrong)}")
     module.load_state_dict(state, strict=True)
 
 
-def load_read_model(checkpoint: Path, clip_dir: Path | None, *, device: str = "cpu",
-                    dtype: torch.dtype = torch.float32) -> ReadModel:
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report and progress bars (the CLIP folder's unused text tower is expected)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_read_model(
+    checkpoint: Path, clip_dir: Path | None, *, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> ReadModel:
     """Build the model from local files (never the network) and load every weight."""
     checkpoint = Path(checkpoint)
     config = ReadConfig.from_folder(checkpoint)
@@ -212,16 +259,19 @@ def load_read_model(checkpoint: Path, clip_dir: Path | None, *, device: str = "c
     sam_state = official_to_hf(parts["sam"])
     sam_config = sam_config_from_weights(parts["sam"])
     try:
-        vision_tower, info = CLIPVisionModel.from_pretrained(
-            str(clip_dir), config=vision_config, local_files_only=True, dtype=dtype, output_loading_info=True
-        )
+        with quiet_transformers():
+            vision_tower, info = CLIPVisionModel.from_pretrained(
+                str(clip_dir),
+                config=vision_config,
+                local_files_only=True,
+                dtype=dtype,
+                output_loading_info=True,
+            )
     except (OSError, ValueError) as exc:
         raise ClipFolderError(f"cannot load the CLIP vision tower from {clip_dir}: {exc}") from exc
     if info.get("missing_keys"):
         raise ClipFolderError(f"{clip_dir} lacks vision-tower weights: {_report(info['missing_keys'])}")
     with fast_init(dtype, device):
-        from transformers import LlamaForCausalLM, SamModel
-
         model = ReadModel(
             vision_tower,
             build_projector(config.mm_hidden_size, config.llama.hidden_size),
@@ -233,7 +283,9 @@ def load_read_model(checkpoint: Path, clip_dir: Path | None, *, device: str = "c
     model.vision_tower.to(device)
     _check_and_load(model.language_model, parts["language_model"], prefix="", source=checkpoint)
     _check_and_load(model.projector, parts["projector"], prefix=_PROJECTOR_PREFIX, source=checkpoint)
-    _check_and_load(model.text_hidden_fcs, parts["text_hidden_fcs"], prefix=_TEXT_FCS_PREFIX, source=checkpoint)
+    _check_and_load(
+        model.text_hidden_fcs, parts["text_hidden_fcs"], prefix=_TEXT_FCS_PREFIX, source=checkpoint
+    )
     _check_and_load(model.sam, sam_state, prefix=_SAM_PREFIX + "(transformers name) ", source=checkpoint)
     return model.eval()
 
@@ -251,9 +303,16 @@ _LOADED: dict[tuple[str, str, str, str], LoadedRead] = {}
 _LOAD_LOCK = threading.Lock()
 
 
-def cached_read_model(checkpoint: Path, clip_dir: Path | None, *, device: str, dtype: torch.dtype) -> LoadedRead:
+def cached_read_model(
+    checkpoint: Path, clip_dir: Path | None, *, device: str, dtype: torch.dtype
+) -> LoadedRead:
     """:func:`load_read_model` at most once per process and key (thread-safe)."""
-    key = (str(Path(checkpoint).resolve()), str(Path(clip_dir).resolve()) if clip_dir else "", device, str(dtype))
+    key = (
+        str(Path(checkpoint).resolve()),
+        str(Path(clip_dir).resolve()) if clip_dir else "",
+        device,
+        str(dtype),
+    )
     with _LOAD_LOCK:
         if key not in _LOADED:
             model = load_read_model(Path(checkpoint), clip_dir, device=device, dtype=dtype)

@@ -27,7 +27,9 @@ def build_projector(vision_width: int, text_width: int) -> nn.Sequential:
 
 def build_text_hidden_fcs(text_width: int, out_dim: int) -> nn.ModuleList:
     """LISA's ``text_hidden_fcs``: a list holding Linear – ReLU – Linear(→out_dim); names ``0.0`` and ``0.2``."""
-    return nn.ModuleList([nn.Sequential(nn.Linear(text_width, text_width), nn.ReLU(), nn.Linear(text_width, out_dim))])
+    return nn.ModuleList(
+        [nn.Sequential(nn.Linear(text_width, text_width), nn.ReLU(), nn.Linear(text_width, out_dim))]
+    )
 
 
 @contextlib.contextmanager
@@ -36,10 +38,10 @@ def fast_init(dtype: torch.dtype, device: torch.device | str) -> Iterator[None]:
 
     Used when every weight is about to be overwritten (loading) or is irrelevant (benchmarks).
     """
-    try:  # transformers >= 5 keeps it here
+    try:  # transformers 5 keeps it here
         from transformers.initialization import no_init_weights
-    except ImportError:  # pragma: no cover - older layouts
-        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
+    except ImportError:  # other layouts: fall back to the (slower) random initialisation
+        no_init_weights = contextlib.nullcontext
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -110,7 +112,9 @@ class ReadModel(nn.Module):
 
         LLaVA's CLIPVisionTower.feature_select: hidden state ``vision_select_layer``, CLS token dropped.
         """
-        outputs = self.vision_tower(pixel_values=clip_pixels.to(self.device, self.dtype), output_hidden_states=True)
+        outputs = self.vision_tower(
+            pixel_values=clip_pixels.to(self.device, self.dtype), output_hidden_states=True
+        )
         patches = outputs.hidden_states[self.vision_select_layer][:, 1:]
         return self.projector(patches)
 
@@ -139,7 +143,9 @@ class ReadModel(nn.Module):
         Returns the last-layer hidden states after the final norm, (B, L, hidden).
         """
         if attention_mask.shape[1] < inputs_embeds.shape[1]:
-            raise ReadError("attention mask is shorter than the new tokens; it must cover cached + new positions")
+            raise ReadError(
+                "attention mask is shorter than the new tokens; it must cover cached + new positions"
+            )
         outputs = self.language_model.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask.to(self.device),

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from transformers import SamConfig
 
-from workers.read.errors import CheckpointError, UnexpectedWeightsError
+from workers.read.errors import CheckpointError, MissingWeightsError, UnexpectedWeightsError
 
 # (segment-anything prefix, transformers prefix); ``{n}`` stands for a layer index.
 _RENAMES: tuple[tuple[str, str], ...] = (
@@ -42,7 +42,10 @@ _RENAMES: tuple[tuple[str, str], ...] = (
     ("mask_decoder.transformer.layers.{n}.norm3.", "mask_decoder.transformer.layers.{n}.layer_norm3."),
     ("mask_decoder.transformer.layers.{n}.norm4.", "mask_decoder.transformer.layers.{n}.layer_norm4."),
     ("mask_decoder.transformer.layers.{n}.", "mask_decoder.transformer.layers.{n}."),
-    ("mask_decoder.transformer.final_attn_token_to_image.", "mask_decoder.transformer.final_attn_token_to_image."),
+    (
+        "mask_decoder.transformer.final_attn_token_to_image.",
+        "mask_decoder.transformer.final_attn_token_to_image.",
+    ),
     ("mask_decoder.transformer.norm_final_attn.", "mask_decoder.transformer.layer_norm_final_attn."),
     ("mask_decoder.iou_token.", "mask_decoder.iou_token."),
     ("mask_decoder.mask_tokens.", "mask_decoder.mask_tokens."),
@@ -53,7 +56,10 @@ _RENAMES: tuple[tuple[str, str], ...] = (
 
 # The random Fourier matrix: one tensor in segment-anything, tied into two places in transformers.
 _OFFICIAL_PE = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
-_HF_PE = ("shared_image_embedding.positional_embedding", "prompt_encoder.shared_embedding.positional_embedding")
+_HF_PE = (
+    "shared_image_embedding.positional_embedding",
+    "prompt_encoder.shared_embedding.positional_embedding",
+)
 
 # segment-anything's MLP(...).layers.{i} of a depth-d head ↔ transformers' SamFeedForward proj_in/layers/proj_out.
 _MLP_HEAD = re.compile(r"^mask_decoder\.(output_hypernetworks_mlps\.\d+|iou_prediction_head)\.")
@@ -89,7 +95,9 @@ def official_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     Raises UnexpectedWeightsError listing the names no rule covers.
     """
     names = list(state)
-    depths = _mlp_depths(names, r"^mask_decoder\.(output_hypernetworks_mlps\.\d+|iou_prediction_head)\.layers\.(\d+)\.")
+    depths = _mlp_depths(
+        names, r"^mask_decoder\.(output_hypernetworks_mlps\.\d+|iou_prediction_head)\.layers\.(\d+)\."
+    )
     converted: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for name, tensor in state.items():
@@ -97,7 +105,9 @@ def official_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
             for target in _HF_PE:
                 converted[target] = tensor
             continue
-        head = re.match(r"^mask_decoder\.(output_hypernetworks_mlps\.\d+|iou_prediction_head)\.layers\.(\d+)\.(.*)$", name)
+        head = re.match(
+            r"^mask_decoder\.(output_hypernetworks_mlps\.\d+|iou_prediction_head)\.layers\.(\d+)\.(.*)$", name
+        )
         if head:
             index, depth = int(head.group(2)), depths[head.group(1)]
             part = "proj_in" if index == 0 else "proj_out" if index == depth - 1 else f"layers.{index - 1}"
@@ -122,7 +132,7 @@ def hf_to_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     for name in state:
         head = _MLP_HEAD.match(name)
         if head:
-            middle = re.match(r"layers\.(\d+)\.", name[head.end():])
+            middle = re.match(r"layers\.(\d+)\.", name[head.end() :])
             middle_layers.setdefault(head.group(1), set()).update({int(middle.group(1))} if middle else set())
     # depth = proj_in + middle layers + proj_out
     depths = {head: 2 + len(layers) for head, layers in middle_layers.items()}
@@ -133,7 +143,7 @@ def hf_to_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
             continue
         head = _MLP_HEAD.match(name)
         if head:
-            rest = name[head.end():]
+            rest = name[head.end() :]
             part, _, leaf = rest.partition(".")
             if part == "proj_in":
                 index = 0
@@ -160,20 +170,30 @@ def sam_config_from_weights(state: Mapping[str, torch.Tensor]) -> SamConfig:
     blocks are those whose table spans the whole token grid. The two-way transformer keeps SAM's 8 heads.
     """
     try:
-        patch = state["image_encoder.patch_embed.proj.weight"]
-        pos = state["image_encoder.pos_embed"]
+        return _sam_config(state)
     except KeyError as exc:
-        raise CheckpointError(f"the SAM weights lack {exc.args[0]!r}; is model.visual_model.* present?") from None
+        raise MissingWeightsError(f"the SAM weights lack model.visual_model.{exc.args[0]}") from None
+
+
+def _sam_config(state: Mapping[str, torch.Tensor]) -> SamConfig:
+    patch = state["image_encoder.patch_embed.proj.weight"]
+    pos = state["image_encoder.pos_embed"]
     hidden, _, patch_size, _ = patch.shape
     grid = int(pos.shape[1])
-    blocks = sorted({int(m.group(1)) for n in state if (m := re.match(r"^image_encoder\.blocks\.(\d+)\.", n))})
+    blocks = sorted(
+        {int(m.group(1)) for n in state if (m := re.match(r"^image_encoder\.blocks\.(\d+)\.", n))}
+    )
     rel_h = [state[f"image_encoder.blocks.{i}.attn.rel_pos_h"] for i in blocks]
     head_dim = int(rel_h[0].shape[1])
     global_blocks = [i for i, table in zip(blocks, rel_h, strict=True) if table.shape[0] == 2 * grid - 1]
     windowed = [table for table in rel_h if table.shape[0] != 2 * grid - 1]
     window = (int(windowed[0].shape[0]) + 1) // 2 if windowed else 14
-    decoder_layers = {int(m.group(1)) for n in state if (m := re.match(r"^mask_decoder\.transformer\.layers\.(\d+)\.", n))}
-    iou_layers = [n for n in state if n.startswith("mask_decoder.iou_prediction_head.layers.") and n.endswith(".weight")]
+    decoder_layers = {
+        int(m.group(1)) for n in state if (m := re.match(r"^mask_decoder\.transformer\.layers\.(\d+)\.", n))
+    }
+    iou_layers = [
+        n for n in state if n.startswith("mask_decoder.iou_prediction_head.layers.") and n.endswith(".weight")
+    ]
     prompt_width = int(state["prompt_encoder.no_mask_embed.weight"].shape[1])
     vision = {
         "hidden_size": int(hidden),

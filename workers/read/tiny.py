@@ -22,11 +22,20 @@ from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM, SamConfig, SamModel
+from transformers import (
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    SamConfig,
+    SamModel,
+)
 
 from workers.read.config import IM_END_TOKEN, IM_START_TOKEN, SEG_TOKEN
 from workers.read.conversation import SYSTEM_PROMPTS, conversation_text, tokenize_query
 from workers.read.errors import ReadError
+from workers.read.loader import quiet_transformers
 from workers.read.model import build_projector, build_text_hidden_fcs
 from workers.read.preprocess import CLIP_MEAN, CLIP_STD
 from workers.read.sam_keys import hf_to_official
@@ -41,7 +50,7 @@ _CORPUS_WORDS = (
 )
 
 
-def _build_tokenizer(folder: Path) -> None:
+def write_tiny_tokenizer(folder: Path) -> None:
     """A small Metaspace-BPE tokenizer (LLaMA-style ▁ word marks, <unk>/<s>/</s> = 0/1/2) + READ's three tokens."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
@@ -53,12 +62,22 @@ def _build_tokenizer(folder: Path) -> None:
         show_progress=False,
     )
     tokenizer.train_from_iterator([*SYSTEM_PROMPTS.values(), _CORPUS_WORDS, "USER: ASSISTANT:"], trainer)
-    tokenizer.add_special_tokens([AddedToken(token, normalized=False) for token in (SEG_TOKEN, IM_START_TOKEN, IM_END_TOKEN)])
+    tokenizer.add_special_tokens(
+        [AddedToken(token, normalized=False) for token in (SEG_TOKEN, IM_START_TOKEN, IM_END_TOKEN)]
+    )
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tokenizer.save(str(folder / "tokenizer.json"))
-    settings = {"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                "pad_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": False,
-                "model_max_length": 4096}
+    settings = {
+        "tokenizer_class": "LlamaTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": False,
+        "model_max_length": 4096,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
 
 
@@ -68,10 +87,14 @@ def _answer_chain(folder: Path, answer: str) -> list[int]:
     prompt = tokenize_query(tokenizer, conversation_text("Segment the crack on the bottle."))
     full = tokenize_query(tokenizer, conversation_text("Segment the crack on the bottle.", answer=answer))
     if full.after_image[: len(prompt.after_image)] != prompt.after_image:
-        raise ReadError(f"the tiny tokenizer splits the answer {answer!r} into the prompt; choose another answer")
-    chain = [prompt.after_image[-1], *full.after_image[len(prompt.after_image):], tokenizer.eos_token_id]
+        raise ReadError(
+            f"the tiny tokenizer splits the answer {answer!r} into the prompt; choose another answer"
+        )
+    chain = [prompt.after_image[-1], *full.after_image[len(prompt.after_image) :], tokenizer.eos_token_id]
     if len(set(chain[:-1])) != len(chain) - 1:
-        raise ReadError(f"answer {answer!r} repeats a token; the tiny model can only emit answers without repeats")
+        raise ReadError(
+            f"answer {answer!r} repeats a token; the tiny model can only emit answers without repeats"
+        )
     return chain
 
 
@@ -105,15 +128,24 @@ def _randomise_sam(sam: SamModel, generator: torch.Generator) -> dict[str, torch
             value = torch.randn(tensor.shape, generator=generator) / math.sqrt(fan_in)
         state[name] = value
     # the tied copy must equal its source
-    state["prompt_encoder.shared_embedding.positional_embedding"] = state["shared_image_embedding.positional_embedding"]
+    state["prompt_encoder.shared_embedding.positional_embedding"] = state[
+        "shared_image_embedding.positional_embedding"
+    ]
     return state
 
 
 def tiny_sam_config() -> SamConfig:
     """A small SAM: ViT with width 32 and 2 blocks (one global), full 1024 frame → 64×64 embeddings, 256 prompts."""
     return SamConfig(
-        vision_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_dim": 64,
-                       "global_attn_indexes": [1], "window_size": 14, "output_channels": 256},
+        vision_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "mlp_dim": 64,
+            "global_attn_indexes": [1],
+            "window_size": 14,
+            "output_channels": 256,
+        },
         mask_decoder_config={"mlp_dim": 64, "iou_head_hidden_dim": 32, "layer_norm_eps": 1e-5},
     )
 
@@ -121,26 +153,53 @@ def tiny_sam_config() -> SamConfig:
 def tiny_clip_config() -> CLIPConfig:
     """A small CLIP with the real input geometry (336 px, patch 14 → 24×24 patches)."""
     return CLIPConfig(
-        text_config={"vocab_size": 99, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 16},
-        vision_config={"hidden_size": TINY_CLIP_WIDTH, "intermediate_size": 64, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 336, "patch_size": 14},
+        text_config={
+            "vocab_size": 99,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+        },
+        vision_config={
+            "hidden_size": TINY_CLIP_WIDTH,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 336,
+            "patch_size": 14,
+        },
         projection_dim=16,
     )
 
 
 def _write_clip(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    CLIPModel(tiny_clip_config()).save_pretrained(str(folder))
-    processor = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 336},
-                 "resample": 3, "do_center_crop": True, "crop_size": {"height": 336, "width": 336},
-                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN),
-                 "image_std": list(CLIP_STD), "do_convert_rgb": True}
+    with quiet_transformers():
+        CLIPModel(tiny_clip_config()).save_pretrained(str(folder))
+    processor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": 336},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": 336, "width": 336},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+        "do_convert_rgb": True,
+    }
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2), encoding="utf-8")
 
 
-def make_tiny_checkpoint(out_dir: Path, *, seed: int = 0, answer: str = "Sure, [SEG].",
-                         safetensors: bool = False) -> tuple[Path, Path]:
+def make_tiny_checkpoint(
+    out_dir: Path, *, seed: int = 0, answer: str = "Sure, [SEG].", safetensors: bool = False
+) -> tuple[Path, Path]:
     """Write a random-weight READ folder and CLIP folder under ``out_dir``; returns (read_dir, clip_dir).
 
     answer: what greedy decoding will answer to every prompt. safetensors: write ``model-*.safetensors``
@@ -152,12 +211,23 @@ def make_tiny_checkpoint(out_dir: Path, *, seed: int = 0, answer: str = "Sure, [
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     _write_clip(clip_dir)
-    _build_tokenizer(read_dir)
+    write_tiny_tokenizer(read_dir)
     chain = _answer_chain(read_dir, answer)
     vocab_size = len(AutoTokenizer.from_pretrained(str(read_dir), local_files_only=True))
-    llama = LlamaConfig(vocab_size=vocab_size, hidden_size=TINY_HIDDEN, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-                        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    llama = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=TINY_HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     language_model = LlamaForCausalLM(llama)
     _steer_language_model(language_model, chain, generator)
     projector = build_projector(TINY_CLIP_WIDTH, TINY_HIDDEN)
@@ -168,17 +238,33 @@ def make_tiny_checkpoint(out_dir: Path, *, seed: int = 0, answer: str = "Sure, [
     sam_state = hf_to_official(_randomise_sam(SamModel(tiny_sam_config()), generator))
 
     first_shard = {name: t.detach().clone() for name, t in language_model.state_dict().items()}
-    first_shard.update({f"model.mm_projector.{n}": t.detach().clone() for n, t in projector.state_dict().items()})
-    second_shard = {f"model.text_hidden_fcs.{n}": t.detach().clone() for n, t in text_fcs.state_dict().items()}
+    first_shard.update(
+        {f"model.mm_projector.{n}": t.detach().clone() for n, t in projector.state_dict().items()}
+    )
+    second_shard = {
+        f"model.text_hidden_fcs.{n}": t.detach().clone() for n, t in text_fcs.state_dict().items()
+    }
     second_shard.update({f"model.visual_model.{n}": t.clone() for n, t in sam_state.items()})
     _write_shards(read_dir, [first_shard, second_shard], safetensors=safetensors)
 
     config = {
-        **llama.to_diff_dict(), "architectures": ["LISAForCausalLM"], "model_type": "llava", "hidden_act": "silu", "torch_dtype": "float32", "vocab_size": vocab_size,
-        "mm_hidden_size": TINY_CLIP_WIDTH, "mm_projector_type": "mlp2x_gelu", "mm_use_im_patch_token": False,
-        "mm_use_im_start_end": True, "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
-        "mm_vision_tower": "tiny-random-clip (written by workers.read.tiny)", "out_dim": 256, "use_mm_proj": True,
-        "train_mask_decoder": True, "tie_word_embeddings": False,
+        **llama.to_diff_dict(),
+        "architectures": ["LISAForCausalLM"],
+        "model_type": "llava",
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+        "vocab_size": vocab_size,
+        "mm_hidden_size": TINY_CLIP_WIDTH,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": True,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": "tiny-random-clip (written by workers.read.tiny)",
+        "out_dim": 256,
+        "use_mm_proj": True,
+        "train_mask_decoder": True,
+        "tie_word_embeddings": False,
     }
     config.pop("transformers_version", None)
     (read_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
@@ -193,7 +279,9 @@ def _write_shards(folder: Path, shards: list[dict[str, torch.Tensor]], *, safete
             from safetensors.torch import save_file
 
             name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            save_file({k: v.contiguous() for k, v in shard.items()}, str(folder / name), metadata={"format": "pt"})
+            save_file(
+                {k: v.contiguous() for k, v in shard.items()}, str(folder / name), metadata={"format": "pt"}
+            )
         else:
             name = f"pytorch_model-{number:05d}-of-{len(shards):05d}.bin"
             torch.save(shard, folder / name)

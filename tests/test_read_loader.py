@@ -1,0 +1,172 @@
+"""Loading a READ folder: the tiny checkpoint through the real code path, and clear errors for broken folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from read_fixtures import tiny_checkpoint
+
+from workers.read.errors import (
+    CheckpointError,
+    ClipFolderError,
+    CorruptShardError,
+    MissingWeightsError,
+    UnexpectedWeightsError,
+    WeightShapeError,
+)
+from workers.read.loader import cached_read_model, load_read_model, read_state_dict, resolve_dtype
+from workers.read.sam_keys import official_to_hf
+from workers.read.tiny import make_tiny_checkpoint
+
+SHARD_1 = "pytorch_model-00001-of-00002.bin"
+SHARD_2 = "pytorch_model-00002-of-00002.bin"
+INDEX = "pytorch_model.bin.index.json"
+
+
+@pytest.fixture()
+def copy(tmp_path: Path) -> tuple[Path, Path]:
+    read_dir, clip_dir = tiny_checkpoint()
+    shutil.copytree(read_dir, tmp_path / "read")
+    return tmp_path / "read", clip_dir
+
+
+def _edit_shard(folder: Path, shard: str, edit) -> None:
+    tensors = torch.load(folder / shard, weights_only=True)
+    edit(tensors)
+    torch.save(tensors, folder / shard)
+    index = json.loads((folder / INDEX).read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard} | {
+        k: shard for k in tensors
+    }
+    (folder / INDEX).write_text(json.dumps(index))
+
+
+def test_tiny_checkpoint_has_the_released_layout() -> None:
+    read_dir, clip_dir = tiny_checkpoint()
+    config = json.loads((read_dir / "config.json").read_text())
+    assert (
+        config["mm_vision_select_layer"] == -2 and config["mm_use_im_start_end"] and config["out_dim"] == 256
+    )
+    weight_map = json.loads((read_dir / INDEX).read_text())["weight_map"]
+    assert set(weight_map.values()) == {SHARD_1, SHARD_2}
+    assert "model.visual_model.image_encoder.blocks.0.attn.qkv.weight" in weight_map
+    assert "model.text_hidden_fcs.0.2.weight" in weight_map and "model.mm_projector.2.bias" in weight_map
+    assert (clip_dir / "config.json").is_file() and (clip_dir / "preprocessor_config.json").is_file()
+
+
+def test_loads_every_tensor_from_the_shards() -> None:
+    read_dir, clip_dir = tiny_checkpoint()
+    model = load_read_model(read_dir, clip_dir)
+    state = read_state_dict(read_dir)
+    torch.testing.assert_close(
+        model.projector[0].weight, state["model.mm_projector.0.weight"], atol=0, rtol=0
+    )
+    torch.testing.assert_close(model.language_model.lm_head.weight, state["lm_head.weight"], atol=0, rtol=0)
+    sam = official_to_hf(
+        {
+            k.removeprefix("model.visual_model."): v
+            for k, v in state.items()
+            if k.startswith("model.visual_model.")
+        }
+    )
+    for name, tensor in model.sam.state_dict().items():
+        assert torch.equal(tensor, sam[name]), name
+    assert model.vision_tower.config.image_size == 336 and model.vision_select_layer == -2
+
+
+def test_cached_loading_happens_once() -> None:
+    read_dir, clip_dir = tiny_checkpoint()
+    first = cached_read_model(read_dir, clip_dir, device="cpu", dtype=torch.float32)
+    assert cached_read_model(read_dir, clip_dir, device="cpu", dtype=torch.float32) is first
+
+
+def test_safetensors_shards_load_the_same_way(tmp_path: Path) -> None:
+    read_dir, clip_dir = make_tiny_checkpoint(tmp_path, safetensors=True)
+    assert (read_dir / "model.safetensors.index.json").is_file()
+    model = load_read_model(read_dir, clip_dir)
+    assert model.sam.vision_encoder.config.hidden_size == 32
+
+
+def test_truncated_shard_names_the_file(copy) -> None:
+    read_dir, clip_dir = copy
+    data = (read_dir / SHARD_2).read_bytes()
+    (read_dir / SHARD_2).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptShardError, match=SHARD_2):
+        load_read_model(read_dir, clip_dir)
+
+
+def test_shard_with_pickled_objects_is_refused(copy) -> None:
+    read_dir, clip_dir = copy
+    torch.save({"model.norm.weight": torch.ones(2), "payload": Path("x")}, read_dir / SHARD_1)
+    with pytest.raises(CorruptShardError, match=SHARD_1):
+        read_state_dict(read_dir)
+
+
+def test_missing_shard_file(copy) -> None:
+    read_dir, clip_dir = copy
+    (read_dir / SHARD_1).unlink()
+    with pytest.raises(CheckpointError, match="not there"):
+        load_read_model(read_dir, clip_dir)
+
+
+def test_missing_tensor_is_named(copy) -> None:
+    read_dir, clip_dir = copy
+    _edit_shard(read_dir, SHARD_1, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
+    with pytest.raises(MissingWeightsError, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
+        load_read_model(read_dir, clip_dir)
+
+
+def test_missing_sam_tensor_is_named(copy) -> None:
+    read_dir, clip_dir = copy
+    _edit_shard(read_dir, SHARD_2, lambda t: t.pop("model.visual_model.mask_decoder.iou_token.weight"))
+    with pytest.raises(MissingWeightsError, match="iou_token"):
+        load_read_model(read_dir, clip_dir)
+
+
+def test_unexpected_tensor_is_named(copy) -> None:
+    read_dir, clip_dir = copy
+    _edit_shard(read_dir, SHARD_2, lambda t: t.update({"model.extra_head.weight": torch.zeros(3)}))
+    with pytest.raises(UnexpectedWeightsError, match=r"model\.extra_head\.weight"):
+        load_read_model(read_dir, clip_dir)
+
+
+def test_wrong_shape_is_named(copy) -> None:
+    read_dir, clip_dir = copy
+    _edit_shard(read_dir, SHARD_1, lambda t: t.update({"model.mm_projector.0.weight": torch.zeros(64, 31)}))
+    with pytest.raises(WeightShapeError, match=r"model\.mm_projector\.0\.weight \(64, 31\)"):
+        load_read_model(read_dir, clip_dir)
+
+
+def test_wrong_clip_folder_says_what_was_expected(copy, tmp_path: Path) -> None:
+    read_dir, clip_dir = copy
+    with pytest.raises(ClipFolderError, match="expected a local folder with tiny-random-clip"):
+        load_read_model(read_dir, read_dir)  # a READ folder is not a CLIP folder
+    with pytest.raises(ClipFolderError, match="no config.json"):
+        load_read_model(read_dir, tmp_path / "nowhere")
+    narrow = tmp_path / "clip-narrow"
+    shutil.copytree(clip_dir, narrow)
+    config = json.loads((narrow / "config.json").read_text())
+    config["vision_config"]["hidden_size"] = 48
+    (narrow / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ClipFolderError, match="width 48"):
+        load_read_model(read_dir, narrow)
+
+
+def test_folder_without_weights_or_config(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_read_model(tmp_path, tmp_path)
+    read_dir, _ = tiny_checkpoint()
+    shutil.copy(read_dir / "config.json", tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match="has no weights"):
+        read_state_dict(tmp_path)
+
+
+def test_default_dtypes() -> None:
+    assert resolve_dtype("cpu", None) == torch.float32
+    assert resolve_dtype("cuda:1", None) == torch.bfloat16
+    with pytest.raises(CheckpointError, match="unknown dtype"):
+        resolve_dtype("cpu", "float8")

@@ -1,0 +1,356 @@
+"""The ``read`` and ``lisa`` detectors: prepared images + prompts in, SAM low-res logits + diagnostics out.
+
+``read`` prompts SAM with the SasP points and the [SEG] token (DESIGN.md 5.5); ``lisa`` uses the same
+checkpoint with the [SEG] token alone. Building a detector reads the small files (config, tokenizer, CLIP
+preprocessing) and checks the CLIP folder; the weights load lazily, once per process, on the first ``detect``.
+
+Diagnostics per image (JSON-serialisable): ``similarity`` — the raw (un-normalised) dot products between the
+first [SEG] state and the 576 image-token states as a 24×24 list, None when no [SEG]; ``points`` ([x, y] in
+original-image pixels, refined) and ``labels`` of that first mask; ``seg_found``; ``num_seg`` (masks stored);
+``text`` (generated answer, or the forced one); ``prompt`` (the user question); ``queries`` (per question, for
+``all_types``); ``timings_ms`` (``prepare`` per image, the rest per batch, with ``batch_size``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from storage.logits import StoredLogits
+from workers.detectors.base import (
+    Detection,
+    Detector,
+    DetectorConfig,
+    DetectorError,
+    ImageSample,
+    register_detector,
+)
+from workers.read.config import ReadConfig
+from workers.read.conversation import (
+    DEFAULT_FORCED_ANSWER,
+    TokenizedQuery,
+    conversation_text,
+    question_text,
+    tokenize_query,
+)
+from workers.read.decode import MAX_NEW_TOKENS, QueryRow, run_queries
+from workers.read.loader import (
+    TokenIds,
+    cached_read_model,
+    clip_preprocessing,
+    load_clip_config,
+    load_tokenizer,
+    resolve_dtype,
+)
+from workers.read.model import ReadModel
+from workers.read.preprocess import SAM_FRAME, ClipPreprocessing, as_rgb_uint8, clip_pixels, sam_pixels
+from workers.read.prompting import decode_many, frame_points, sparse_prompt
+from workers.read.sasp import similarity_to_points
+
+_SASP_OPTIONS = {"down_sample": int, "num_points": int, "t_pos": float, "t_neg": float}
+
+
+@dataclass(frozen=True)
+class PreparedQuery:
+    """One question: its text, its token ids and (teacher-forced) where the forced answer starts."""
+
+    question: str
+    tokens: TokenizedQuery
+    answer_start: int | None
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """CPU-side inputs of one image. clip: (3, 336, 336); sam: (3, 1024, 1024); sizes as (h, w)."""
+
+    clip: torch.Tensor
+    sam: torch.Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+    queries: tuple[PreparedQuery, ...]
+    key: str
+    prepare_ms: float
+
+
+def _elapsed_ms(start: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return round((time.perf_counter() - start) * 1000.0, 3)
+
+
+class ReadDetector(Detector):
+    """READ: SasP points + [SEG] token as SAM prompt."""
+
+    name = "read"
+    use_points = True
+
+    def __init__(self, config: DetectorConfig) -> None:
+        if config.checkpoint is None or config.clip is None:
+            raise DetectorError(
+                f"detector {self.name!r} needs --checkpoint (a READ folder) and --clip (a CLIP folder)"
+            )
+        checkpoint, clip_dir = Path(config.checkpoint), Path(config.clip)
+        read_config = ReadConfig.from_folder(checkpoint)
+        load_clip_config(clip_dir, read_config)  # fail now, not on the first batch
+        tokenizer, token_ids = load_tokenizer(checkpoint, read_config.llama.vocab_size)
+        self._setup(config, read_config, tokenizer, token_ids, clip_preprocessing(clip_dir))
+        self.checkpoint, self.clip_dir = checkpoint, clip_dir
+        self._loaded_model: ReadModel | None = None
+
+    @classmethod
+    def from_parts(
+        cls,
+        config: DetectorConfig,
+        model: ReadModel,
+        read_config: ReadConfig,
+        tokenizer: Any,
+        token_ids: TokenIds,
+        clip_settings: ClipPreprocessing | None = None,
+    ) -> ReadDetector:
+        """A detector around an already-built model (benchmarks with random weights; no checkpoint files)."""
+        detector = cls.__new__(cls)
+        detector._setup(config, read_config, tokenizer, token_ids, clip_settings or ClipPreprocessing())
+        detector.checkpoint = detector.clip_dir = None
+        detector._loaded_model = model
+        return detector
+
+    def _setup(
+        self,
+        config: DetectorConfig,
+        read_config: ReadConfig,
+        tokenizer: Any,
+        token_ids: TokenIds,
+        clip_settings: ClipPreprocessing,
+    ) -> None:
+        self.config, self.read_config = config, read_config
+        self.tokenizer, self.token_ids, self.clip_settings = tokenizer, token_ids, clip_settings
+        self.dtype = resolve_dtype(config.device, config.dtype)
+        extra = dict(config.extra)
+        self.max_new_tokens = int(extra.pop("max_new_tokens", MAX_NEW_TOKENS))
+        # stop_at_eos=False decodes exactly max_new_tokens tokens (benchmarks); never for real runs.
+        self.stop_at_eos = bool(extra.pop("stop_at_eos", True))
+        self.forced_answer = str(extra.pop("forced_answer", DEFAULT_FORCED_ANSWER))
+        self.sasp_options = {
+            name: cast(extra.pop(name)) for name, cast in _SASP_OPTIONS.items() if name in extra
+        }
+        if extra:
+            raise DetectorError(
+                f"unknown READ options {sorted(extra)}; known: max_new_tokens, stop_at_eos, forced_answer, "
+                + ", ".join(_SASP_OPTIONS)
+            )
+        # The anomaly prompt (and a template naming {anomaly_type}) reads the ground-truth defect folder.
+        self.uses_ground_truth_names = config.prompt_mode == "anomaly" or (
+            config.prompt_mode == "template" and "{anomaly_type}" in (config.prompt_template or "")
+        )
+
+    # -- CPU side -----------------------------------------------------------------------------------------
+    def _questions(self, sample: ImageSample) -> list[str]:
+        mode = self.config.prompt_mode
+        if mode == "all_types":
+            if not sample.category_defects:
+                raise DetectorError(
+                    f"prompt mode all_types needs the category's defect types; {sample.key or sample.category} has none"
+                )
+            return [
+                question_text(mode, class_name=sample.category, anomaly_type=defect)
+                for defect in sample.category_defects
+            ]
+        return [
+            question_text(
+                mode,
+                class_name=sample.category,
+                anomaly_type=sample.defect,
+                template=self.config.prompt_template,
+            )
+        ]
+
+    def _query(self, question: str) -> PreparedQuery:
+        settings = {
+            "template": self.config.conversation,
+            "use_im_start_end": self.read_config.use_im_start_end,
+        }
+        prompt = tokenize_query(self.tokenizer, conversation_text(question, **settings))
+        if self.config.decode_mode != "teacher_forced":
+            return PreparedQuery(question, prompt, None)
+        forced = tokenize_query(
+            self.tokenizer, conversation_text(question, answer=self.forced_answer, **settings)
+        )
+        start = len(prompt.after_image)
+        if forced.after_image[:start] != prompt.after_image:
+            raise DetectorError(
+                f"the forced answer {self.forced_answer!r} changes how the prompt tokenises; start it with a word"
+            )
+        return PreparedQuery(question, forced, start)
+
+    def prepare(self, sample: ImageSample) -> PreparedImage:
+        start = time.perf_counter()
+        image = as_rgb_uint8(sample.image)
+        sam_input, input_size = sam_pixels(image)
+        queries = tuple(self._query(question) for question in self._questions(sample))
+        return PreparedImage(
+            clip=clip_pixels(image, self.clip_settings),
+            sam=sam_input,
+            original_size=(int(image.shape[0]), int(image.shape[1])),
+            input_size=input_size,
+            queries=queries,
+            key=sample.key,
+            prepare_ms=round((time.perf_counter() - start) * 1000.0, 3),
+        )
+
+    # -- model side ---------------------------------------------------------------------------------------
+    def _model(self) -> ReadModel:
+        if self._loaded_model is None:
+            loaded = cached_read_model(
+                self.checkpoint, self.clip_dir, device=self.config.device, dtype=self.dtype
+            )
+            self._loaded_model = loaded.model
+        return self._loaded_model
+
+    @torch.no_grad()
+    def detect(self, batch: Sequence[PreparedImage]) -> list[Detection]:
+        if not batch:
+            return []
+        model = self._model()
+        device, timings = model.device, {"batch_size": len(batch)}
+        befores = {query.tokens.before_image for item in batch for query in item.queries}
+        if len(befores) != 1:
+            raise DetectorError("all prompts of a batch must share the conversation template")
+        start = time.perf_counter()
+        features = model.image_features(torch.stack([item.clip for item in batch]))
+        timings["vision"] = _elapsed_ms(start, device)
+        start = time.perf_counter()
+        rows = [
+            QueryRow(index, query.tokens.after_image, query.answer_start)
+            for index, item in enumerate(batch)
+            for query in item.queries
+        ]
+        states = run_queries(
+            model,
+            next(iter(befores)),
+            features,
+            rows,
+            seg_id=self.token_ids.seg,
+            eos_id=self.token_ids.eos,
+            pad_id=self.token_ids.pad,
+            teacher_forced=self.config.decode_mode == "teacher_forced",
+            max_new_tokens=self.max_new_tokens,
+            stop_at_eos=self.stop_at_eos,
+        )
+        timings["language"] = _elapsed_ms(start, device)
+        start = time.perf_counter()
+        embeddings = model.sam_image_embeddings(torch.stack([item.sam for item in batch]))
+        timings["sam_encoder"] = _elapsed_ms(start, device)
+
+        start = time.perf_counter()
+        jobs, facts = [], []  # one SAM job per [SEG]; facts: (image, row, similarity, points, labels)
+        for row_index, (row, result) in enumerate(zip(rows, states.rows, strict=True)):
+            if result.seg_states is None:
+                continue
+            item = batch[row.image_index]
+            projected = model.seg_projection(result.seg_states)
+            for seg_state, seg_embedding in zip(result.seg_states, projected, strict=True):
+                similarity = states.image_states[row.image_index].float() @ seg_state.float()
+                points = labels = None
+                if self.use_points:
+                    points, labels = similarity_to_points(similarity, item.original_size, **self.sasp_options)
+                framed = (
+                    frame_points(points, item.original_size, item.input_size) if points is not None else None
+                )
+                jobs.append((row.image_index, sparse_prompt(model.sam, seg_embedding, framed, labels)))
+                facts.append((row.image_index, row_index, similarity, points, labels))
+        timings["sasp"] = _elapsed_ms(start, device)
+        start = time.perf_counter()
+        masks = decode_many(model.sam, embeddings, jobs)
+        timings["mask_decoder"] = _elapsed_ms(start, device)
+        return [
+            self._detection(index, item, rows, states.rows, facts, masks, timings)
+            for index, item in enumerate(batch)
+        ]
+
+    def _detection(
+        self,
+        image_index: int,
+        item: PreparedImage,
+        rows: list[QueryRow],
+        results: list[Any],
+        facts: list[tuple[Any, ...]],
+        masks: list[torch.Tensor],
+        timings: dict[str, Any],
+    ) -> Detection:
+        mine = [i for i, fact in enumerate(facts) if fact[0] == image_index]
+        maps = (
+            torch.stack([masks[i] for i in mine]).float().cpu().numpy()
+            if mine
+            else np.zeros((0, SAM_FRAME // 4, SAM_FRAME // 4), dtype=np.float32)
+        )
+        finfo = np.finfo(np.float16)  # saturate instead of overflowing to inf when stored as float16
+        logits = StoredLogits(
+            maps=np.clip(maps, finfo.min, finfo.max),
+            original_size=item.original_size,
+            input_size=item.input_size,
+            frame_size=SAM_FRAME,
+        )
+        row_indices = [i for i, row in enumerate(rows) if row.image_index == image_index]
+        queries = [
+            {
+                "prompt": query.question,
+                "text": self.tokenizer.decode(results[i].answer_ids),
+                "num_seg": 0 if results[i].seg_states is None else int(results[i].seg_states.shape[0]),
+            }
+            for i, query in zip(row_indices, item.queries, strict=True)
+        ]
+        first = facts[mine[0]] if mine else None
+        similarity = first[2] if first else None
+        side = int(round(similarity.numel() ** 0.5)) if similarity is not None else 0
+        diagnostics = {
+            "similarity": similarity.reshape(side, side).tolist() if similarity is not None else None,
+            "similarity_kind": "raw dot product",
+            "points": first[3].tolist() if first and first[3] is not None else [],
+            "labels": first[4].tolist() if first and first[4] is not None else [],
+            "seg_found": bool(mine),
+            "num_seg": len(mine),
+            "text": queries[0]["text"] if len(queries) == 1 else " | ".join(q["text"] for q in queries),
+            "prompt": queries[0]["prompt"] if len(queries) == 1 else " | ".join(q["prompt"] for q in queries),
+            "queries": queries,
+            "decode_mode": self.config.decode_mode,
+            "timings_ms": {"prepare": item.prepare_ms, **timings},
+        }
+        return Detection(logits=logits, diagnostics=diagnostics)
+
+    def fingerprint(self) -> str:
+        """sha256 over the checkpoint's config, index and shard sizes and the CLIP config (no weight reading)."""
+        digest = hashlib.sha256(self.name.encode())
+        for folder in (self.checkpoint, self.clip_dir):
+            if folder is None:  # built from parts: random weights
+                continue
+            for path in sorted(folder.iterdir()):
+                if path.suffix == ".json":
+                    digest.update(path.name.encode() + path.read_bytes())
+                elif path.suffix in (".bin", ".safetensors"):
+                    digest.update(json.dumps([path.name, path.stat().st_size]).encode())
+        return f"{self.name}:{digest.hexdigest()[:16]}"
+
+
+class LisaDetector(ReadDetector):
+    """LISA: the same checkpoint, only the [SEG] token as SAM prompt."""
+
+    name = "lisa"
+    use_points = False
+
+
+@register_detector("read")
+def build_read(config: DetectorConfig) -> Detector:
+    return ReadDetector(config)
+
+
+@register_detector("lisa")
+def build_lisa(config: DetectorConfig) -> Detector:
+    return LisaDetector(config)
