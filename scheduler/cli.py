@@ -37,9 +37,9 @@ def cli(ctx: click.Context, work_dir: Path | None, database_url: str | None, obj
 
 
 def _register() -> None:
-    from scheduler.commands import data, distributed, query, run
+    from scheduler.commands import data, distributed, query, report, run
 
-    for command in (*run.COMMANDS, *distributed.COMMANDS, *query.COMMANDS, *data.COMMANDS):
+    for command in (*run.COMMANDS, *distributed.COMMANDS, *query.COMMANDS, *report.COMMANDS, *data.COMMANDS):
         cli.add_command(command)
     try:
         from scheduler.commands.eval import eval_command

@@ -14,7 +14,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 IMAGE_STATUSES = ("queued", "running", "done", "failed", "skipped")
@@ -41,7 +52,10 @@ class Run(Base):
 
 class Image(Base):
     __tablename__ = "images"
-    __table_args__ = (UniqueConstraint("run_id", "image_path", name="uq_images_run_path"),)
+    __table_args__ = (
+        UniqueConstraint("run_id", "image_path", name="uq_images_run_path"),
+        Index("ix_images_run_category_status", "run_id", "category", "status"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)

@@ -91,7 +91,7 @@ class SeaweedS3:
             f"-filer.port={ports['filer']}", f"-filer.port.grpc={_free_port()}",
             "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={_free_port()}", f"-s3.config={config}",
             f"-s3.port.iceberg={_free_port()}", f"-s3.port.lance={_free_port()}",
-            "-volume.max=20", "-master.volumeSizeLimitMB=64", f"-metricsPort={_free_port()}",
+            "-volume.max=100", "-master.volumeSizeLimitMB=64", f"-metricsPort={_free_port()}",
         ]
         self.log = open(directory / "weed.log", "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
@@ -122,9 +122,12 @@ class SeaweedS3:
         pytest.fail(f"SeaweedFS S3 did not become ready within 60 s: {last}")
 
     def new_bucket(self) -> str:
-        name = f"readar-{uuid.uuid4().hex[:10]}"
-        self.client().create_bucket(Bucket=name)
-        return name
+        """The session's bucket (SeaweedFS gives every bucket its own volumes, so tests share one and get a
+        fresh prefix each instead of a bucket each)."""
+        if not hasattr(self, "_bucket"):
+            self._bucket = f"readar-{uuid.uuid4().hex[:10]}"
+            self.client().create_bucket(Bucket=self._bucket)
+        return self._bucket
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -151,4 +154,4 @@ def s3_settings_env(seaweed: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("READAR_S3_ENDPOINT_URL", seaweed.endpoint)
     monkeypatch.setenv("READAR_S3_KEY", seaweed.access_key)
     monkeypatch.setenv("READAR_S3_SECRET", seaweed.secret_key)
-    return f"s3://{bucket}/prefix"
+    return f"s3://{bucket}/{uuid.uuid4().hex[:10]}"

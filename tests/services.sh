@@ -15,3 +15,10 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
     for _ in $(seq 30); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 1; done
 fi
 redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null || { echo "Redis is not reachable on 127.0.0.1:6379" >&2; exit 1; }
+
+# Debian's Chromium renders the HTML report in tests/test_report.py.
+if ! command -v chromium >/dev/null 2>&1; then
+    echo "installing Debian's chromium for the report screenshot test"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+        || { echo "could not install chromium (apt-get install chromium)" >&2; exit 1; }
+fi

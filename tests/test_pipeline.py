@@ -182,7 +182,8 @@ def test_embedded_run_on_postgresql_and_s3(tmp_path: Path, sample_root: Path, po
     output = _invoke(["--work-dir", str(work), "run", "--mvtec-root", str(sample_root), "--classes", "brick",
                       "--run-name", "pg-s3"], env=env)
     assert seaweed.secret_key not in output
-    listed = seaweed.client().list_objects_v2(Bucket=s3_settings_env.split("/")[2], Prefix="prefix/runs/")
+    bucket, prefix = s3_settings_env.removeprefix("s3://").split("/", 1)
+    listed = seaweed.client().list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/runs/")
     assert len(listed.get("Contents", [])) == 12 + 1
     sqlite_work = tmp_path / "sqlite"
     _invoke(["--work-dir", str(sqlite_work), "run", "--mvtec-root", str(sample_root), "--classes", "brick",

@@ -1,31 +1,32 @@
 """In-process batcher: many concurrently running one-image tasks share one batched forward.
 
-Each task thread hands its prepared item to :meth:`Batcher.submit` and waits on the returned future. One
-background thread takes up to ``max_batch`` items (waiting at most ``max_wait_s`` after the first for more)
-and runs ``detector.detect`` on them. If a whole batch fails, its items are retried one by one, so a single
-bad input fails only its own task (DESIGN.md section 3).
+Each task thread announces itself with :meth:`Batcher.reservation` while it loads and prepares its image,
+then hands the prepared item to :meth:`Batcher.submit` and waits on the returned future. One background
+thread forms batches: it takes what is queued, and waits (at most ``max_wait_s``) for more only while other
+tasks are still preparing items, so a batch is as full as the work in flight allows without idling the
+device for nothing. If a whole batch fails, its items are retried one by one, so a single bad input fails
+only its own task (DESIGN.md section 3).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Any
 
 log = logging.getLogger(__name__)
-
-_STOP = object()
 
 
 class Batcher:
     """Collects items from many threads into batches for one ``run_batch`` callable."""
 
     def __init__(
-        self, run_batch: Callable[[Sequence[Any]], list[Any]], *, max_batch: int, max_wait_s: float = 0.02,
+        self, run_batch: Callable[[Sequence[Any]], list[Any]], *, max_batch: int, max_wait_s: float = 0.05,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         if max_batch < 1:
@@ -34,18 +35,35 @@ class Batcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._on_batch = on_batch
-        self._queue: queue.Queue[Any] = queue.Queue()
+        self._items: deque[tuple[Any, Future]] = deque()
+        self._preparing = 0  # tasks inside a reservation that have not submitted yet
+        self._condition = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
         self._closed = False
+
+    @contextmanager
+    def reservation(self) -> Iterator[None]:
+        """Mark a task that will submit an item soon (while it loads and prepares its image)."""
+        with self._condition:
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._preparing -= 1
+                self._condition.notify_all()
 
     def submit(self, item: Any) -> Future:
         """Queue one item; the future resolves to its result (or raises its error)."""
-        if self._closed:
-            raise RuntimeError("the batcher is closed")
-        self._ensure_thread()
         future: Future = Future()
-        self._queue.put((item, future))
+        with self._condition:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="readar-batcher", daemon=True)
+                self._thread.start()
+            self._items.append((item, future))
+            self._condition.notify_all()
         return future
 
     def __call__(self, item: Any) -> Any:
@@ -53,41 +71,36 @@ class Batcher:
         return self.submit(item).result()
 
     def close(self) -> None:
-        self._closed = True
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            self._thread.join()
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
             self._thread = None
 
-    def _ensure_thread(self) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="readar-batcher", daemon=True)
-                self._thread.start()
-
-    def _collect(self, first: Any) -> tuple[list[Any], bool]:
-        batch = [first]
-        deadline = time.monotonic() + self.max_wait_s
-        while len(batch) < self.max_batch:
-            remaining = deadline - time.monotonic()
-            try:
-                entry = self._queue.get(timeout=max(remaining, 0)) if remaining > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if entry is _STOP:
-                return batch, True
-            batch.append(entry)
-        return batch, False
+    def _next_batch(self) -> list[tuple[Any, Future]] | None:
+        with self._condition:
+            while not self._items:
+                if self._closed:
+                    return None
+                self._condition.wait()
+            deadline = time.monotonic() + self.max_wait_s
+            # More is worth waiting for only while some task is still preparing an item.
+            while len(self._items) < self.max_batch and self._preparing > 0 and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._condition.wait(remaining)
+            count = min(self.max_batch, len(self._items))
+            return [self._items.popleft() for _ in range(count)]
 
     def _loop(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is _STOP:
+            batch = self._next_batch()
+            if batch is None:
                 return
-            batch, stop = self._collect(first)
             self._execute(batch)
-            if stop:
-                return
 
     def _execute(self, batch: list[tuple[Any, Future]]) -> None:
         items = [item for item, _ in batch]

@@ -59,7 +59,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": settings.hard_time_limit,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        "task_send_sent_event": False,  # workers send received/started/succeeded events; one less message per task
         "task_default_queue": IMAGE_QUEUE,
         "task_routes": {PROCESS_IMAGE: {"queue": IMAGE_QUEUE}, AGGREGATE_CATEGORY: {"queue": AGGREGATE_QUEUE}},
         "worker_hijack_root_logger": False,
@@ -108,7 +108,7 @@ def process_image_task(self: Any, run_id: int, image_id: int, enqueued_at: float
     state = runtime()
     if enqueued_at is not None and self.request.retries == 0:
         QUEUE_WAIT.observe(max(time.time() - float(enqueued_at), 0.0))
-    if state.repo.get_run_by_id(run_id).status == "cancelled":
+    if state.run_status(run_id) == "cancelled":
         return "cancelled"
     if _heartbeat is not None:
         _heartbeat.task_started()

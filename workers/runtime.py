@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class WorkerRuntime:
         self.store = ObjectStore(settings.resolved_object_store_url, settings.storage_options())
         self._contexts: dict[str, WorkerContext] = {}
         self._runs: dict[int, str] = {}
+        self._status: dict[int, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
     def context_for_run(self, run_id: int) -> WorkerContext:
@@ -81,6 +83,15 @@ class WorkerRuntime:
                         secrets=self.settings.secrets(), detect_timeout_s=float(self.settings.soft_time_limit),
                     )
             return self._contexts[key]
+
+    def run_status(self, run_id: int, *, max_age_s: float = 5.0) -> str:
+        """The run's status, re-read at most every ``max_age_s`` (cancellation reaches workers within that)."""
+        now = time.monotonic()
+        cached = self._status.get(run_id)
+        if cached is None or now - cached[1] > max_age_s:
+            cached = (self.repo.get_run_by_id(run_id).status, now)
+            self._status[run_id] = cached
+        return cached[0]
 
     def close(self) -> None:
         for context in self._contexts.values():

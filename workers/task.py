@@ -127,15 +127,17 @@ def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> str:
     info = ctx.run_info(run_id)
     timings: dict[str, float] = {}
     try:
-        started = time.perf_counter()
-        sample = _load_sample(info, row)
-        timings["load_ms"] = (time.perf_counter() - started) * 1e3
-        started = time.perf_counter()
-        prepared = ctx.detector.prepare(sample)
-        timings["prepare_ms"] = (time.perf_counter() - started) * 1e3
+        with ctx.batcher.reservation():  # the batcher waits for this image while it is being prepared
+            started = time.perf_counter()
+            sample = _load_sample(info, row)
+            timings["load_ms"] = (time.perf_counter() - started) * 1e3
+            started = time.perf_counter()
+            prepared = ctx.detector.prepare(sample)
+            timings["prepare_ms"] = (time.perf_counter() - started) * 1e3
+            future = ctx.batcher.submit(prepared)
         started = time.perf_counter()
         try:
-            detection: Detection = ctx.batcher.submit(prepared).result(timeout=ctx.detect_timeout_s)
+            detection: Detection = future.result(timeout=ctx.detect_timeout_s)
         except FutureTimeoutError:
             raise DetectionTimeout(
                 f"the detector took longer than the soft time limit ({ctx.detect_timeout_s:.0f} s) on "

@@ -1,0 +1,45 @@
+"""The run facts at the top of a report: configuration, status totals, failed and skipped images."""
+
+from __future__ import annotations
+
+from metrics.reporting.content import RunSummary
+from storage.models import Run
+from storage.repository import Repository
+
+MAX_LISTED_PROBLEMS = 200
+PROMPTED_DETECTORS = ("read", "lisa")  # detectors whose configuration's prompt/decoding settings apply
+
+
+def run_summary(repo: Repository, run: Run) -> RunSummary:
+    """The configuration of ``run`` as the report shows it (prompt mode, decoding, oracle flag, ...)."""
+    config = run.config or {}
+    detector_config = config.get("detector_config") or {}
+    totals: dict[str, int] = {}
+    for per_status in repo.status_counts(run.id).values():
+        for status, count in per_status.items():
+            totals[status] = totals.get(status, 0) + count
+    uses_language = run.detector in PROMPTED_DETECTORS
+    return RunSummary(
+        name=run.name, status=run.status, created=f"{run.created_at:%Y-%m-%d %H:%M}", detector=run.detector,
+        model_fingerprint=run.model_fingerprint or "—",
+        prompt_mode=str(detector_config.get("prompt_mode") or "—") if uses_language else "— (no prompt)",
+        oracle=bool(config.get("uses_ground_truth_names")),
+        decode_mode=str(detector_config.get("decode_mode") or "—") if uses_language else "—",
+        conversation=str(detector_config.get("conversation") or "—") if uses_language else "—",
+        checkpoint=str(detector_config.get("checkpoint") or "—"),
+        dataset_root=run.dataset_root, code_version=run.code_version, status_totals=totals,
+    )
+
+
+def problem_rows(repo: Repository, run_id: int) -> tuple[list[tuple[str, str, str]], dict[str, int]]:
+    """(image path, status, reason) of failed and skipped images (at most MAX_LISTED_PROBLEMS listed) and
+    the totals per status."""
+    listed: list[tuple[str, str, str]] = []
+    counts: dict[str, int] = {}
+    for status in ("failed", "skipped"):
+        rows = repo.images(run_id, status=status)
+        counts[status] = len(rows)
+        for row in rows:
+            if len(listed) < MAX_LISTED_PROBLEMS:
+                listed.append((row.image_path, status, row.error or "(no reason recorded)"))
+    return listed, counts

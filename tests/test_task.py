@@ -1,0 +1,104 @@
+"""The per-image task function under duplicate delivery, time limits and batching (real PostgreSQL)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from scheduler.planner import RunRequest, plan_run
+from storage.database import Database
+from storage.logits import StoredLogits
+from storage.objects import ObjectStore
+from storage.repository import Repository
+from workers.batcher import Batcher
+from workers.detectors.base import Detection, Detector, DetectorConfig, ImageSample
+from workers.task import WorkerContext, process_image
+
+
+class SlowConstant(Detector):
+    """A detector whose forward takes ``delay_s`` and returns ``value`` everywhere."""
+
+    name = "slow-constant"
+
+    def __init__(self, delay_s: float, value: float) -> None:
+        self.delay_s = delay_s
+        self.value = value
+        self.batch_sizes: list[int] = []
+
+    def prepare(self, sample: ImageSample) -> Any:
+        return sample.size
+
+    def detect(self, batch: Sequence[Any]) -> list[Detection]:
+        self.batch_sizes.append(len(batch))
+        time.sleep(self.delay_s)
+        return [Detection(StoredLogits(np.full((1, h, w), self.value, np.float16), (h, w)), {"v": self.value})
+                for h, w in batch]
+
+
+def _setup(url: str, root: Path, tmp_path: Path) -> tuple[Repository, ObjectStore, int]:
+    database = Database(url)
+    database.migrate()
+    repo = Repository(database)
+    request = RunRequest(mvtec_root=root, detector="baseline", detector_config=DetectorConfig().public(),
+                         classes=("brick",), run_name="task-test")
+    run, _ = plan_run(repo, request, model_fingerprint=None, uses_ground_truth_names=False, settings_public={})
+    return repo, ObjectStore(str(tmp_path / "objects")), run.id
+
+
+def _context(repo: Repository, store: ObjectStore, detector: Detector, owner: str, **kwargs: Any) -> WorkerContext:
+    return WorkerContext(repo=repo, store=store, detector=detector, batcher=Batcher(detector.detect, max_batch=4),
+                         owner=owner, **kwargs)
+
+
+@pytest.mark.services
+def test_duplicate_delivery_one_result_and_the_stale_writer_is_fenced(
+    postgres_url: str, sample_root: Path, tmp_path: Path,
+) -> None:
+    repo, store, run_id = _setup(postgres_url, sample_root, tmp_path)
+    image_id = repo.pending_image_ids(run_id)[0]
+    slow = _context(repo, store, SlowConstant(2.5, 1.0), "worker-a", lease_seconds=1)
+    fast = _context(repo, store, SlowConstant(0.0, 2.0), "worker-b", lease_seconds=60)
+    outcomes: dict[str, str] = {}
+    first = threading.Thread(target=lambda: outcomes.__setitem__("a", process_image(slow, run_id, image_id)))
+    first.start()
+    time.sleep(0.3)
+    assert process_image(fast, run_id, image_id) == "held"  # a live lease: the duplicate waits
+    time.sleep(1.2)  # worker A's lease expires while its forward is still running
+    outcomes["b"] = process_image(fast, run_id, image_id)
+    first.join()
+    assert outcomes == {"a": "stale", "b": "done"}
+    row = repo.image(image_id)
+    assert (row.status, row.worker, row.attempts, row.fence) == ("done", "worker-b", 2, 2)
+    assert row.diagnostics == {"v": 2.0}  # worker B's result, not the stale one
+    assert process_image(fast, run_id, image_id) == "not-claimed"  # a third delivery changes nothing
+    for ctx in (slow, fast):
+        ctx.batcher.close()
+
+
+def test_soft_time_limit_frees_the_task_and_retries(sqlite_url: str, sample_root: Path, tmp_path: Path) -> None:
+    repo, store, run_id = _setup(sqlite_url, sample_root, tmp_path)
+    image_id = repo.pending_image_ids(run_id)[0]
+    ctx = _context(repo, store, SlowConstant(1.5, 0.0), "w", detect_timeout_s=0.3, max_attempts=3)
+    assert process_image(ctx, run_id, image_id) == "retry"
+    row = repo.image(image_id)
+    assert row.status == "queued" and "soft time limit" in row.error
+    ctx.batcher.close()
+
+
+def test_concurrent_tasks_share_batched_forwards(sqlite_url: str, sample_root: Path, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    repo, store, run_id = _setup(sqlite_url, sample_root, tmp_path)
+    detector = SlowConstant(0.2, 0.0)
+    ctx = _context(repo, store, detector, "w")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outcomes = list(pool.map(lambda i: process_image(ctx, run_id, i), repo.pending_image_ids(run_id)))
+    ctx.batcher.close()
+    assert outcomes == ["done"] * 12
+    assert sum(detector.batch_sizes) == 12 and max(detector.batch_sizes) > 1
