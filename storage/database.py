@@ -40,7 +40,9 @@ class Database:
             self.engine: Engine = create_engine(url, echo=echo, connect_args={"timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            self.engine = create_engine(url, echo=echo, pool_pre_ping=True)
+            # No pre-ping (a round trip per checkout on the hot path): a dropped connection fails its statement,
+            # SQLAlchemy invalidates the pool, and the task retries (transient error) on a fresh connection.
+            self.engine = create_engine(url, echo=echo, pool_recycle=1800)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:

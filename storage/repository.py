@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, insert, or_, select, update
+from sqlalchemy import and_, case, exists, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from storage.database import Database
 from storage.models import ACTIVE_STATUSES, Category, Image, MetricRow, Run
@@ -49,9 +50,18 @@ class PlannedImage:
 
 @dataclass(frozen=True)
 class Claim:
+    """A held claim on an image row, with the row's facts a task needs (read in the same statement)."""
+
     image_id: int
     fence: int
     attempts: int
+    run_id: int = 0
+    category: str = ""
+    defect: str = ""
+    image_path: str = ""
+    mask_path: str | None = None
+    height: int | None = None
+    width: int | None = None
 
 
 class Repository:
@@ -88,18 +98,26 @@ class Repository:
         model_fingerprint: str | None, identity_keys: Sequence[str],
     ) -> Run:
         """Create the run, or return the existing one when its identity (``identity_keys`` of ``config`` plus
-        detector and dataset root) matches; a mismatch raises :class:`RunConflictError`."""
-        with self.db.session() as session, session.begin():
-            existing = session.scalar(select(Run).where(Run.name == name))
-            if existing is None:
-                run = Run(
-                    name=name, created_at=utcnow(), status="planned", detector=detector,
-                    dataset_root=dataset_root, config=config, code_version=code_version,
-                    model_fingerprint=model_fingerprint,
-                )
-                session.add(run)
-                session.flush()
-                return run
+        detector and dataset root) matches; a mismatch raises :class:`RunConflictError`.
+
+        Two schedulers submitting the same run at once: the unique name lets one insert win; the other sees
+        the constraint violation, reads the winner's row and carries on with it."""
+        for _ in range(3):
+            try:
+                with self.db.session() as session, session.begin():
+                    existing = session.scalar(select(Run).where(Run.name == name))
+                    if existing is None:
+                        run = Run(
+                            name=name, created_at=utcnow(), status="planned", detector=detector,
+                            dataset_root=dataset_root, config=config, code_version=code_version,
+                            model_fingerprint=model_fingerprint,
+                        )
+                        session.add(run)
+                        session.flush()
+                        return run
+                break
+            except IntegrityError:
+                continue
         differences = [
             key for key in identity_keys if existing.config.get(key) != config.get(key)
         ]
@@ -120,8 +138,20 @@ class Repository:
 
     # ---------------------------------------------------------------- planning
     def add_images(self, run_id: int, planned: Iterable[PlannedImage]) -> int:
-        """Insert rows for images not yet in the run (idempotent); returns how many were new."""
+        """Insert rows for images not yet in the run (idempotent); returns how many were new.
+
+        A concurrent planner of the same run makes one transaction fail on the unique constraints; it then
+        retries against the rows that now exist, so each image gets exactly one row."""
         planned = list(planned)
+        for attempt in range(3):
+            try:
+                return self._add_images(run_id, planned)
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        return 0
+
+    def _add_images(self, run_id: int, planned: list[PlannedImage]) -> int:
         with self.db.session() as session, session.begin():
             known = set(session.scalars(select(Image.image_path).where(Image.run_id == run_id)))
             new_rows = [
@@ -146,6 +176,7 @@ class Repository:
         return len(new_rows)
 
     # ---------------------------------------------------------------- delivery protocol
+    # The hot path runs on Core connections: one short transaction per step, no ORM unit of work.
     def claim(self, image_id: int, owner: str, lease_seconds: int, *, max_attempts: int = 3) -> Claim | None:
         """Claim an image if it is queued or its lease expired; None when someone else holds it or it is done.
 
@@ -153,73 +184,94 @@ class Repository:
         poison input that crashes the process) is quarantined as ``failed`` here instead of claimed again.
         """
         now = utcnow()
-        claimable = or_(Image.status == "queued", and_(Image.status == "running", Image.lease_expires_at < now))
-        with self.db.session() as session, session.begin():
-            quarantined = session.execute(
-                update(Image)
-                .where(Image.id == image_id, claimable, Image.attempts >= max_attempts)
+        images = Image.__table__
+        claimable = or_(images.c.status == "queued",
+                        and_(images.c.status == "running", images.c.lease_expires_at < now))
+        give_up = images.c.attempts >= max_attempts
+        with self.db.engine.begin() as connection:
+            # One statement: claim the row, or quarantine it when its attempts are used up.
+            row = connection.execute(
+                update(images)
+                .where(images.c.id == image_id, claimable)
                 .values(
-                    status="failed", lease_expires_at=None, finished_at=now,
-                    error=func.coalesce(Image.error, "") + f"quarantined: {max_attempts} attempts ended without "
-                    "a result (the worker died or timed out each time)",
+                    status=case((give_up, "failed"), else_="running"),
+                    lease_owner=case((give_up, images.c.lease_owner), else_=owner),
+                    lease_expires_at=case((give_up, None), else_=now + timedelta(seconds=lease_seconds)),
+                    fence=case((give_up, images.c.fence), else_=images.c.fence + 1),
+                    attempts=case((give_up, images.c.attempts), else_=images.c.attempts + 1),
+                    started_at=case((give_up, images.c.started_at), else_=now),
+                    finished_at=case((give_up, now), else_=images.c.finished_at),
+                    worker=case((give_up, images.c.worker), else_=owner),
+                    error=case(
+                        (give_up, func.coalesce(images.c.error + "; ", "") + f"quarantined: {max_attempts} attempts "
+                         "ended without a result (the worker died or timed out each time)"),
+                        else_=images.c.error,
+                    ),
                 )
-            ).rowcount
-            if quarantined:
-                self._mark_dirty(session, image_id)
-                return None
-            row = session.execute(
-                update(Image)
-                .where(Image.id == image_id, claimable)
-                .values(
-                    status="running", lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    fence=Image.fence + 1, attempts=Image.attempts + 1, started_at=now, worker=owner,
-                )
-                .returning(Image.fence, Image.attempts)
+                .returning(images.c.status, images.c.fence, images.c.attempts, images.c.run_id, images.c.category,
+                           images.c.defect, images.c.image_path, images.c.mask_path, images.c.height,
+                           images.c.width)
             ).first()
-        return None if row is None else Claim(image_id, int(row[0]), int(row[1]))
+            if row is not None and row.status == "failed":
+                self._mark_dirty(connection, row.run_id, row.category)
+                return None
+        if row is None:
+            return None
+        return Claim(image_id, int(row.fence), int(row.attempts), run_id=int(row.run_id), category=row.category,
+                     defect=row.defect, image_path=row.image_path, mask_path=row.mask_path, height=row.height,
+                     width=row.width)
 
     def complete(
         self, claim: Claim, *, object_key: str, image_score: float, diagnostics: dict[str, Any],
         timings: dict[str, Any], device: str | None,
     ) -> bool:
         """Commit a result if the claim's fence is still current; False for a stale writer."""
-        with self.db.session() as session, session.begin():
-            done = session.execute(
-                update(Image)
-                .where(Image.id == claim.image_id, Image.fence == claim.fence, Image.status == "running")
+        images = Image.__table__
+        with self.db.engine.begin() as connection:
+            row = connection.execute(
+                update(images)
+                .where(images.c.id == claim.image_id, images.c.fence == claim.fence, images.c.status == "running")
                 .values(
                     status="done", object_key=object_key, image_score=image_score, diagnostics=diagnostics,
                     timings=timings, device=device, finished_at=utcnow(), error=None, lease_expires_at=None,
                 )
-            ).rowcount
-            if done:
-                self._mark_dirty(session, claim.image_id)
-        return bool(done)
+                .returning(images.c.run_id, images.c.category)
+            ).first()
+            if row is not None:
+                self._mark_dirty(connection, row.run_id, row.category)
+        return row is not None
 
     def fail(self, claim: Claim, error: str, *, max_attempts: int, permanent: bool = False) -> str | None:
         """Record a failed attempt: back to queued for a retry, or ``failed`` (quarantined) when the attempts
         are used up or the error is permanent (bad input). Returns the new status, None for a stale claim."""
-        with self.db.session() as session, session.begin():
-            row = session.get(Image, claim.image_id)
-            if row is None or row.fence != claim.fence or row.status != "running":
+        images = Image.__table__
+        now = utcnow()
+        give_up = or_(images.c.attempts >= max_attempts, permanent)
+        status_value = case((give_up, "failed"), else_="queued")
+        with self.db.engine.begin() as connection:
+            row = connection.execute(
+                update(images)
+                .where(images.c.id == claim.image_id, images.c.fence == claim.fence, images.c.status == "running")
+                .values(status=status_value, error=error, lease_expires_at=None,
+                        finished_at=case((give_up, now), else_=None))
+                .returning(images.c.status, images.c.run_id, images.c.category)
+            ).first()
+            if row is None:
                 return None
-            status = "failed" if permanent or row.attempts >= max_attempts else "queued"
-            row.status = status
-            row.error = error
-            row.lease_expires_at = None
-            row.finished_at = utcnow() if status == "failed" else None
-            if status == "failed":
-                self._mark_dirty(session, claim.image_id)
-        return status
+            if row.status == "failed":
+                self._mark_dirty(connection, row.run_id, row.category)
+        return str(row.status)
 
     def release(self, claim: Claim) -> bool:
         """Give an image back (graceful shutdown) without counting the attempt."""
-        with self.db.session() as session, session.begin():
+        images = Image.__table__
+        with self.db.engine.begin() as connection:
             return bool(
-                session.execute(
-                    update(Image)
-                    .where(Image.id == claim.image_id, Image.fence == claim.fence, Image.status == "running")
-                    .values(status="queued", lease_expires_at=None, attempts=Image.attempts - 1)
+                connection.execute(
+                    update(images)
+                    .where(images.c.id == claim.image_id, images.c.fence == claim.fence,
+                           images.c.status == "running")
+                    .values(status="queued", lease_expires_at=None, attempts=images.c.attempts - 1)
                 ).rowcount
             )
 
@@ -238,11 +290,13 @@ class Repository:
             ).rowcount
 
     @staticmethod
-    def _mark_dirty(session: Any, image_id: int) -> None:
-        category_of_image = select(Image.run_id, Image.category).where(Image.id == image_id).subquery()
-        session.execute(
-            update(Category)
-            .where(Category.run_id == category_of_image.c.run_id, Category.category == category_of_image.c.category)
+    def _mark_dirty(connection: Any, run_id: int, category: str) -> None:
+        """Flag the category for (re-)aggregation. Writes only when the flag is not set yet, so concurrent
+        finishers of one category do not queue up on its row lock."""
+        categories = Category.__table__
+        connection.execute(
+            update(categories)
+            .where(categories.c.run_id == run_id, categories.c.category == category, categories.c.dirty.is_(False))
             .values(dirty=True)
         )
 

@@ -151,3 +151,25 @@ def test_exactly_one_aggregation_trigger_among_concurrent_finishers(database_url
     assert repo.try_start_aggregation(run_id, "bottle") is False  # nothing new since
     (row,) = repo.metric_rows(run_id)
     assert (row.scope, row.iauroc, row.num_images, row.version) == ("category", 0.5, 4, 1)
+
+
+def test_two_schedulers_planning_the_same_run_at_once(database_url: str) -> None:
+    repos = [_repo(database_url) for _ in range(4)]
+    run_ids: list[int] = []
+    inserted: list[int] = []
+    barrier = threading.Barrier(4)
+
+    def plan(repo: Repository) -> None:
+        barrier.wait()
+        run_id = _run(repo, name="shared")
+        run_ids.append(run_id)
+        inserted.append(repo.add_images(run_id, _planned(300)))
+
+    threads = [threading.Thread(target=plan, args=(repo,)) for repo in repos]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(run_ids)) == 1 and len(run_ids) == 4
+    assert sum(inserted) == 300  # every image got exactly one row
+    assert len(repos[0].images(run_ids[0])) == 300

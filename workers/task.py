@@ -123,7 +123,7 @@ def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> str:
             return "held"
         _maybe_aggregate(ctx, run_id, current.category)  # a quarantine may have completed the category
         return "not-claimed"
-    row = ctx.repo.image(image_id)
+    row = claim  # the claim carries the row's category, defect, paths and size
     info = ctx.run_info(run_id)
     timings: dict[str, float] = {}
     try:
