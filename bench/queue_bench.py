@@ -42,17 +42,18 @@ def _free_port() -> int:
 
 
 def make_dataset(root: Path, images: int, categories: int) -> None:
-    """``images`` tiny test images as hard links of one PNG (fast to create, real files to index)."""
-    source = root / "source.png"
+    """``images`` tiny test images as hard links of one PNG per category (fast to create, real files to index;
+    one source per category keeps below the file system's link limit)."""
     root.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(source)
     per_category = images // categories
     for category in range(categories):
+        source = root / f"source-{category}.png"
+        Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(source)
         folder = root / f"cat{category:02d}" / "test" / "good"
         folder.mkdir(parents=True)
         for index in range(per_category):
             os.link(source, folder / f"{index:06d}.png")
-    source.unlink()
+        source.unlink()
 
 
 def main() -> int:
