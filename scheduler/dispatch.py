@@ -32,8 +32,12 @@ def enqueue_images(celery: Celery, repo: Repository, run_id: int, *, visibility_
         for start in range(0, len(image_ids), chunk):
             batch = image_ids[start : start + chunk]
             now = time.time()
-            for image_id in batch:
-                celery.send_task(PROCESS_IMAGE, args=[run_id, image_id, now], queue=IMAGE_QUEUE, producer=producer)
+            # kombu's publish batch pipelines the Redis LPUSHes (one round trip per `chunk` messages); the batch
+            # is flushed when the block ends, before the rows are marked as enqueued.
+            with producer.batch(chunk):
+                for image_id in batch:
+                    celery.send_task(PROCESS_IMAGE, args=[run_id, image_id, now], queue=IMAGE_QUEUE,
+                                     producer=producer)
             repo.mark_enqueued(batch)
             sent += len(batch)
     return sent

@@ -29,7 +29,6 @@ from tests.reliability_helpers import (
     busy_child,
     read_metrics_csv,
     run_embedded_reference,
-    terminate,
     wait_for_done,
     wait_for_restart,
 )
@@ -86,7 +85,7 @@ def _submit(cluster: Cluster, root: Path, name: str) -> str:
 
 
 def _finish_and_check(cluster: Cluster, name: str, reference: dict, timeout: float = 150) -> str:
-    cluster.wait_finished(name, timeout=timeout)
+    wait_or_explain(cluster, name, timeout)
     assert_run_integrity(cluster, name, cluster.store_url, expected_rows=12)
     run = cluster.repo.get_run(name)
     assert {r.status for r in cluster.repo.images(run.id)} == {"done"}
@@ -94,6 +93,26 @@ def _finish_and_check(cluster: Cluster, name: str, reference: dict, timeout: flo
     status = cluster.readar("status", name)
     assert "brick" in status and "12" in status
     return status
+
+
+def wait_or_explain(cluster: Cluster, name: str, timeout: float) -> None:
+    """wait_finished, but a timeout says which rows are stuck and whether kombu's restore mutex blocks them."""
+    import redis
+
+    try:
+        cluster.wait_finished(name, timeout=timeout)
+        return
+    except pytest.fail.Exception as exc:
+        run = cluster.repo.get_run(name)
+        stuck = [(r.image_path, r.status, r.lease_owner, str(r.lease_expires_at)) for r in cluster.repo.images(run.id)
+                 if r.status in ("queued", "running")]
+        client = redis.Redis.from_url(cluster.env["READAR_BROKER_URL"])
+        try:
+            mutex = f"unacked_mutex ttl {client.ttl('unacked_mutex')} s, {client.hlen('unacked')} unacked message(s)"
+        except redis.RedisError as error:
+            mutex = f"redis: {error}"
+        pytest.fail(f"{exc}\nstuck rows: {stuck}\n{mutex} (a worker SIGKILLed while holding kombu's unacked_mutex "
+                    "blocks every redelivery until the mutex expires: unacked_mutex_expire, 300 s by default)")
 
 
 # ---------------------------------------------------------------- 1. SIGKILL of a worker process, twice
