@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -36,11 +37,25 @@ from workers.task import WorkerContext, process_image
 log = logging.getLogger(__name__)
 
 
+# Pauses between passes that made no progress (every image hit a storage outage); then the run stops.
+STALL_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+class StorageUnavailable(RuntimeError):
+    """Every remaining image keeps failing on storage; the run stops and can be resumed later."""
+
+
+def _last_error(repo: Repository, run_id: int) -> str:
+    errors = [row.error for row in repo.images(run_id, status="queued") if row.error]
+    return errors[-1] if errors else "images could not be processed"
+
+
 @dataclass
 class RunOutcome:
     run: Run
     processed: dict[str, int]
     interrupted: bool = False
+    exit_code: int = 0  # 130 after Ctrl-C, 1 when storage kept failing
 
 
 def _dead_local_owners(owners: list[str]) -> list[str]:
@@ -86,6 +101,7 @@ def execute_run(
     )
     outcomes: dict[str, int] = {}
     interrupted = False
+    exit_code = 130
     stop = threading.Event()
 
     def task(image_id: int) -> str:
@@ -102,28 +118,40 @@ def execute_run(
         with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
             pending = repo.pending_image_ids(run.id)
             bar = progress.add_task(f"run {run.name}", total=len(pending))
+            stalled_passes = 0
             with ThreadPoolExecutor(max_workers=batch_size, thread_name_prefix="readar-task") as pool:
                 while pending and not stop.is_set():
                     futures = [pool.submit(task, image_id) for image_id in pending]
+                    finished_this_pass = 0
                     try:
                         for future in as_completed(futures):
                             outcome = future.result()
                             outcomes[outcome] = outcomes.get(outcome, 0) + 1
-                            if outcome != "retry":
+                            if outcome not in ("retry", "transient"):
                                 progress.advance(bar)
+                                finished_this_pass += 1
                     except KeyboardInterrupt:
                         stop.set()
                         for future in futures:
                             future.cancel()
                         raise
                     pending = repo.pending_image_ids(run.id)  # retries, leases that expired meanwhile
+                    stalled_passes = 0 if finished_this_pass else stalled_passes + 1
+                    if pending and stalled_passes:
+                        if stalled_passes > len(STALL_BACKOFF_S):
+                            raise StorageUnavailable(_last_error(repo, run.id))
+                        time.sleep(STALL_BACKOFF_S[stalled_passes - 1])  # storage outage: wait, then retry
     except KeyboardInterrupt:
         interrupted = True
         console.print(f"[yellow]interrupted; finished images are kept. Resume with: readar resume {run.name}")
+    except StorageUnavailable as exc:
+        interrupted, exit_code = True, 1
+        console.print(f"[red]no progress after repeated retries: {exc}\nFinished images are kept; fix the cause "
+                      f"(e.g. free disk space, bring the object store back) and run: readar resume {run.name}")
     finally:
         batcher.close()
     if interrupted:
-        return RunOutcome(run, outcomes, interrupted=True)
+        return RunOutcome(run, outcomes, interrupted=True, exit_code=exit_code)
     # Categories that completed before this invocation (or whose aggregator died) are aggregated here.
     for record in repo.categories(run.id):
         if repo.try_start_aggregation(run.id, record.category, stale_after_s=0):

@@ -262,16 +262,21 @@ class Repository:
                 self._mark_dirty(connection, row.run_id, row.category)
         return str(row.status)
 
-    def release(self, claim: Claim) -> bool:
-        """Give an image back (graceful shutdown) without counting the attempt."""
+    def release(self, claim: Claim, *, error: str | None = None) -> bool:
+        """Give an image back without counting the attempt: graceful shutdown, or a storage outage that is
+        not the image's fault (``error`` keeps the reason visible in ``readar status``)."""
         images = Image.__table__
+        values: dict[str, Any] = {"status": "queued", "lease_expires_at": None,
+                                  "attempts": images.c.attempts - 1}
+        if error is not None:
+            values["error"] = error
         with self.db.engine.begin() as connection:
             return bool(
                 connection.execute(
                     update(images)
                     .where(images.c.id == claim.image_id, images.c.fence == claim.fence,
                            images.c.status == "running")
-                    .values(status="queued", lease_expires_at=None, attempts=images.c.attempts - 1)
+                    .values(**values)
                 ).rowcount
             )
 

@@ -148,7 +148,18 @@ class RestartableSeaweed(SeaweedS3):
     def start(self) -> None:
         self.log = open(self.directory / "weed.log", "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT)
-        self._wait_ready(self.directory)
+        deadline = time.monotonic() + 60
+        last: Exception | None = None
+        while time.monotonic() < deadline:  # the probe bucket exists already: write into it again
+            if self.process.poll() is not None:
+                pytest.fail(f"SeaweedFS exited on restart; see {self.directory / 'weed.log'}")
+            try:
+                self.client().put_object(Bucket="readar-probe", Key="probe", Body=b"again")
+                return
+            except Exception as exc:  # noqa: BLE001 - not ready yet
+                last = exc
+                time.sleep(0.5)
+        pytest.fail(f"SeaweedFS S3 did not come back within 60 s: {last}")
 
 
 def run_embedded_reference(tmp_path: Path, root: Path, classes: str | None = None, name: str = "reference"

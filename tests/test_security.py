@@ -134,8 +134,9 @@ def test_credentials_never_appear_in_output_logs_errors_or_the_database(
     code, texts["wrong pg password"] = _readar({**cluster.env, "READAR_DATABASE_URL": wrong_pg}, "runs")
     assert code not in (0, -1) and "password authentication failed" in texts["wrong pg password"]
     wrong_redis = redis_server.url.replace(REDIS_PASSWORD, WRONG_REDIS_PASSWORD)
-    code, texts["wrong redis password"] = _readar({**cluster.env, "READAR_BROKER_URL": wrong_redis}, "reconcile",
-                                                  "secure", timeout=45)
+    code, texts["wrong redis password"] = _readar(  # a submit that must publish: the broker refuses it
+        {**cluster.env, "READAR_BROKER_URL": wrong_redis}, "submit", "--mvtec-root", str(sample_root), "--classes",
+        "brick", "--max-per-class", "1", "--detector", "slow_baseline", "--run-name", "wrong-redis", timeout=45)
     assert code != 0, texts["wrong redis password"]
     code, texts["wrong s3 secret"] = _readar(
         {**cluster.env, "READAR_S3_SECRET": WRONG_S3_SECRET, "READAR_BROKER_URL": "", "READAR_MAX_ATTEMPTS": "1"},

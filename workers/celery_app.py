@@ -16,9 +16,10 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_ready
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from scheduler.settings import Settings
+from storage.database import DatabaseError
 from storage.objects import ObjectStoreError
 from storage.redact import redact_url
 from workers.monitoring import IMAGES, QUEUE_WAIT, Heartbeat, start_metrics_server
@@ -40,6 +41,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # closely (kombu's default sweep is every ~100 s).
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
             "unacked_restore_throttle": 1,
+            # The restore sweep holds a mutex in Redis; a worker killed while holding it must not block every
+            # other worker's sweep for kombu's default 300 s.
+            "unacked_mutex_expire": max(5, min(300, settings.visibility_timeout // 4)),
             # A broker that vanishes without closing the connection must not hang publishes forever.
             "socket_timeout": 30,
             "socket_connect_timeout": 10,
@@ -97,6 +101,10 @@ def enqueue_aggregation(run_id: int, category: str) -> None:
     app.send_task(AGGREGATE_CATEGORY, args=[run_id, category], queue=AGGREGATE_QUEUE)
 
 
+# Storage and network failures that a later attempt can succeed after (never counted against the image).
+TRANSIENT_ERRORS = (OperationalError, DBAPIError, DatabaseError, ObjectStoreError, ConnectionError, TimeoutError)
+
+
 def _backoff(retries: int) -> int:
     return min(2 ** retries, 60)
 
@@ -105,23 +113,25 @@ def _backoff(retries: int) -> int:
 def process_image_task(self: Any, run_id: int, image_id: int, enqueued_at: float | None = None) -> str:
     """Ids in, one call, status out. Transient storage errors retry with backoff; everything else is recorded
     in SQL by :func:`workers.task.process_image`."""
-    state = runtime()
     if enqueued_at is not None and self.request.retries == 0:
         QUEUE_WAIT.observe(max(time.time() - float(enqueued_at), 0.0))
-    if state.run_status(run_id) == "cancelled":
-        return "cancelled"
     if _heartbeat is not None:
         _heartbeat.task_started()
     try:
+        # Everything that touches the database or the object store is inside the retry: a message is never
+        # acknowledged away by an outage (the row would stay queued with nothing to send it again).
+        state = runtime()
+        if state.run_status(run_id) == "cancelled":
+            return "cancelled"
         outcome = process_image(state.context_for_run(run_id), run_id, image_id)
-    except (OperationalError, ObjectStoreError) as exc:
+    except TRANSIENT_ERRORS as exc:
         log.warning("transient error on image %d (%s); retrying", image_id, type(exc).__name__)
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
     finally:
         if _heartbeat is not None:
             _heartbeat.task_finished()
     IMAGES.labels(outcome).inc()
-    if outcome == "retry":  # the row went back to queued: send it again after a pause
+    if outcome in ("retry", "transient"):  # the row is queued again: send it again after a pause
         raise self.retry(countdown=_backoff(self.request.retries))
     if outcome == "held":  # someone else's lease is live: look again once it could have expired
         raise self.retry(countdown=_lease_wait(state, image_id), max_retries=None)
@@ -146,9 +156,11 @@ def aggregate_category_task(self: Any, run_id: int, category: str) -> int:
     """Compute a category's metric rows; on failure the category becomes due again and the task retries."""
     from metrics.aggregator import aggregate_category
 
-    state = runtime()
     try:
+        state = runtime()
         rows = aggregate_category(state.repo, state.store, run_id, category)
+    except TRANSIENT_ERRORS as exc:
+        raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
     except Exception as exc:
         state.repo.reopen_aggregation(run_id, category)
         if state.repo.try_start_aggregation(run_id, category):

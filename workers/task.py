@@ -109,7 +109,8 @@ def image_score(detection: Detection) -> tuple[float, np.ndarray]:
 
 
 def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> str:
-    """Run one image end to end. Returns the outcome: done, failed, retry, stale, held or not-claimed.
+    """Run one image end to end. Returns the outcome: done, failed, retry, transient, stale, held or
+    not-claimed.
 
     Transient errors (object store) leave the row queued for another attempt; permanent input errors fail it
     at once; other detector errors are retried until ``max_attempts`` and then quarantined.
@@ -152,7 +153,11 @@ def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> str:
     except PermanentImageError as exc:
         return _record_failure(ctx, claim, run_id, row.category, str(exc), permanent=True)
     except ObjectStoreError as exc:
-        return _record_failure(ctx, claim, run_id, row.category, str(exc), permanent=False)
+        # The store, not the image, failed (full disk, unreachable server): give the image back without
+        # spending an attempt; the caller retries after a pause.
+        log.warning("object store error on %s: %s", row.image_path, exc)
+        ctx.repo.release(claim, error=redact_text(f"retrying: {exc}", ctx.secrets))
+        return "transient"
     except Exception as exc:  # noqa: BLE001 - any detector failure is recorded against this image
         log.exception("detector failed on %s", row.image_path)
         return _record_failure(ctx, claim, run_id, row.category, f"{type(exc).__name__}: {exc}", permanent=False)

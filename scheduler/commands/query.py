@@ -108,6 +108,8 @@ def status_command(app: AppContext, run_name: str, watch: bool, interval: float)
                 time.sleep(interval)
     for row in app.repo.images(run.id, status="failed")[:20]:
         app.console.print(f"[red]failed[/] {row.image_path}: {row.error}")
+    for row in [r for r in app.repo.images(run.id, status="queued") if r.error][:20]:
+        app.console.print(f"[yellow]queued again[/] {row.image_path}: {row.error}")
     if watch and app.repo.metric_rows(run.id):
         from scheduler.commands.run import summarise
 

@@ -23,6 +23,21 @@ from workers.detectors.base import (
 )
 
 
+def _check_detector(ctx: click.Context, _param: click.Parameter, name: str) -> str:
+    """Unknown detector names are usage errors (exit 2) listing the registered ones."""
+    from workers.detectors.base import DETECTOR_REGISTRY, load_builtin_detectors
+    from workers.runtime import import_plugins
+
+    app = ctx.find_object(AppContext)
+    if app is not None:
+        import_plugins(app.settings.plugins)
+    if name not in DETECTOR_REGISTRY:
+        load_builtin_detectors()
+    if name not in DETECTOR_REGISTRY:
+        raise click.BadParameter(f"unknown detector {name!r}; available: {', '.join(sorted(DETECTOR_REGISTRY))}")
+    return name
+
+
 def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The dataset and detector options shared by ``run`` (and ``submit``)."""
     options = [
@@ -32,7 +47,7 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-per-class", default=-1, show_default=True, type=click.IntRange(min=-1),
                      help="First N images per category in sorted order (-1 = all)."),
         click.option("--exclude-defects", help="Comma-separated defect types to leave out, e.g. color,combined."),
-        click.option("--detector", default="baseline", show_default=True,
+        click.option("--detector", default="baseline", show_default=True, callback=_check_detector,
                      help="Detector name: baseline, read, lisa, noop, or one a plug-in registers."),
         click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
                      help="Released READ checkpoint folder [env READAR_CHECKPOINT]."),
@@ -102,7 +117,7 @@ def execute(app: AppContext, detector_name: str, config: DetectorConfig, request
         secrets=app.settings.secrets(),
     )
     if outcome.interrupted:
-        raise SystemExit(130)
+        raise SystemExit(outcome.exit_code)
     summarise(app, outcome.run.id, outcome.run.name)
 
 
