@@ -79,7 +79,7 @@ class ObjectStore:
                         os.unlink(temporary)
             else:
                 self.filesystem.pipe_file(path, data)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - any client failure (OSError, botocore/aiohttp errors) is a store error
             raise self._error("write", key, exc) from exc
 
     def get(self, key: str) -> bytes:
@@ -88,16 +88,24 @@ class ObjectStore:
             return self.filesystem.cat_file(path)
         except FileNotFoundError as exc:
             raise ObjectStoreError(f"object {key!r} does not exist in {self.describe()}") from exc
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - any client failure is a store error
             raise self._error("read", key, exc) from exc
 
     def exists(self, key: str) -> bool:
-        return bool(self.filesystem.exists(self._path(key)))
+        try:
+            return bool(self.filesystem.exists(self._path(key)))
+        except ObjectStoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise self._error("check", key, exc) from exc
 
     def delete(self, key: str) -> None:
         path = self._path(key)
-        if self.filesystem.exists(path):
-            self.filesystem.rm_file(path)
+        try:
+            if self.filesystem.exists(path):
+                self.filesystem.rm_file(path)
+        except Exception as exc:  # noqa: BLE001
+            raise self._error("delete", key, exc) from exc
 
     def list(self, prefix: str) -> list[str]:
         """Keys under ``prefix`` (sorted)."""

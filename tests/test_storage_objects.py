@@ -130,3 +130,17 @@ def test_s3_errors_do_not_leak_credentials(seaweed) -> None:  # noqa: ANN001
     with pytest.raises(ObjectStoreError) as info:
         store.get("runs/1/images/1.npz")
     assert seaweed.secret_key not in str(info.value)
+
+
+def test_an_unreachable_s3_endpoint_is_a_store_error_not_a_client_crash() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = ObjectStore("s3://readar-nowhere/x", {
+        "key": "k", "secret": "s", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
+    })
+    with pytest.raises(ObjectStoreError, match="cannot write object"):
+        store.put("runs/1/images/1.npz", b"x")
