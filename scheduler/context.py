@@ -24,7 +24,8 @@ class AppContext:
 
     @cached_property
     def database(self) -> Database:
-        database = Database(self.settings.resolved_database_url)
+        database = Database(self.settings.resolved_database_url,
+                            tls_ca_file=str(self.settings.database_tls_ca_file) if self.settings.database_tls_ca_file else None)
         database.migrate()
         return database
 

@@ -54,6 +54,14 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus port of a worker (unset: off).")
     heartbeat_file: Path | None = Field(None, description="File a worker touches on progress (liveness probes).")
     plugins: str = Field("", description="Comma-separated modules imported at start (they register detectors).")
+    database_tls_ca_file: Path | None = Field(
+        None, description="CA bundle: PostgreSQL over TLS with the server certificate verified (verify-full)."
+    )
+    broker_tls_ca_file: Path | None = Field(
+        None, description="CA bundle: Redis over TLS (use a rediss:// broker URL) with the certificate verified."
+    )
+    broker_tls_cert_file: Path | None = Field(None, description="Client certificate for Redis TLS (optional).")
+    broker_tls_key_file: Path | None = Field(None, description="Client key for Redis TLS (optional).")
 
     @field_validator("device")
     @classmethod
@@ -86,6 +94,21 @@ class Settings(BaseSettings):
         if self.object_store_url:
             return self.object_store_url
         return str((self.work_dir / "objects").resolve())
+
+    def broker_ssl(self) -> dict[str, Any] | None:
+        """Celery ``broker_use_ssl`` for a TLS broker; None for plain connections."""
+        import ssl
+
+        if not self.broker_tls_ca_file and not (self.broker_url or "").startswith("rediss://"):
+            return None
+        options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        if self.broker_tls_ca_file:
+            options["ssl_ca_certs"] = str(self.broker_tls_ca_file)
+        if self.broker_tls_cert_file:
+            options["ssl_certfile"] = str(self.broker_tls_cert_file)
+        if self.broker_tls_key_file:
+            options["ssl_keyfile"] = str(self.broker_tls_key_file)
+        return options
 
     def storage_options(self) -> dict[str, Any]:
         """fsspec options for the object store (credentials included, never printed)."""

@@ -30,7 +30,9 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001 - DB-API
 class Database:
     """An engine plus a session factory for one database URL. Call :meth:`migrate` once at start."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, echo: bool = False, tls_ca_file: str | None = None) -> None:
+        """``tls_ca_file``: PostgreSQL over TLS with the server certificate verified against this CA bundle
+        (``sslmode=verify-full``); ``sslmode`` and friends in the URL work as well."""
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
@@ -42,7 +44,8 @@ class Database:
         else:
             # No pre-ping (a round trip per checkout on the hot path): a dropped connection fails its statement,
             # SQLAlchemy invalidates the pool, and the task retries (transient error) on a fresh connection.
-            self.engine = create_engine(url, echo=echo, pool_recycle=1800)
+            connect_args = {"sslmode": "verify-full", "sslrootcert": tls_ca_file} if tls_ca_file else {}
+            self.engine = create_engine(url, echo=echo, pool_recycle=1800, connect_args=connect_args)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:

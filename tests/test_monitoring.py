@@ -59,3 +59,32 @@ def test_healthcheck_command(tmp_path: Path) -> None:
     os.utime(path, (old, old))
     stale = runner.invoke(cli, ["healthcheck", "--heartbeat-file", str(path), "--max-idle", "60"])
     assert stale.exit_code == 1
+
+
+def test_tls_options_reach_the_broker_and_database_clients(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import contextlib
+    import ssl
+
+    from scheduler.settings import Settings
+    from storage.database import Database
+    from workers.celery_app import celery_config
+
+    ca = tmp_path / "ca.pem"
+    plain = celery_config(Settings(broker_url="redis://127.0.0.1:6379/0"))
+    assert plain["broker_use_ssl"] is None
+    secured = celery_config(Settings(broker_url="rediss://127.0.0.1:6380/0", broker_tls_ca_file=ca,
+                                     broker_tls_cert_file=tmp_path / "c.pem", broker_tls_key_file=tmp_path / "k.pem"))
+    assert secured["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": str(ca),
+                                         "ssl_certfile": str(tmp_path / "c.pem"),
+                                         "ssl_keyfile": str(tmp_path / "k.pem")}
+    database = Database("postgresql+psycopg://readar@db.invalid/readar", tls_ca_file=str(ca))
+    captured: dict = {}
+
+    def connect(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - psycopg.connect's signature
+        captured.update(kwargs)
+        raise ConnectionError("stop before the network")
+
+    monkeypatch.setattr(database.engine.dialect.loaded_dbapi, "connect", connect)
+    with contextlib.suppress(Exception):  # the connection is meant to fail here
+        database.engine.connect()
+    assert captured.get("sslmode") == "verify-full" and captured.get("sslrootcert") == str(ca)

@@ -67,6 +67,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": IMAGE_QUEUE,
         "task_routes": {PROCESS_IMAGE: {"queue": IMAGE_QUEUE}, AGGREGATE_CATEGORY: {"queue": AGGREGATE_QUEUE}},
         "worker_hijack_root_logger": False,
+        "broker_use_ssl": settings.broker_ssl(),
     }
 
 

@@ -54,7 +54,8 @@ class WorkerRuntime:
         self.batch_size = batch_size or settings.batch_size
         self.on_category_complete = on_category_complete
         import_plugins(settings.plugins)
-        self.database = Database(settings.resolved_database_url)
+        self.database = Database(settings.resolved_database_url,
+                                 tls_ca_file=str(settings.database_tls_ca_file) if settings.database_tls_ca_file else None)
         self.database.migrate()
         self.repo = Repository(self.database)
         self.store = ObjectStore(settings.resolved_object_store_url, settings.storage_options())
