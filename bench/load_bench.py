@@ -47,11 +47,7 @@ def _children(pid: int) -> list[int]:
 
 
 def _counts(repo, run_id: int) -> dict[str, int]:  # noqa: ANN001
-    totals: dict[str, int] = {}
-    for per_status in repo.status_counts(run_id).values():
-        for status, n in per_status.items():
-            totals[status] = totals.get(status, 0) + n
-    return totals
+    return repo.status_totals(run_id)
 
 
 def main() -> int:

@@ -68,9 +68,7 @@ def aggregate_category(
     )
     if all(c.status == "done" for c in repo.categories(run_id)):
         refresh_summary(repo, store, run_id)
-        active = sum(n for per in repo.status_counts(run_id).values() for s, n in per.items()
-                     if s in ("queued", "running"))
-        if active == 0 and repo.get_run_by_id(run_id).status != "cancelled":
+        if repo.active_count(run_id) == 0 and repo.get_run_by_id(run_id).status != "cancelled":
             repo.set_run_status(run_id, "done")
     return metric_rows
 

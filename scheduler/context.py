@@ -6,12 +6,14 @@ import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import click
 from rich.console import Console
 
 from scheduler.settings import Settings
 from storage.database import Database
+from storage.models import Run
 from storage.objects import ObjectStore
-from storage.repository import Repository
+from storage.repository import Repository, RunNotFoundError
 
 
 @dataclass
@@ -32,6 +34,13 @@ class AppContext:
     @cached_property
     def repo(self) -> Repository:
         return Repository(self.database)
+
+    def run(self, name: str) -> Run:
+        """The named run, or a CLI error that says how to list the runs."""
+        try:
+            return self.repo.get_run(name)
+        except RunNotFoundError as exc:
+            raise click.ClickException(str(exc)) from exc
 
     @cached_property
     def store(self) -> ObjectStore:

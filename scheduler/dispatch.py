@@ -46,9 +46,9 @@ def enqueue_images(celery: Celery, repo: Repository, run_id: int, *, visibility_
 def reconcile_run(celery: Celery, repo: Repository, run_id: int, *, visibility_timeout: int,
                   stale_aggregation_s: int) -> ReconcileReport:
     """Requeue expired leases, enqueue images without a live message, trigger missed aggregations."""
-    expired = repo.expire_leases_now(run_id)
+    expired = repo.release_expired_or_orphaned(run_id)
     if expired:
-        repo.clear_enqueued(run_id)  # their old messages were consumed; they need new ones now
+        repo.clear_enqueued(run_id, only_started=True)  # their old messages were consumed; they need new ones
     enqueued = enqueue_images(celery, repo, run_id, visibility_timeout=visibility_timeout)
     aggregations = 0
     for record in repo.categories(run_id):

@@ -85,7 +85,7 @@ def execute_run(
     released = repo.release_expired_or_orphaned(run.id, _dead_local_owners(repo.running_owners(run.id)))
     if released:
         console.print(f"[yellow]resuming: {released} image(s) left running by a stopped process are queued again")
-    if not _dead_local_owners(repo.running_owners(run.id)) and not repo.running_owners(run.id):
+    if not repo.running_owners(run.id):  # no live process holds this run: a half-done aggregation is due again
         repo.reset_stale_aggregations(run.id)
     repo.set_run_status(run.id, "running")
     lock = threading.Lock()
@@ -158,8 +158,5 @@ def execute_run(
             aggregate(run.id, record.category)
     if all(c.status == "done" for c in repo.categories(run.id)):
         refresh_summary(repo, store, run.id)
-        active = sum(
-            n for counts in repo.status_counts(run.id).values() for s, n in counts.items() if s in ("queued", "running")
-        )
-        repo.set_run_status(run.id, "done" if active == 0 else "running")
+        repo.set_run_status(run.id, "done" if repo.active_count(run.id) == 0 else "running")
     return RunOutcome(repo.get_run_by_id(run.id), outcomes)

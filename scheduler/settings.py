@@ -14,9 +14,7 @@ from typing import Any
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from storage.redact import redact_text, redact_url
-
-__all__ = ["Settings", "redact_text", "redact_url"]
+from storage.redact import redact_url
 
 
 class Settings(BaseSettings):

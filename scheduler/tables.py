@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from metrics.report import write_metrics_csv
 from storage.models import MetricRow, Run
 from storage.repository import Repository
 
@@ -42,13 +42,7 @@ def _nan(value: float | None) -> float:
 
 
 def write_run_csv(repo: Repository, run_id: int, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[*CSV_COLUMNS, *EXTRA_COLUMNS])
-        writer.writeheader()
-        for row in metric_dicts(repo, run_id):
-            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
-    return path
+    return write_metrics_csv(metric_dicts(repo, run_id), path, columns=(*CSV_COLUMNS, *EXTRA_COLUMNS))
 
 
 def _fmt(value: Any) -> str:

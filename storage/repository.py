@@ -18,6 +18,7 @@ from sqlalchemy import and_, case, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from storage.database import Database
+from storage.jsonvalue import json_value
 from storage.models import ACTIVE_STATUSES, Category, Image, MetricRow, Run
 
 
@@ -349,24 +350,14 @@ class Repository:
                 chunk = list(image_ids[start : start + 5000])
                 session.execute(update(Image).where(Image.id.in_(chunk)).values(enqueued_at=now))
 
-    def clear_enqueued(self, run_id: int) -> None:
-        """Forget the message timestamps of queued rows whose lease just expired (they need new messages)."""
+    def clear_enqueued(self, run_id: int, *, only_started: bool = False) -> None:
+        """Forget the message timestamps of queued rows, so the next (re)submit sends them new messages: all of
+        them after a cancel, or ``only_started`` ones whose lease just expired (their messages were consumed)."""
+        condition = [Image.run_id == run_id, Image.status == "queued"]
+        if only_started:
+            condition.append(Image.started_at.is_not(None))
         with self.db.session() as session, session.begin():
-            session.execute(
-                update(Image)
-                .where(Image.run_id == run_id, Image.status == "queued", Image.started_at.is_not(None))
-                .values(enqueued_at=None)
-            )
-
-    def clear_all_enqueued(self, run_id: int) -> None:
-        """After a cancel: every queued image needs a new message on resume."""
-        with self.db.session() as session, session.begin():
-            session.execute(update(Image).where(Image.run_id == run_id, Image.status == "queued")
-                            .values(enqueued_at=None))
-
-    def expire_leases_now(self, run_id: int) -> int:
-        """Requeue running rows whose lease expired (the reconciler's first step); returns how many."""
-        return self.release_expired_or_orphaned(run_id)
+            session.execute(update(Image).where(*condition).values(enqueued_at=None))
 
     def running_owners(self, run_id: int) -> list[str]:
         with self.db.session() as session:
@@ -407,6 +398,19 @@ class Repository:
                 select(func.count()).select_from(Image)
                 .where(Image.run_id == run_id, Image.finished_at.is_not(None), Image.finished_at >= since)
             ) or 0)
+
+    def status_totals(self, run_id: int) -> dict[str, int]:
+        """{status: count} over the whole run."""
+        totals: dict[str, int] = {}
+        for per_status in self.status_counts(run_id).values():
+            for status, count in per_status.items():
+                totals[status] = totals.get(status, 0) + count
+        return totals
+
+    def active_count(self, run_id: int) -> int:
+        """Images still queued or running."""
+        totals = self.status_totals(run_id)
+        return sum(totals.get(status, 0) for status in ACTIVE_STATUSES)
 
     def categories(self, run_id: int) -> list[Category]:
         with self.db.session() as session:
@@ -502,7 +506,7 @@ class Repository:
                     pro=_nan_to_none(row.get("PRO")), pro_hard=_nan_to_none(row.get("PRO_hard")),
                     f1_max=_nan_to_none(row.get("F1_max")), num_images=int(row.get("num_images", 0)),
                     num_anom_images=int(row.get("num_anom_images", 0)),
-                    extra={k: _jsonable(v) for k, v in row.items() if k not in known},
+                    extra={k: json_value(v) for k, v in row.items() if k not in known},
                     version=version, updated_at=now,
                 )
             )
@@ -519,9 +523,3 @@ def _nan_to_none(value: Any) -> float | None:
     return None if value != value else value
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and value != value:
-        return None
-    if hasattr(value, "item"):
-        return value.item()
-    return value

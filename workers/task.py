@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from storage.jsonvalue import json_value
 from storage.logits import encode_logits, full_resolution_logits
 from storage.objects import ObjectStore, ObjectStoreError, image_object_key
 from storage.paths import PathEscapeError, resolve_inside
@@ -162,7 +163,7 @@ def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> str:
         log.exception("detector failed on %s", row.image_path)
         return _record_failure(ctx, claim, run_id, row.category, f"{type(exc).__name__}: {exc}", permanent=False)
     committed = ctx.repo.complete(
-        claim, object_key=key, image_score=score, diagnostics=_jsonable(detection.diagnostics),
+        claim, object_key=key, image_score=score, diagnostics=json_value(detection.diagnostics),
         timings=timings, device=ctx.device,
     )
     if not committed:
@@ -188,16 +189,3 @@ def _maybe_aggregate(ctx: WorkerContext, run_id: int, category: str) -> None:
         ctx.on_category_complete(run_id, category)
 
 
-def _jsonable(value: Any) -> Any:
-    """Diagnostics as plain JSON types (numpy scalars and arrays converted; NaN → None)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

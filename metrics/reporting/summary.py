@@ -14,10 +14,7 @@ def run_summary(repo: Repository, run: Run) -> RunSummary:
     """The configuration of ``run`` as the report shows it (prompt mode, decoding, oracle flag, ...)."""
     config = run.config or {}
     detector_config = config.get("detector_config") or {}
-    totals: dict[str, int] = {}
-    for per_status in repo.status_counts(run.id).values():
-        for status, count in per_status.items():
-            totals[status] = totals.get(status, 0) + count
+    totals = repo.status_totals(run.id)
     uses_language = run.detector in PROMPTED_DETECTORS
     return RunSummary(
         name=run.name, status=run.status, created=f"{run.created_at:%Y-%m-%d %H:%M}", detector=run.detector,

@@ -12,7 +12,6 @@ from scheduler.commands.run import _request, detector_config, run_options
 from scheduler.context import AppContext
 from scheduler.planner import plan_run
 from storage.redact import redact_url
-from storage.repository import RunNotFoundError
 
 
 def celery_for(app: AppContext):  # noqa: ANN201 - celery.Celery
@@ -26,12 +25,6 @@ def celery_for(app: AppContext):  # noqa: ANN201 - celery.Celery
 
     return make_app(app.settings)
 
-
-def _run_or_fail(app: AppContext, name: str) -> Any:
-    try:
-        return app.repo.get_run(name)
-    except RunNotFoundError as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 @click.command("submit")
@@ -65,9 +58,9 @@ def submit_command(app: AppContext, **options: Any) -> None:
 @click.pass_obj
 def cancel_command(app: AppContext, run_name: str) -> None:
     """Stop a run: workers drop its remaining tasks; `readar resume` continues it later."""
-    run = _run_or_fail(app, run_name)
+    run = app.run(run_name)
     app.repo.set_run_status(run.id, "cancelled")
-    app.repo.clear_all_enqueued(run.id)
+    app.repo.clear_enqueued(run.id)
     app.console.print(f"run {run.name} cancelled; images already done are kept")
 
 
@@ -80,7 +73,7 @@ def aggregate_command(app: AppContext, run_name: str, category: str | None) -> N
     from metrics.aggregator import aggregate_category, refresh_summary
     from scheduler.commands.run import summarise
 
-    run = _run_or_fail(app, run_name)
+    run = app.run(run_name)
     categories = [c.category for c in app.repo.categories(run.id)]
     if category and category not in categories:
         raise click.ClickException(f"run {run.name} has no category {category!r}; it has {', '.join(categories)}")
@@ -102,7 +95,7 @@ def reconcile_command(app: AppContext, run_name: str | None) -> None:
     from scheduler.dispatch import reconcile_run
 
     celery = celery_for(app)
-    runs = [_run_or_fail(app, run_name)] if run_name else [
+    runs = [app.run(run_name)] if run_name else [
         r for r in app.repo.list_runs() if r.status not in ("done", "cancelled")
     ]
     for run in runs:

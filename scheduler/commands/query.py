@@ -16,17 +16,10 @@ from scheduler.context import AppContext
 from storage.logits import decode_logits, full_resolution_logits
 from storage.models import IMAGE_STATUSES
 from storage.paths import resolve_inside
-from storage.repository import RunNotFoundError
 
 RESULT_COLUMNS = ("id", "category", "defect", "label", "status", "image_score", "attempts", "image_path",
                   "object_key", "error")
 
-
-def _run(app: AppContext, name: str) -> Any:
-    try:
-        return app.repo.get_run(name)
-    except RunNotFoundError as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 @click.command("runs")
@@ -37,10 +30,7 @@ def runs_command(app: AppContext) -> None:
     for column in ("name", "status", "detector", "created", "images", "done", "failed", "skipped"):
         table.add_column(column)
     for run in app.repo.list_runs():
-        totals: dict[str, int] = {}
-        for per_status in app.repo.status_counts(run.id).values():
-            for status, n in per_status.items():
-                totals[status] = totals.get(status, 0) + n
+        totals = app.repo.status_totals(run.id)
         table.add_row(run.name, run.status, run.detector, f"{run.created_at:%Y-%m-%d %H:%M}",
                       str(sum(totals.values())), str(totals.get("done", 0)), str(totals.get("failed", 0)),
                       str(totals.get("skipped", 0)))
@@ -85,7 +75,7 @@ def status_command(app: AppContext, run_name: str, watch: bool, interval: float)
 
     from rich.live import Live
 
-    run = _run(app, run_name)
+    run = app.run(run_name)
     if not watch:
         app.console.print(_status_table(app, run))
     else:
@@ -100,10 +90,9 @@ def status_command(app: AppContext, run_name: str, watch: bool, interval: float)
                                   stale_aggregation_s=app.settings.hard_time_limit)
                 run = app.repo.get_run_by_id(run.id)
                 live.update(_status_table(app, run))
-                counts = app.repo.status_counts(run.id)
-                pending = sum(c.get("queued", 0) + c.get("running", 0) for c in counts.values())
                 categories = app.repo.categories(run.id)
-                if run.status == "cancelled" or (pending == 0 and all(c.status == "done" for c in categories)):
+                if run.status == "cancelled" or (app.repo.active_count(run.id) == 0
+                                                 and all(c.status == "done" for c in categories)):
                     break
                 time.sleep(interval)
     for row in app.repo.images(run.id, status="failed")[:20]:
@@ -126,7 +115,7 @@ def metrics_command(app: AppContext, run_name: str, out_csv: Path | None, defect
     """Print a run's stored metrics and write its CSV (no recomputation)."""
     from scheduler.tables import print_metrics, write_run_csv
 
-    run = _run(app, run_name)
+    run = app.run(run_name)
     path = write_run_csv(app.repo, run.id, out_csv or app.settings.work_dir / "results" / f"{run.name}.csv")
     print_metrics(app.console, app.repo, run, include_defects=defects)
     app.console.print(f"metrics CSV: {path}")
@@ -142,7 +131,7 @@ def metrics_command(app: AppContext, run_name: str, out_csv: Path | None, defect
 def results_command(app: AppContext, run_name: str, category: str | None, status: str | None,
                     output_format: str) -> None:
     """Per-image rows of a run."""
-    run = _run(app, run_name)
+    run = app.run(run_name)
     rows = [
         {column: getattr(row, column) for column in RESULT_COLUMNS}
         for row in app.repo.images(run.id, category=category, status=status)
@@ -173,7 +162,7 @@ def results_command(app: AppContext, run_name: str, category: str | None, status
 @click.pass_obj
 def export_command(app: AppContext, run_name: str, directory: Path, layout: str) -> None:
     """Write finished images' full-resolution float32 logits in the original READAR folder layout."""
-    run = _run(app, run_name)
+    run = app.run(run_name)
     root = Path(run.dataset_root)
     rows = app.repo.images(run.id, status="done")
     directory.mkdir(parents=True, exist_ok=True)

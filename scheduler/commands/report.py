@@ -7,15 +7,6 @@ from pathlib import Path
 import click
 
 from scheduler.context import AppContext
-from storage.models import Run
-from storage.repository import RunNotFoundError
-
-
-def _run(app: AppContext, name: str) -> Run:
-    try:
-        return app.repo.get_run(name)
-    except RunNotFoundError as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 @click.command("report")
@@ -40,7 +31,7 @@ def report_command(app: AppContext, run_name: str, out_dir: Path, best: int, wor
     from metrics.reporting import ReportError, ReportOptions, build_report
     from scheduler.tables import metric_dicts
 
-    run = _run(app, run_name)
+    run = app.run(run_name)
     rows = metric_dicts(app.repo, run.id)
     if not rows:
         app.err.print(f"[yellow]run {run.name} has no metric rows yet; the report shows per-image results only "
@@ -71,7 +62,7 @@ def show_command(app: AppContext, run_name: str, image: str, out_file: Path) -> 
     """
     from metrics.reporting import ReportError, render_image
 
-    run = _run(app, run_name)
+    run = app.run(run_name)
     try:
         path = render_image(app.repo, app.store, run, image, out_file)
     except ReportError as exc:

@@ -126,11 +126,7 @@ def summarise(app: AppContext, run_id: int, run_name: str) -> Path:
     csv_path = write_run_csv(app.repo, run_id, app.settings.work_dir / "results" / f"{run_name}.csv")
     run = app.repo.get_run_by_id(run_id)
     print_metrics(app.console, app.repo, run)
-    counts = app.repo.status_counts(run_id)
-    totals: dict[str, int] = {}
-    for per_status in counts.values():
-        for status, n in per_status.items():
-            totals[status] = totals.get(status, 0) + n
+    totals = app.repo.status_totals(run_id)
     app.console.print("images: " + ", ".join(f"{n} {s}" for s, n in sorted(totals.items())))
     app.console.print(f"metrics CSV:  {csv_path}")
     app.console.print(f"database:     {redact_text(app.settings.resolved_database_url)}")
@@ -156,12 +152,7 @@ def resume_command(app: AppContext, run_name: str, device: str | None, batch_siz
     """Finish an interrupted run: images already done are not redone.
 
     With a broker configured, unfinished images are enqueued for the workers; otherwise they run here."""
-    from storage.repository import RunNotFoundError
-
-    try:
-        run = app.repo.get_run(run_name)
-    except RunNotFoundError as exc:
-        raise click.ClickException(str(exc)) from exc
+    run = app.run(run_name)
     if app.settings.broker_url:  # scale-out: hand the unfinished images back to the workers
         from scheduler.commands.distributed import celery_for
         from scheduler.dispatch import reconcile_run
