@@ -98,11 +98,14 @@ class SeaweedS3:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._wait_ready(directory)
 
-    def client(self):  # noqa: ANN201 - boto3 client
-        import boto3
+    def client(self):  # noqa: ANN201 - botocore S3 client
+        # botocore comes with s3fs (through aiobotocore) at the version it pins; a separate boto3
+        # requirement made fresh installs unresolvable whenever boto3 moved to a newer botocore first.
+        import botocore.session
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
-                            aws_secret_access_key=self.secret_key, region_name="us-east-1")
+        return botocore.session.get_session().create_client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key, region_name="us-east-1")
 
     def _wait_ready(self, directory: Path) -> None:
         deadline = time.monotonic() + 60
