@@ -47,6 +47,8 @@ class Database:
             connect_args = {"sslmode": "verify-full", "sslrootcert": tls_ca_file} if tls_ca_file else {}
             self.engine = create_engine(url, echo=echo, pool_recycle=1800, connect_args=connect_args)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Same pool, no BEGIN/COMMIT round trips: for single statements that need no transaction around them.
+        self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def session(self) -> Session:
         return self.sessions()

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import inspect
 
 from storage.database import Database
-from storage.repository import PlannedImage, Repository, RunConflictError, RunNotFoundError
+from storage.repository import Completion, PlannedImage, Repository, RunConflictError, RunNotFoundError
 
 pytestmark = pytest.mark.services  # the PostgreSQL half of each parametrised test needs the server
 
@@ -81,6 +81,56 @@ def test_claim_complete_and_the_fence_refuses_a_stale_writer(database_url: str) 
     row = repo.image(image_id)
     assert (row.status, row.fence, row.attempts, row.worker) == ("done", 2, 2, "w2")
     assert repo.claim(image_id, "w3", lease_seconds=60) is None  # done is terminal
+
+
+def test_batched_claim_and_complete_keep_each_rows_fence(database_url: str) -> None:
+    repo = _repo(database_url)
+    run_id = _run(repo)
+    repo.add_images(run_id, _planned(5))
+    ids = repo.pending_image_ids(run_id)
+    held = repo.claim(ids[0], "other", lease_seconds=60)
+    exhausted = repo.claim(ids[1], "dead", lease_seconds=60, max_attempts=1)
+    repo.release_expired_or_orphaned(run_id, ["dead"])  # its worker died; its one attempt is used up
+    claims = repo.claim_many(ids, "w", lease_seconds=60, max_attempts=1)
+    assert sorted(claims) == ids[2:]  # the held row is skipped, the exhausted one quarantined
+    assert held is not None and exhausted is not None
+    assert repo.image(ids[1]).status == "failed" and "quarantined" in repo.image(ids[1]).error
+    stale = Completion(held, "k0", 0.1, {}, {}, "cpu")
+    current = [Completion(claims[i], f"k{i}", 0.5, {"n": i}, {"ms": 1.0}, "cpu") for i in ids[2:]]
+    repo.release_expired_or_orphaned(run_id, ["other"])
+    newer = repo.claim(ids[0], "w2", lease_seconds=60)  # the held row moves on: `held` is now stale
+    assert newer is not None and newer.fence == held.fence + 1
+    assert repo.complete_many([stale, *current]) == [False, True, True, True]
+    for i in ids[2:]:
+        row = repo.image(i)
+        assert (row.status, row.object_key, row.diagnostics, row.fence) == ("done", f"k{i}", {"n": i}, 1)
+    assert repo.image(ids[0]).status == "running"
+    with pytest.raises(ValueError, match="two results for one image"):
+        repo.complete_many([current[0], current[0]])
+
+
+def test_completing_flags_the_category_for_aggregation(database_url: str) -> None:
+    repo = _repo(database_url)
+    run_id = _run(repo)
+    repo.add_images(run_id, _planned(2))
+    first, second = repo.pending_image_ids(run_id)
+    done = repo.claim(first, "w", lease_seconds=60)
+    repo.complete(done, object_key="k", image_score=0.1, diagnostics={}, timings={}, device="cpu")
+    later = repo.claim(second, "w", lease_seconds=60)
+    assert repo.try_start_aggregation(run_id, "bottle") is False  # still one image running
+    repo.complete(later, object_key="k", image_score=0.1, diagnostics={}, timings={}, device="cpu")
+    assert repo.try_start_aggregations([(run_id, "bottle"), (run_id, "bottle")]) == [True, False]
+    repo.finish_aggregation(run_id, "bottle", rows=[], state_key="s", num_used=2, num_skipped=0, num_failed=0)
+    (category,) = repo.categories(run_id)
+    assert (category.status, category.dirty) == ("done", False)
+    # A result arriving after the aggregation (a re-run image) flags the category again.
+    with repo.db.engine.begin() as connection:
+        connection.exec_driver_sql(f"UPDATE images SET status = 'queued' WHERE id = {first}")
+    again = repo.claim(first, "w", lease_seconds=60)
+    repo.complete(again, object_key="k", image_score=0.2, diagnostics={}, timings={}, device="cpu")
+    (category,) = repo.categories(run_id)
+    assert category.dirty is True
+    assert repo.try_start_aggregation(run_id, "bottle") is True
 
 
 def test_failures_retry_then_quarantine(database_url: str) -> None:

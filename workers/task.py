@@ -24,9 +24,10 @@ from storage.logits import encode_logits, full_resolution_logits
 from storage.objects import ObjectStore, ObjectStoreError, image_object_key
 from storage.paths import PathEscapeError, resolve_inside
 from storage.redact import redact_text
-from storage.repository import Claim, Repository
+from storage.repository import Claim, Completion, Repository
 from workers.batcher import Batcher
 from workers.detectors.base import Detection, Detector, ImageSample
+from workers.groupcommit import GroupCommit, first_per_key
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,17 @@ class WorkerContext:
     # stops waiting, records a retryable failure and frees its slot.
     detect_timeout_s: float | None = None
     _runs: dict[int, RunInfo] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Concurrent tasks of this process share their claim, commit and completion-check statements.
+        self.claims: GroupCommit[int, Claim | None] = GroupCommit(first_per_key(self._claim_rows))
+        self.completions: GroupCommit[Completion, bool] = GroupCommit(self.repo.complete_many)
+        self.aggregation_checks: GroupCommit[tuple[int, str], bool | None] = GroupCommit(
+            first_per_key(self.repo.try_start_aggregations))
+
+    def _claim_rows(self, image_ids: list[int]) -> list[Claim | None]:
+        claims = self.repo.claim_many(image_ids, self.owner, self.lease_seconds, max_attempts=self.max_attempts)
+        return [claims.get(image_id) for image_id in image_ids]
 
     def run_info(self, run_id: int) -> RunInfo:
         if run_id not in self._runs:
@@ -116,7 +128,7 @@ def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> str:
     Transient errors (object store) leave the row queued for another attempt; permanent input errors fail it
     at once; other detector errors are retried until ``max_attempts`` and then quarantined.
     """
-    claim = ctx.repo.claim(image_id, ctx.owner, ctx.lease_seconds, max_attempts=ctx.max_attempts)
+    claim = ctx.claims(image_id)
     if claim is None:
         current = ctx.repo.image(image_id)
         if current.status == "running":
@@ -162,10 +174,10 @@ def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> str:
     except Exception as exc:  # noqa: BLE001 - any detector failure is recorded against this image
         log.exception("detector failed on %s", row.image_path)
         return _record_failure(ctx, claim, run_id, row.category, f"{type(exc).__name__}: {exc}", permanent=False)
-    committed = ctx.repo.complete(
+    committed = ctx.completions(Completion(
         claim, object_key=key, image_score=score, diagnostics=json_value(detection.diagnostics),
         timings=timings, device=ctx.device,
-    )
+    ))
     if not committed:
         log.info("stale result for %s dropped: a newer claim owns the row", row.image_path)
         return "stale"
@@ -185,7 +197,7 @@ def _record_failure(ctx: WorkerContext, claim: Claim, run_id: int, category: str
 
 
 def _maybe_aggregate(ctx: WorkerContext, run_id: int, category: str) -> None:
-    if ctx.on_category_complete is not None and ctx.repo.try_start_aggregation(run_id, category):
+    if ctx.on_category_complete is not None and ctx.aggregation_checks((run_id, category)):
         ctx.on_category_complete(run_id, category)
 
 
