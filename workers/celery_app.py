@@ -22,6 +22,7 @@ from scheduler.settings import Settings
 from storage.database import DatabaseError
 from storage.objects import ObjectStoreError
 from storage.redact import redact_url
+from workers.broker import TRANSPORT_PATH
 from workers.monitoring import IMAGES, QUEUE_WAIT, Heartbeat, start_metrics_server
 from workers.queues import AGGREGATE_CATEGORY, AGGREGATE_QUEUE, IMAGE_QUEUE, PROCESS_IMAGE
 from workers.runtime import WorkerRuntime
@@ -33,8 +34,11 @@ log = logging.getLogger(__name__)
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration every client (worker, scheduler, Flower) must share."""
+    broker_url = settings.broker_url or "redis://127.0.0.1:6379/0"
     return {
-        "broker_url": settings.broker_url or "redis://127.0.0.1:6379/0",
+        "broker_url": broker_url,
+        # kombu's Redis transport, reusing one command client per channel (workers/broker.py).
+        "broker_transport": TRANSPORT_PATH if broker_url.startswith(("redis://", "rediss://")) else None,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout,
             # Sweep for messages of dead workers often enough that redelivery follows the visibility timeout
@@ -62,7 +66,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_soft_time_limit": settings.soft_time_limit,
         "task_time_limit": settings.hard_time_limit,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
-        "worker_send_task_events": True,
+        "worker_send_task_events": settings.task_events,
         "task_send_sent_event": False,  # workers send received/started/succeeded events; one less message per task
         "task_default_queue": IMAGE_QUEUE,
         "task_routes": {PROCESS_IMAGE: {"queue": IMAGE_QUEUE}, AGGREGATE_CATEGORY: {"queue": AGGREGATE_QUEUE}},

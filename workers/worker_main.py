@@ -18,10 +18,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(processName)s %(levelname)s %(message)s")
     from workers.celery_app import app
 
+    # Task events follow READAR_TASK_EVENTS (worker_send_task_events in workers/celery_app.py).
     app.worker_main([
         "worker", "--pool", "threads", "--concurrency", str(args.concurrency), "--queues", args.queues,
-        "--hostname", args.name, "--without-gossip", "--without-mingle", "--task-events",
-        "--loglevel", args.loglevel,
+        "--hostname", args.name, "--without-gossip", "--without-mingle", "--loglevel", args.loglevel,
     ])
 
 
