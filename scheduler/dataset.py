@@ -24,6 +24,9 @@ Decisions:
 from __future__ import annotations
 
 import logging
+import os
+import struct
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -188,11 +191,43 @@ def _escape_reason(kind: str, relative: str, path: Path, root_resolved: Path) ->
     return None
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# PNG colour type → {bit depth: the mode Pillow reports}, for the combinations the PNG standard allows.
+_PNG_MODES = {
+    0: {1: "1", 2: "L", 4: "L", 8: "L", 16: "I;16"},
+    2: {8: "RGB", 16: "RGB"},
+    3: {1: "P", 2: "P", 4: "P", 8: "P"},
+    4: {8: "LA", 16: "LA"},
+    6: {8: "RGBA", 16: "RGBA"},
+}
+
+
+def _png_header(path: Path) -> tuple[tuple[int, int], str] | None:
+    """Size and mode from a PNG's IHDR chunk (33 bytes, CRC checked), or None to let Pillow decide.
+
+    Opening each file through Pillow is most of the cost of indexing 100,000 images; MVTec is all PNG."""
+    with open(path, "rb") as handle:
+        head = handle.read(33)
+    if len(head) < 33 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    length, = struct.unpack(">I", head[8:12])
+    width, height, depth, colour = struct.unpack(">IIBB", head[16:26])
+    crc, = struct.unpack(">I", head[29:33])
+    mode = _PNG_MODES.get(colour, {}).get(depth)
+    if length != 13 or zlib.crc32(head[12:29]) != crc or not width or not height or mode is None:
+        return None
+    return (height, width), mode
+
+
 def _read_header(path: Path) -> tuple[tuple[int, int] | None, str | None, str | None]:
     """``((height, width), mode, None)`` from the file header, or ``(None, None, error text)``."""
     try:
         if path.stat().st_size == 0:
             return None, None, "the file is empty (0 bytes)"
+        if path.suffix.lower() == ".png":
+            header = _png_header(path)
+            if header is not None:
+                return header[0], header[1], None
         with Image.open(path) as image:
             width, height = image.size
             return (int(height), int(width)), image.mode, None
@@ -202,11 +237,28 @@ def _read_header(path: Path) -> tuple[tuple[int, int] | None, str | None, str | 
         return None, None, f"its header cannot be read ({exc})"
 
 
-def _mask_lookup(folder: Path) -> dict[str, Path]:
-    """Mask files of one ground-truth folder keyed by lower-case name."""
-    if not folder.is_dir():
-        return {}
-    return {child.name.lower(): child for child in _sorted_children(folder) if not child.name.startswith(".")}
+def _scan(folder: Path) -> list[os.DirEntry]:
+    """Directory entries of ``folder`` sorted by name; their file types come from the listing (no stat)."""
+    try:
+        with os.scandir(folder) as listing:
+            return sorted(listing, key=lambda entry: entry.name)
+    except OSError:
+        return []
+
+
+def _inside(folder: Path, root_resolved: Path) -> bool:
+    """Whether ``folder`` (symlinks followed) lies inside the root. Files in such a folder that are not links
+    themselves lie inside too, so they need no resolving of their own."""
+    try:
+        return folder.resolve().is_relative_to(root_resolved)
+    except (OSError, RuntimeError):
+        return False
+
+
+def _mask_lookup(folder: Path) -> dict[str, tuple[Path, bool]]:
+    """Mask files of one ground-truth folder keyed by lower-case name: (path, whether it is a symlink)."""
+    return {entry.name.lower(): (folder / entry.name, entry.is_symlink())
+            for entry in _scan(folder) if not entry.name.startswith(".")}
 
 
 def _check_image(
@@ -214,20 +266,27 @@ def _check_image(
     category: str,
     defect: str,
     image: Path,
-    masks: dict[str, Path],
+    masks: dict[str, tuple[Path, bool]],
+    *,
+    needs_resolve: bool = True,
+    masks_need_resolve: bool = True,
 ) -> DatasetEntry:
-    """Build one row, recording the first problem found as its status and reason."""
+    """Build one row, recording the first problem found as its status and reason.
+
+    ``needs_resolve`` / ``masks_need_resolve``: False when the image's (masks') folder is known to lie inside
+    the root; files that are symlinks are resolved anyway."""
     label = 0 if defect == GOOD else 1
     image_rel = f"{category}/test/{defect}/{image.name}"
     expected_mask_rel = f"{category}/ground_truth/{defect}/{image.stem}{MASK_SUFFIX}"
-    mask = masks.get(f"{image.stem}{MASK_SUFFIX}".lower()) if label else None
+    found = masks.get(f"{image.stem}{MASK_SUFFIX}".lower()) if label else None
+    mask, mask_is_link = found if found is not None else (None, False)
     mask_rel = f"{category}/ground_truth/{defect}/{mask.name}" if mask is not None else None
 
     def row(status: str, reason: str | None, size: tuple[int, int] | None) -> DatasetEntry:
         height, width = size if size is not None else (None, None)
         return DatasetEntry(category, defect, label, image_rel, mask_rel, height, width, status, reason)
 
-    escaped = _escape_reason("image", image_rel, image, root_resolved)
+    escaped = _escape_reason("image", image_rel, image, root_resolved) if needs_resolve else None
     if escaped:
         return row("failed", escaped, None)
     size, _, error = _read_header(image)
@@ -242,7 +301,8 @@ def _check_image(
             "add the mask or exclude this defect type",
             size,
         )
-    escaped = _escape_reason("mask", mask_rel, mask, root_resolved)
+    escaped = (_escape_reason("mask", mask_rel, mask, root_resolved)
+               if masks_need_resolve or mask_is_link else None)
     if escaped:
         return row("failed", escaped, size)
     mask_size, mask_mode, error = _read_header(mask)
@@ -334,15 +394,22 @@ def index_dataset(
         for defect_dir in defect_dirs:
             # Symlinks are kept even when broken or pointing elsewhere: the row then records why it failed.
             images = [
-                child
-                for child in _sorted_children(defect_dir)
-                if _is_image_name(child) and (child.is_symlink() or child.is_file())
+                entry
+                for entry in _scan(defect_dir)
+                if _is_image_name(Path(entry.name)) and (entry.is_symlink() or entry.is_file())
             ]
             if not images:
                 notes.append(f"{category}/test/{defect_dir.name} holds no images")
-            masks = _mask_lookup(root / category / "ground_truth" / defect_dir.name)
+            mask_dir = root / category / "ground_truth" / defect_dir.name
+            masks = _mask_lookup(mask_dir)
+            # One resolve per folder; a file is resolved on its own only when it is a symlink.
+            folder_inside = _inside(defect_dir, root_resolved)
+            masks_inside = bool(masks) and _inside(mask_dir, root_resolved)
             rows.extend(
-                _check_image(root_resolved, category, defect_dir.name, image, masks) for image in images
+                _check_image(root_resolved, category, defect_dir.name, defect_dir / entry.name, masks,
+                             needs_resolve=not folder_inside or entry.is_symlink(),
+                             masks_need_resolve=not masks_inside)
+                for entry in images
             )
         category_defects[category] = tuple(d.name for d in defect_dirs if d.name != GOOD)
         if max_per_class > 0:

@@ -330,6 +330,53 @@ def test_mask_symlink_escaping_the_root_fails(tmp_path: Path) -> None:
     assert entry.reason is not None and "mask cat/ground_truth/crack/000_mask.png resolves to" in entry.reason
 
 
+def test_defect_and_mask_folders_linked_from_outside_fail(tmp_path: Path) -> None:
+    # The index resolves each folder once and trusts plain files inside it: a linked folder must still fail.
+    root = tmp_path / "root"
+    add_test_image(root, "cat", "good", "000.png")
+    write_image(tmp_path / "elsewhere" / "crack" / "000.png", noise_image(8, 8))
+    os.symlink(tmp_path / "elsewhere" / "crack", root / "cat" / "test" / "crack")
+    write_image(root / "cat" / "test" / "hole" / "000.png", noise_image(8, 8))
+    write_image(tmp_path / "masks" / "hole" / "000_mask.png", square_mask(8, 8))
+    (root / "cat" / "ground_truth").mkdir(parents=True)
+    os.symlink(tmp_path / "masks" / "hole", root / "cat" / "ground_truth" / "hole")
+    index = index_dataset(root)
+    crack = entry_by_path(index, "cat/test/crack/000.png")
+    assert crack.status == "failed" and "image cat/test/crack/000.png resolves to" in crack.reason
+    hole = entry_by_path(index, "cat/test/hole/000.png")
+    assert hole.status == "failed" and "mask cat/ground_truth/hole/000_mask.png resolves to" in hole.reason
+    assert entry_by_path(index, "cat/test/good/000.png").status == "ok"
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "I;16", "RGB", "RGBA", "LA", "P"])
+def test_png_header_fast_path_agrees_with_pillow(tmp_path: Path, mode: str) -> None:
+    from PIL import Image
+
+    from scheduler.dataset import _png_header, _read_header
+
+    path = tmp_path / f"{mode.replace(';', '_')}.png"
+    Image.new(mode, (7, 5)).save(path)
+    with Image.open(path) as image:
+        expected = ((image.height, image.width), image.mode)
+    assert _png_header(path) == expected
+    assert _read_header(path) == (*expected, None)
+
+
+def test_png_with_a_damaged_header_goes_through_pillow(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from scheduler.dataset import _png_header, _read_header
+
+    path = tmp_path / "damaged.png"
+    Image.new("L", (7, 5)).save(path)
+    data = bytearray(path.read_bytes())
+    data[29] ^= 0xFF  # the IHDR checksum no longer matches
+    path.write_bytes(bytes(data))
+    assert _png_header(path) is None  # not trusted: Pillow gets to say what is wrong
+    size, mode, error = _read_header(path)
+    assert size is None and mode is None and "Pillow recognises" in error  # the row fails, as before
+
+
 def test_broken_symlink_fails(tmp_path: Path) -> None:
     (tmp_path / "cat" / "test" / "good").mkdir(parents=True)
     os.symlink(tmp_path / "gone.png", tmp_path / "cat" / "test" / "good" / "000.png")
