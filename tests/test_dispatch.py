@@ -1,0 +1,59 @@
+"""Bulk submit writes task messages itself: they must be the messages Celery's ``send_task`` would write."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+
+import pytest
+import redis
+
+from scheduler.dispatch import TaskMessages
+from scheduler.settings import Settings
+from workers.celery_app import make_app
+from workers.queues import IMAGE_QUEUE, PROCESS_IMAGE
+
+pytestmark = pytest.mark.services
+
+# Fields that differ between any two messages (fresh ids) or between two processes.
+PER_MESSAGE = {"id", "root_id", "correlation_id", "delivery_tag", "reply_to", "origin"}
+
+
+def _strip(message: dict) -> dict:
+    out = {}
+    for key, value in message.items():
+        if key in PER_MESSAGE:
+            out[key] = type(value).__name__
+        elif isinstance(value, dict):
+            out[key] = _strip(value)
+        else:
+            out[key] = value
+    return out
+
+
+def test_bulk_messages_equal_send_task_messages() -> None:
+    url = "redis://127.0.0.1:6379/11"
+    client = redis.Redis.from_url(url)
+    client.delete(IMAGE_QUEUE)
+    celery = make_app(Settings(broker_url=url))
+    args = [7, 123456, 1764380000.25]
+    try:
+        with celery.producer_or_acquire() as producer:
+            celery.send_task(PROCESS_IMAGE, args=args, queue=IMAGE_QUEUE, producer=producer)
+        reference = json.loads(client.rpop(IMAGE_QUEUE))
+        ours = json.loads(TaskMessages(celery, PROCESS_IMAGE).encode(args))
+    finally:
+        client.delete(IMAGE_QUEUE)
+    assert _strip(ours) == _strip(reference)
+    assert base64.b64decode(ours["body"]) == base64.b64decode(reference["body"])
+    headers, properties = ours["headers"], ours["properties"]
+    assert headers["id"] == headers["root_id"] == properties["correlation_id"]
+    uuid.UUID(headers["id"]), uuid.UUID(properties["delivery_tag"])  # noqa: B018 - they must parse as UUIDs
+
+
+def test_each_message_gets_its_own_ids() -> None:
+    messages = TaskMessages(make_app(Settings(broker_url="redis://127.0.0.1:6379/11")), PROCESS_IMAGE)
+    first, second = (json.loads(messages.encode([1, i, 0.0])) for i in range(2))
+    assert first["headers"]["id"] != second["headers"]["id"]
+    assert first["properties"]["delivery_tag"] != second["properties"]["delivery_tag"]
