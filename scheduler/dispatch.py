@@ -31,11 +31,17 @@ class ReconcileReport:
 
 def enqueue_images(celery: Celery, repo: Repository, run_id: int, *, visibility_timeout: int,
                    chunk: int = 5000) -> int:
-    """Send one task per queued image lacking a fresh message; returns how many were sent."""
-    image_ids = repo.images_to_enqueue(run_id, stale_after_s=visibility_timeout)
+    """Send one task per queued image lacking a live message; returns how many were sent.
+
+    Images never sent get a message. Images whose message went out more than the visibility timeout ago get a
+    new one only when the image queue is empty: a message waiting in the queue never expires, so with a
+    backlog an old timestamp means "still waiting"; with none, that message is gone (a broker that lost its
+    data, a retry that could not be published) and the image would otherwise never run."""
     sent = 0
     with celery.connection_for_write() as connection:
         channel = connection.default_channel
+        backlog = int(channel.client.llen(IMAGE_QUEUE))
+        image_ids = repo.images_to_enqueue(run_id, stale_after_s=visibility_timeout, resend_stale=backlog == 0)
         # Declared once (kombu records the queue's binding), as Celery's own publish would on its first send.
         connection.Producer(channel).maybe_declare(celery.amqp.queues[IMAGE_QUEUE])
         messages = TaskMessages(celery, PROCESS_IMAGE)

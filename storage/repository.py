@@ -77,6 +77,16 @@ class Completion:
     device: str | None
 
 
+def _locked_in_id_order(*conditions: Any) -> Any:
+    """``images.id IN (...)`` over the rows matching ``conditions``, row-locked in id order first (PostgreSQL;
+    SQLite locks the whole database). Every statement that changes many image rows at once goes through this,
+    so two of them (a bulk mark and a batched claim, say) can never lock rows in opposite orders and deadlock."""
+    images = Image.__table__
+    return images.c.id.in_(
+        select(images.c.id).where(*conditions).order_by(images.c.id).with_for_update()
+    )
+
+
 def _hot_statements() -> dict[str, Any]:
     """The delivery protocol's statements, built once with bound parameters.
 
@@ -88,7 +98,7 @@ def _hot_statements() -> dict[str, Any]:
     give_up = images.c.attempts >= bindparam("max_attempts")
     claim = (
         update(images)
-        .where(images.c.id.in_(bindparam("ids", expanding=True)),
+        .where(_locked_in_id_order(images.c.id.in_(bindparam("ids", expanding=True))),
                or_(images.c.status == "queued",
                    and_(images.c.status == "running", images.c.lease_expires_at < now)))
         .values(
@@ -313,22 +323,22 @@ class Repository:
         if len({c.claim.image_id for c in completions}) != len(completions):
             raise ValueError("complete_many got two results for one image")
         now = utcnow()
-        accepted: list[bool] = []
+        accepted: dict[int, bool] = {}
         touched: set[tuple[int, str]] = set()
         statement = _HOT["complete_sqlite" if self.db.is_sqlite else "complete"]
         with self.db.engine.begin() as connection:
-            for c in completions:
+            for c in sorted(completions, key=lambda c: c.claim.image_id):  # rows locked in id order
                 row = connection.execute(statement, {
                     "row_id": c.claim.image_id, "row_fence": c.claim.fence, "key": c.object_key,
                     "score": c.image_score, "diagnostics": c.diagnostics, "timings": c.timings, "dev": c.device,
                     "now": now,
                 }).first()
-                accepted.append(row is not None)
+                accepted[c.claim.image_id] = row is not None
                 if row is not None and not row._mapping.get("category_dirty"):
                     touched.add((row.run_id, row.category))
             for run_id, category in sorted(touched):
                 self._mark_dirty(connection, run_id, category)
-        return accepted
+        return [accepted[c.claim.image_id] for c in completions]
 
     def fail(self, claim: Claim, error: str, *, max_attempts: int, permanent: bool = False) -> str | None:
         """Record a failed attempt: back to queued for a retry, or ``failed`` (quarantined) when the attempts
@@ -376,10 +386,11 @@ class Repository:
         condition = Image.lease_expires_at < now
         if owners:
             condition = or_(condition, Image.lease_owner.in_(owners))
-        with self.db.session() as session, session.begin():
-            return session.execute(
-                update(Image)
-                .where(Image.run_id == run_id, Image.status == "running", condition)
+        selected = (Image.run_id == run_id, Image.status == "running", condition)
+        with self.db.engine.begin() as connection:
+            return connection.execute(
+                update(Image.__table__)
+                .where(_locked_in_id_order(*selected), *selected)  # re-checked once the rows are locked
                 .values(status="queued", lease_expires_at=None)
             ).rowcount
 
@@ -411,26 +422,33 @@ class Repository:
                 )
             )
 
-    def images_to_enqueue(self, run_id: int, *, stale_after_s: int) -> list[int]:
-        """Queued images with no queue message sent within ``stale_after_s`` (the visibility timeout): those a
-        (re)submit must enqueue. Done, running and freshly enqueued images are left alone."""
-        cutoff = utcnow() - timedelta(seconds=stale_after_s)
+    def images_to_enqueue(self, run_id: int, *, stale_after_s: int, resend_stale: bool = True) -> list[int]:
+        """Queued images that need a queue message: never sent one, or (``resend_stale``) sent one more than
+        ``stale_after_s`` (the visibility timeout) ago. Done, running and freshly enqueued images are left alone.
+
+        Pass ``resend_stale=False`` while the queue still holds a backlog: a message waiting in the queue list
+        does not expire, so an old timestamp then means "still waiting", not "lost"."""
+        condition = Image.enqueued_at.is_(None)
+        if resend_stale:
+            condition = or_(condition, Image.enqueued_at < utcnow() - timedelta(seconds=stale_after_s))
         with self.db.session() as session:
             return list(
                 session.scalars(
                     select(Image.id)
-                    .where(Image.run_id == run_id, Image.status == "queued",
-                           or_(Image.enqueued_at.is_(None), Image.enqueued_at < cutoff))
+                    .where(Image.run_id == run_id, Image.status == "queued", condition)
                     .order_by(Image.id)
                 )
             )
 
     def mark_enqueued(self, image_ids: Sequence[int]) -> None:
         now = utcnow()
-        with self.db.session() as session, session.begin():
-            for start in range(0, len(image_ids), 5000):
-                chunk = list(image_ids[start : start + 5000])
-                session.execute(update(Image).where(Image.id.in_(chunk)).values(enqueued_at=now))
+        for start in range(0, len(image_ids), 1000):
+            chunk = list(image_ids[start : start + 1000])
+            with self.db.engine.begin() as connection:  # short transactions: workers claim these rows meanwhile
+                connection.execute(
+                    update(Image.__table__).where(_locked_in_id_order(Image.__table__.c.id.in_(chunk)))
+                    .values(enqueued_at=now)
+                )
 
     def clear_enqueued(self, run_id: int, *, only_started: bool = False) -> None:
         """Forget the message timestamps of queued rows, so the next (re)submit sends them new messages: all of
@@ -438,8 +456,8 @@ class Repository:
         condition = [Image.run_id == run_id, Image.status == "queued"]
         if only_started:
             condition.append(Image.started_at.is_not(None))
-        with self.db.session() as session, session.begin():
-            session.execute(update(Image).where(*condition).values(enqueued_at=None))
+        with self.db.engine.begin() as connection:
+            connection.execute(update(Image.__table__).where(_locked_in_id_order(*condition)).values(enqueued_at=None))
 
     def running_owners(self, run_id: int) -> list[str]:
         with self.db.session() as session:

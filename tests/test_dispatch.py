@@ -57,3 +57,33 @@ def test_each_message_gets_its_own_ids() -> None:
     first, second = (json.loads(messages.encode([1, i, 0.0])) for i in range(2))
     assert first["headers"]["id"] != second["headers"]["id"]
     assert first["properties"]["delivery_tag"] != second["properties"]["delivery_tag"]
+
+
+def test_old_messages_are_resent_only_once_the_queue_is_empty(tmp_path) -> None:  # noqa: ANN001
+    """A reconcile during a long backlog must not queue the backlog again (the full-size load run did)."""
+    from scheduler.dispatch import enqueue_images
+    from storage.database import Database
+    from storage.repository import PlannedImage, Repository
+
+    url = "redis://127.0.0.1:6379/11"
+    client = redis.Redis.from_url(url)
+    client.delete(IMAGE_QUEUE)
+    database = Database(f"sqlite:///{tmp_path / 'r.sqlite'}")
+    database.migrate()
+    repo = Repository(database)
+    run_id = repo.create_run(name="r", detector="noop", dataset_root="/d", config={}, code_version="t",
+                             model_fingerprint=None, identity_keys=()).id
+    repo.add_images(run_id, [PlannedImage("c", "good", 0, f"c/test/good/{i}.png", None, 8, 8) for i in range(3)])
+    celery = make_app(Settings(broker_url=url))
+    try:
+        assert enqueue_images(celery, repo, run_id, visibility_timeout=1) == 3
+        with database.engine.begin() as connection:  # the messages went out long ago
+            connection.exec_driver_sql("UPDATE images SET enqueued_at = '2000-01-01 00:00:00'")
+        assert enqueue_images(celery, repo, run_id, visibility_timeout=1) == 0  # still waiting in the queue
+        assert client.llen(IMAGE_QUEUE) == 3
+        client.delete(IMAGE_QUEUE)  # the broker lost them
+        assert enqueue_images(celery, repo, run_id, visibility_timeout=1) == 3
+        assert client.llen(IMAGE_QUEUE) == 3
+    finally:
+        client.delete(IMAGE_QUEUE)
+        database.dispose()

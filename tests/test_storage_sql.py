@@ -223,3 +223,59 @@ def test_two_schedulers_planning_the_same_run_at_once(database_url: str) -> None
     assert len(set(run_ids)) == 1 and len(run_ids) == 4
     assert sum(inserted) == 300  # every image got exactly one row
     assert len(repos[0].images(run_ids[0])) == 300
+
+
+def test_old_messages_are_resent_only_when_asked(database_url: str) -> None:
+    repo = _repo(database_url)
+    run_id = _run(repo)
+    repo.add_images(run_id, _planned(3))
+    ids = repo.pending_image_ids(run_id)
+    assert repo.images_to_enqueue(run_id, stale_after_s=60, resend_stale=False) == ids  # never sent
+    repo.mark_enqueued(ids[:2])
+    assert repo.images_to_enqueue(run_id, stale_after_s=60) == ids[2:]
+    time.sleep(1.1)
+    assert repo.images_to_enqueue(run_id, stale_after_s=1, resend_stale=False) == ids[2:]  # backlog: waiting
+    assert repo.images_to_enqueue(run_id, stale_after_s=1, resend_stale=True) == ids  # no backlog: lost
+
+
+@pytest.mark.slow
+def test_bulk_marks_and_batched_claims_never_deadlock(postgres_url: str) -> None:
+    """The full-size load run hit a deadlock: a 5,000-row enqueue mark against workers' batched claims, each
+    locking rows in its own scan order. Both now lock in id order; here they race on a scrambled table."""
+    import random
+
+    repo = _repo(postgres_url)
+    run_id = _run(repo)
+    repo.add_images(run_id, _planned(3000))
+    ids = repo.pending_image_ids(run_id)
+    with repo.db.engine.begin() as connection:  # new row versions in reverse order: heap order ≠ id order
+        for start in range(len(ids), 0, -100):
+            connection.exec_driver_sql(
+                f"UPDATE images SET error = 'x' WHERE id BETWEEN {ids[max(start - 100, 0)]} AND {ids[start - 1]}")
+    errors: list[BaseException] = []
+    stop = time.monotonic() + 4
+
+    def marker() -> None:
+        try:
+            while time.monotonic() < stop:
+                repo.mark_enqueued(list(reversed(ids)))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    def claimer(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            while time.monotonic() < stop:
+                batch = rng.sample(ids, 8)
+                claims = repo.claim_many(batch, f"w{seed}", lease_seconds=60)
+                repo.complete_many([Completion(c, "k", 0.0, {}, {}, "cpu") for c in claims.values()])
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=marker), threading.Thread(target=marker)]
+    threads += [threading.Thread(target=claimer, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
