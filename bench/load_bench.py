@@ -37,8 +37,11 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from queue_bench import _free_port, make_dataset  # noqa: E402 - the same tiny hard-linked dataset
 
-TIMINGS = {"READAR_SOFT_TIME_LIMIT": "2", "READAR_HARD_TIME_LIMIT": "3", "READAR_LEASE_SECONDS": "5",
-           "READAR_VISIBILITY_TIMEOUT": "6"}
+# Short limits, so that the messages of killed workers come back within seconds; the visibility timeout stays
+# above a category's aggregation time (1,000 images a category), or Redis would hand running aggregations out
+# again (a 6 s timeout with 10,000-image categories did: aggregations piled up on every worker).
+TIMINGS = {"READAR_SOFT_TIME_LIMIT": "8", "READAR_HARD_TIME_LIMIT": "10", "READAR_LEASE_SECONDS": "15",
+           "READAR_VISIBILITY_TIMEOUT": "20"}
 
 
 def _children(pid: int) -> list[int]:
@@ -57,7 +60,7 @@ def main() -> int:
     parser.add_argument("--kill-every", type=float, default=60.0, help="seconds between SIGKILLs of a worker")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--categories", type=int, default=10)
+    parser.add_argument("--categories", type=int, default=100)
     parser.add_argument("--drain-minutes", type=float, default=30.0, help="longest wait for the rest after the timed part")
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--seed", type=int, default=0)
@@ -140,7 +143,7 @@ def main() -> int:
                 break
             if time.monotonic() - last_reconcile > 15:
                 reconcile_run(celery, repo, run.id, visibility_timeout=settings.visibility_timeout,
-                              stale_aggregation_s=settings.hard_time_limit)
+                              stale_aggregation_s=settings.visibility_timeout)
                 last_reconcile = time.monotonic()
             peak_memory = max(peak_memory, int(client.info("memory")["used_memory"]))
             time.sleep(1.0)

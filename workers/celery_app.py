@@ -163,6 +163,10 @@ def aggregate_category_task(self: Any, run_id: int, category: str) -> int:
 
     try:
         state = runtime()
+        if not _still_aggregating(state, run_id, category):
+            # A second delivery of a finished aggregation (redelivered after the visibility timeout, or sent
+            # twice): the rows are stored already; running again would only repeat the work.
+            return 0
         rows = aggregate_category(state.repo, state.store, run_id, category)
     except TRANSIENT_ERRORS as exc:
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
@@ -172,6 +176,10 @@ def aggregate_category_task(self: Any, run_id: int, category: str) -> int:
             raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
         raise
     return len(rows)
+
+
+def _still_aggregating(state: WorkerRuntime, run_id: int, category: str) -> bool:
+    return any(c.category == category and c.status == "aggregating" for c in state.repo.categories(run_id))
 
 
 @worker_ready.connect

@@ -100,7 +100,7 @@ def reconcile_command(app: AppContext, run_name: str | None) -> None:
     ]
     for run in runs:
         report = reconcile_run(celery, app.repo, run.id, visibility_timeout=app.settings.visibility_timeout,
-                               stale_aggregation_s=app.settings.hard_time_limit)
+                               stale_aggregation_s=app.settings.visibility_timeout)
         app.console.print(f"{run.name}: {report.leases_expired} expired lease(s) requeued, {report.enqueued} task(s) "
                           f"enqueued, {report.aggregations} aggregation(s) triggered")
 

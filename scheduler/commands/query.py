@@ -87,7 +87,7 @@ def status_command(app: AppContext, run_name: str, watch: bool, interval: float)
 
                     reconcile_run(celery_for(app), app.repo, run.id,
                                   visibility_timeout=app.settings.visibility_timeout,
-                                  stale_aggregation_s=app.settings.hard_time_limit)
+                                  stale_aggregation_s=app.settings.visibility_timeout)
                 run = app.repo.get_run_by_id(run.id)
                 live.update(_status_table(app, run))
                 categories = app.repo.categories(run.id)

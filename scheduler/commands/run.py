@@ -159,7 +159,7 @@ def resume_command(app: AppContext, run_name: str, device: str | None, batch_siz
 
         app.repo.set_run_status(run.id, "running")
         report = reconcile_run(celery_for(app), app.repo, run.id, visibility_timeout=app.settings.visibility_timeout,
-                               stale_aggregation_s=app.settings.hard_time_limit)
+                               stale_aggregation_s=app.settings.visibility_timeout)
         app.console.print(f"run {run.name} resumed: {report.enqueued} task(s) enqueued, {report.leases_expired} "
                           f"expired lease(s) requeued, {report.aggregations} aggregation(s) triggered")
         return
