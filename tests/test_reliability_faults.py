@@ -252,8 +252,7 @@ def test_commit_failure_at_complete_then_redelivery_is_done_once(postgres_url: s
 
     repo, store, run_id = _plan_brick(postgres_url, sample_root, tmp_path)
     image_id = repo.pending_image_ids(run_id)[0]
-    ctx = _context(repo, store, owner="w1", lease_seconds=1)
-    original_complete = repo.complete
+    original_complete = repo.complete_many  # what a task's commit step runs (through its GroupCommit)
     in_complete = threading.local()
     fired: list[str] = []
 
@@ -269,7 +268,8 @@ def test_commit_failure_at_complete_then_redelivery_is_done_once(postgres_url: s
             fired.append("commit")
             raise OperationalError("COMMIT", {}, ConnectionResetError("server closed the connection at COMMIT"))
 
-    repo.complete = complete
+    repo.complete_many = complete
+    ctx = _context(repo, store, owner="w1", lease_seconds=1)
     event.listen(repo.db.engine, "commit", fail_commit_once)
     try:
         with pytest.raises(OperationalError):  # the Celery task turns this into a retry with backoff
