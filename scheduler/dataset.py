@@ -155,8 +155,8 @@ def _is_visible_dir(path: Path) -> bool:
     return not path.name.startswith(".") and path.is_dir()
 
 
-def _is_image_name(path: Path) -> bool:
-    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _sorted_children(folder: Path) -> list[Path]:
@@ -384,7 +384,7 @@ def index_dataset(
         test_dir = root / category / "test"
         children = _sorted_children(test_dir)
         defect_dirs = [child for child in children if _is_visible_dir(child) and child.name not in excluded]
-        stray = [child.name for child in children if child.is_file() and _is_image_name(child)]
+        stray = [child.name for child in children if child.is_file() and _is_image_name(child.name)]
         if stray:
             notes.append(
                 f"{category}/test holds {len(stray)} image(s) outside a defect folder (e.g. {stray[0]}); "
@@ -396,7 +396,7 @@ def index_dataset(
             images = [
                 entry
                 for entry in _scan(defect_dir)
-                if _is_image_name(Path(entry.name)) and (entry.is_symlink() or entry.is_file())
+                if _is_image_name(entry.name) and (entry.is_symlink() or entry.is_file())
             ]
             if not images:
                 notes.append(f"{category}/test/{defect_dir.name} holds no images")

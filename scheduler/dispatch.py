@@ -44,12 +44,12 @@ def enqueue_images(celery: Celery, repo: Repository, run_id: int, *, visibility_
         image_ids = repo.images_to_enqueue(run_id, stale_after_s=visibility_timeout, resend_stale=backlog == 0)
         # Declared once (kombu records the queue's binding), as Celery's own publish would on its first send.
         connection.Producer(channel).maybe_declare(celery.amqp.queues[IMAGE_QUEUE])
-        messages = TaskMessages(celery, PROCESS_IMAGE)
+        messages = TaskMessages(PROCESS_IMAGE, IMAGE_QUEUE)
         for start in range(0, len(image_ids), chunk):
             batch = image_ids[start : start + chunk]
             now = time.time()
             # One LPUSH carries the whole chunk; the rows are marked as enqueued only after Redis took it.
-            channel.client.lpush(IMAGE_QUEUE, *(messages.encode([run_id, image_id, now]) for image_id in batch))
+            channel.client.lpush(messages.queue, *(messages.encode([run_id, image_id, now]) for image_id in batch))
             repo.mark_enqueued(batch)
             sent += len(batch)
     return sent
@@ -64,12 +64,11 @@ class TaskMessages:
     field), so workers cannot tell the difference.
     """
 
-    def __init__(self, celery: Celery, task_name: str) -> None:
+    def __init__(self, task_name: str, queue: str) -> None:
         self.task_name = task_name
-        self.queue = IMAGE_QUEUE
+        self.queue = queue
         self.origin = f"gen{os.getpid()}@{socket.gethostname()}"
         self.reply_to = str(uuid.uuid4())  # no replies are read (results are ignored); Celery sets one anyway
-        self.content_type = "application/json"
         self._embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
     def encode(self, args: list[Any]) -> str:
@@ -78,7 +77,7 @@ class TaskMessages:
         return json.dumps({
             "body": base64.b64encode(body.encode()).decode(),
             "content-encoding": "utf-8",
-            "content-type": self.content_type,
+            "content-type": "application/json",
             "headers": {
                 "lang": "py", "task": self.task_name, "id": task_id, "shadow": None, "eta": None,
                 "expires": None, "group": None, "group_index": None, "retries": 0, "timelimit": [None, None],

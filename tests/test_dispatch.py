@@ -42,7 +42,7 @@ def test_bulk_messages_equal_send_task_messages() -> None:
         with celery.producer_or_acquire() as producer:
             celery.send_task(PROCESS_IMAGE, args=args, queue=IMAGE_QUEUE, producer=producer)
         reference = json.loads(client.rpop(IMAGE_QUEUE))
-        ours = json.loads(TaskMessages(celery, PROCESS_IMAGE).encode(args))
+        ours = json.loads(TaskMessages(PROCESS_IMAGE, IMAGE_QUEUE).encode(args))
     finally:
         client.delete(IMAGE_QUEUE)
     assert _strip(ours) == _strip(reference)
@@ -53,7 +53,7 @@ def test_bulk_messages_equal_send_task_messages() -> None:
 
 
 def test_each_message_gets_its_own_ids() -> None:
-    messages = TaskMessages(make_app(Settings(broker_url="redis://127.0.0.1:6379/11")), PROCESS_IMAGE)
+    messages = TaskMessages(PROCESS_IMAGE, IMAGE_QUEUE)
     first, second = (json.loads(messages.encode([1, i, 0.0])) for i in range(2))
     assert first["headers"]["id"] != second["headers"]["id"]
     assert first["properties"]["delivery_tag"] != second["properties"]["delivery_tag"]
