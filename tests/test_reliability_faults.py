@@ -214,7 +214,7 @@ def test_postgresql_restarted_mid_run(tmp_path: Path, private_redis: PrivateRedi
         _stop_fast(cluster)
 
 
-# ---------------------------------------------------------------- 5. a transaction that fails at commit
+# ---------------------------------------------------------------- 5. the commit of a result failing
 def _plan_brick(url: str, root: Path, tmp_path: Path, name: str = "faults"):  # noqa: ANN202
     from scheduler.planner import RunRequest, plan_run
     from storage.database import Database
@@ -241,9 +241,12 @@ def _context(repo, store, **kwargs):  # noqa: ANN001, ANN202
                          **kwargs)
 
 
+# On PostgreSQL a result commits in one autocommit statement; the connection can fail before the server ran it
+# (nothing committed) or after (committed, but the worker never heard). Both must end with one result.
 @pytest.mark.services
+@pytest.mark.parametrize("when", ["before", "after"])
 def test_commit_failure_at_complete_then_redelivery_is_done_once(postgres_url: str, sample_root: Path,
-                                                                  tmp_path: Path) -> None:
+                                                                  tmp_path: Path, when: str) -> None:
     from sqlalchemy import event
     from sqlalchemy.exc import OperationalError
 
@@ -252,39 +255,36 @@ def test_commit_failure_at_complete_then_redelivery_is_done_once(postgres_url: s
 
     repo, store, run_id = _plan_brick(postgres_url, sample_root, tmp_path)
     image_id = repo.pending_image_ids(run_id)[0]
-    original_complete = repo.complete_many  # what a task's commit step runs (through its GroupCommit)
-    in_complete = threading.local()
     fired: list[str] = []
 
-    def complete(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        in_complete.active = True
-        try:
-            return original_complete(*args, **kwargs)
-        finally:
-            in_complete.active = False
+    def fail_once(_connection, _cursor, statement, *_args) -> None:  # noqa: ANN001, ANN002
+        if not fired and statement.lstrip().startswith("WITH results AS"):  # the result commit
+            fired.append(when)
+            raise OperationalError(statement[:40], {}, ConnectionResetError("server closed the connection"))
 
-    def fail_commit_once(_connection) -> None:  # noqa: ANN001
-        if getattr(in_complete, "active", False) and not fired:
-            fired.append("commit")
-            raise OperationalError("COMMIT", {}, ConnectionResetError("server closed the connection at COMMIT"))
-
-    repo.complete_many = complete
     ctx = _context(repo, store, owner="w1", lease_seconds=1)
-    event.listen(repo.db.engine, "commit", fail_commit_once)
+    event.listen(repo.db.engine, f"{when}_cursor_execute", fail_once)
     try:
         with pytest.raises(OperationalError):  # the Celery task turns this into a retry with backoff
             process_image(ctx, run_id, image_id)
-        assert fired == ["commit"]
+        assert fired == [when]
         row = repo.image(image_id)
-        assert row.status == "running" and row.object_key is None  # the commit never happened
-        time.sleep(1.2)  # the lease of the failed attempt runs out; the broker redelivers
-        assert process_image(_context(repo, store, owner="w2", lease_seconds=30), run_id, image_id) == "done"
+        if when == "before":
+            assert row.status == "running" and row.object_key is None  # the commit never happened
+            time.sleep(1.2)  # the lease of the failed attempt runs out; the broker redelivers
+            assert process_image(_context(repo, store, owner="w2", lease_seconds=30), run_id, image_id) == "done"
+            expected = ("done", "w2", 2, 2)
+        else:
+            assert row.status == "done"  # committed; only the answer was lost
+            assert process_image(_context(repo, store, owner="w2", lease_seconds=30), run_id,
+                                 image_id) == "not-claimed"  # the retry finds it done
+            expected = ("done", "w1", 1, 1)
         assert process_image(ctx, run_id, image_id) == "not-claimed"  # a late duplicate changes nothing
     finally:
-        event.remove(repo.db.engine, "commit", fail_commit_once)
+        event.remove(repo.db.engine, f"{when}_cursor_execute", fail_once)
         ctx.batcher.close()
     row = repo.image(image_id)
-    assert (row.status, row.worker, row.attempts, row.fence) == ("done", "w2", 2, 2)
+    assert (row.status, row.worker, row.attempts, row.fence) == expected
     assert store.list(f"runs/{run_id}/images") == [image_object_key(run_id, image_id)]
 
 

@@ -155,9 +155,15 @@ def test_an_image_whose_worker_always_dies_is_quarantined_at_claim(database_url:
     for owner in ("w1", "w2"):
         assert repo.claim(image_id, owner, lease_seconds=60, max_attempts=2) is not None
         repo.release_expired_or_orphaned(run_id, [owner])  # the owner died
+    with repo.db.engine.begin() as connection:  # as after an earlier aggregation: nothing new to aggregate
+        connection.exec_driver_sql("UPDATE categories SET dirty = false")
     assert repo.claim(image_id, "w3", lease_seconds=60, max_attempts=2) is None
     row = repo.image(image_id)
     assert row.status == "failed" and "quarantined" in row.error
+    # The quarantine finished the category in the same statement: it is flagged, and aggregates.
+    (category,) = repo.categories(run_id)
+    assert category.dirty is True
+    assert repo.try_start_aggregation(run_id, "bottle") is True
 
 
 def test_permanent_errors_fail_at_once_and_release_does_not_count(database_url: str) -> None:
