@@ -6,7 +6,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.redact import redact_text, redact_url
@@ -49,6 +49,18 @@ class Database:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Same pool, no BEGIN/COMMIT round trips: for single statements that need no transaction around them.
         self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        # The delivery protocol's statements (Repository claim, complete, aggregation check) run several times
+        # per image. On PostgreSQL they get their own small autocommit pool whose sessions keep generic plans:
+        # otherwise PostgreSQL re-plans these prepared statements on every execution (their custom plans look
+        # cheaper than the generic one), which cost about as much server CPU as running them.
+        self.protocol: Engine = self.autocommit
+        if not self.is_sqlite:
+            options = " ".join(filter(None, [make_url(url).query.get("options"),
+                                             "-c plan_cache_mode=force_generic_plan"]))
+            self.protocol = create_engine(
+                url, echo=echo, pool_recycle=1800, pool_size=3, max_overflow=10, isolation_level="AUTOCOMMIT",
+                connect_args={**connect_args, "options": options},
+            )
 
     def session(self) -> Session:
         return self.sessions()
@@ -71,3 +83,5 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self.protocol is not self.autocommit:
+            self.protocol.dispose()

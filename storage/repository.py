@@ -166,7 +166,9 @@ _HOT = _hot_statements()
 # second statement in the transaction is a data-modifying CTE, so each step stays atomic. Rows are locked in id
 # order first, like every multi-row update of ``images`` (see _locked_in_id_order). The texts go straight to
 # the driver (pyformat parameters): no statement compilation on the hot path.
-_ACTIVE_SQL = ", ".join(f"'{status}'" for status in ACTIVE_STATUSES)
+_NO_ACTIVE_SQL = " AND ".join(
+    f"NOT EXISTS (SELECT 1 FROM images WHERE run_id = %(run)s AND category = %(category)s AND status = '{status}')"
+    for status in ACTIVE_STATUSES)
 _PG_HOT = {
     "claim": """
 WITH locked AS (
@@ -219,12 +221,13 @@ WITH results AS (
     WHERE NOT dirty AND (run_id, category) IN (SELECT run_id, category FROM done)
 )
 SELECT id FROM done""",
-    # NOT EXISTS stops at the first active row (index on run, category, status).
+    # One NOT EXISTS per active status, each an equality on all three columns of the (run, category, status)
+    # index: it stops at the first active row. (With ``status IN (...)`` PostgreSQL filtered the status
+    # instead, reading every done row of the category on every check.)
     "start_aggregation": f"""
 UPDATE categories SET status = 'aggregating', dirty = false, aggregating_since = %(now)s
 WHERE run_id = %(run)s AND category = %(category)s
-  AND NOT EXISTS (SELECT 1 FROM images WHERE run_id = %(run)s AND category = %(category)s
-                                         AND status IN ({_ACTIVE_SQL}))
+  AND {_NO_ACTIVE_SQL}
   AND ((dirty AND status <> 'aggregating') OR (status = 'aggregating' AND aggregating_since < %(stale)s))""",
 }
 
@@ -367,7 +370,7 @@ class Repository:
                 for run_id, category in sorted({(r.run_id, r.category) for r in rows if r.status == "failed"}):
                     self._mark_dirty(connection, run_id, category)
         else:
-            with self.db.autocommit.connect() as connection:
+            with self.db.protocol.connect() as connection:
                 rows = connection.exec_driver_sql(_PG_HOT["claim"], parameters).all()
         return {
             int(r.id): Claim(int(r.id), int(r.fence), int(r.attempts), run_id=int(r.run_id), category=r.category,
@@ -392,7 +395,7 @@ class Repository:
             return []
         now = utcnow()
         if not self.db.is_sqlite:
-            with self.db.autocommit.connect() as connection:
+            with self.db.protocol.connect() as connection:
                 accepted = set(connection.exec_driver_sql(_PG_HOT["complete"], {
                     "ids": [c.claim.image_id for c in completions],
                     "fences": [c.claim.fence for c in completions],
@@ -606,7 +609,7 @@ class Repository:
         statement and commits on its own."""
         now = utcnow()
         stale = now - timedelta(seconds=stale_after_s)
-        with self.db.autocommit.connect() as connection:
+        with self.db.protocol.connect() as connection:
             if self.db.is_sqlite:
                 return [
                     bool(connection.execute(_HOT["start_aggregation"], {

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -263,7 +262,7 @@ def test_commit_failure_at_complete_then_redelivery_is_done_once(postgres_url: s
             raise OperationalError(statement[:40], {}, ConnectionResetError("server closed the connection"))
 
     ctx = _context(repo, store, owner="w1", lease_seconds=1)
-    event.listen(repo.db.engine, f"{when}_cursor_execute", fail_once)
+    event.listen(repo.db.protocol, f"{when}_cursor_execute", fail_once)
     try:
         with pytest.raises(OperationalError):  # the Celery task turns this into a retry with backoff
             process_image(ctx, run_id, image_id)
@@ -281,7 +280,7 @@ def test_commit_failure_at_complete_then_redelivery_is_done_once(postgres_url: s
             expected = ("done", "w1", 1, 1)
         assert process_image(ctx, run_id, image_id) == "not-claimed"  # a late duplicate changes nothing
     finally:
-        event.remove(repo.db.engine, f"{when}_cursor_execute", fail_once)
+        event.remove(repo.db.protocol, f"{when}_cursor_execute", fail_once)
         ctx.batcher.close()
     row = repo.image(image_id)
     assert (row.status, row.worker, row.attempts, row.fence) == expected
