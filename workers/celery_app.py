@@ -23,6 +23,7 @@ from storage.database import DatabaseError
 from storage.objects import ObjectStoreError
 from storage.redact import redact_url
 from workers.broker import TRANSPORT_PATH
+from workers.consumer import CONSUMER_PATH
 from workers.monitoring import IMAGES, QUEUE_WAIT, Heartbeat, start_metrics_server
 from workers.queues import AGGREGATE_CATEGORY, AGGREGATE_QUEUE, IMAGE_QUEUE, PROCESS_IMAGE
 from workers.runtime import WorkerRuntime
@@ -67,6 +68,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": settings.hard_time_limit,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_send_task_events": settings.task_events,
+        "worker_consumer": CONSUMER_PATH,  # task events sent in batches (workers/consumer.py)
         "task_send_sent_event": False,  # workers send received/started/succeeded events; one less message per task
         "task_default_queue": IMAGE_QUEUE,
         "task_routes": {PROCESS_IMAGE: {"queue": IMAGE_QUEUE}, AGGREGATE_CATEGORY: {"queue": AGGREGATE_QUEUE}},
