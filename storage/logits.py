@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from storage.npz import read_npz, write_npz
+
 # Logit used for an image whose detector produced no mask at all (e.g. READ generated no [SEG] token):
 # probability 0 everywhere, still finite so the metrics treat it as an ordinary (lowest) score.
 NO_MASK_LOGIT = float(np.finfo(np.float16).min)
@@ -108,26 +110,25 @@ def full_resolution_logits(stored: StoredLogits) -> np.ndarray:
 
 
 def encode_logits(stored: StoredLogits) -> bytes:
-    """Serialise to an ``.npz`` byte string (plain numeric arrays only: readable without pickle)."""
-    buffer = io.BytesIO()
-    np.savez(
-        buffer,
-        format_version=np.array(FORMAT_VERSION, dtype=np.int64),
-        maps=stored.maps,
-        original_size=np.array(stored.original_size, dtype=np.int64),
-        input_size=np.array(stored.input_size if stored.input_size else (-1, -1), dtype=np.int64),
-        frame_size=np.array(stored.frame_size, dtype=np.int64),
-    )
-    return buffer.getvalue()
+    """Serialise to an ``.npz`` byte string (plain numeric arrays only: readable by ``np.load``, no pickle)."""
+    return write_npz({
+        "format_version": np.array(FORMAT_VERSION, dtype=np.int64),
+        "maps": stored.maps,
+        "original_size": np.array(stored.original_size, dtype=np.int64),
+        "input_size": np.array(stored.input_size if stored.input_size else (-1, -1), dtype=np.int64),
+        "frame_size": np.array(stored.frame_size, dtype=np.int64),
+    })
 
 
 def decode_logits(data: bytes, *, source: str = "logit object") -> StoredLogits:
     """Inverse of :func:`encode_logits`; ``source`` names the object in error messages."""
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a format error for the caller
-        raise LogitFormatError(f"{source} is not a READAR logit archive: {exc}") from exc
+    arrays = read_npz(data)  # the fast path for what encode_logits writes
+    if arrays is None:
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a format error for the caller
+            raise LogitFormatError(f"{source} is not a READAR logit archive: {exc}") from exc
     missing = {"format_version", "maps", "original_size", "input_size", "frame_size"} - arrays.keys()
     if missing:
         raise LogitFormatError(f"{source} lacks arrays {sorted(missing)}")

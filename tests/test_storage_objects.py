@@ -28,6 +28,45 @@ def test_logits_round_trip_keeps_geometry_and_values() -> None:
     np.testing.assert_array_equal(back.maps, maps)
 
 
+@pytest.mark.parametrize("array", [
+    np.array(7, np.int64), np.array([3, -1], np.int64), np.zeros((0, 4, 5), np.float16),
+    np.arange(12, dtype=np.uint8).reshape(3, 4), np.array([True, False]),
+    np.random.default_rng(1).normal(size=(1, 256, 256)).astype(np.float16),
+    np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+], ids=["0-d", "1-d", "empty", "uint8", "bool", "sam-sized", "fortran"])
+def test_npz_writer_is_what_numpy_reads_and_the_fast_reader_agrees(array: np.ndarray) -> None:
+    from storage.npz import read_npz, write_npz
+
+    data = write_npz({"a": array, "b": np.array(1, np.int64)})
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        from_numpy = archive["a"]
+    fast = read_npz(data)
+    assert fast is not None
+    for back in (from_numpy, fast["a"]):
+        assert back.dtype == array.dtype and back.shape == array.shape
+        np.testing.assert_array_equal(back, array)
+    member = io.BytesIO()  # each member is byte for byte what numpy itself writes for the array
+    np.lib.format.write_array(member, np.require(array, requirements="C"), version=(1, 0))
+    assert member.getvalue() in data
+
+
+def test_archives_written_by_numpy_and_damaged_archives_take_numpys_path() -> None:
+    from storage.npz import read_npz
+
+    stored = StoredLogits(np.ones((1, 3, 3), np.float16), original_size=(3, 3))
+    legacy = io.BytesIO()  # how earlier READAR versions wrote logit objects
+    np.savez(legacy, format_version=np.array(1, np.int64), maps=stored.maps, original_size=np.array([3, 3]),
+             input_size=np.array([-1, -1]), frame_size=np.array(1024))
+    assert read_npz(legacy.getvalue()) is None  # zip64 fields: not the fast layout
+    back = decode_logits(legacy.getvalue())
+    np.testing.assert_array_equal(back.maps, stored.maps)
+    damaged = bytearray(encode_logits(stored))
+    damaged[damaged.index(b"\x93NUMPY", 200) + 130] ^= 0xFF  # a flipped byte in the maps' data
+    assert read_npz(bytes(damaged)) is None  # the checksum no longer matches
+    with pytest.raises(LogitFormatError, match="not a READAR logit archive"):
+        decode_logits(bytes(damaged))
+
+
 def test_full_resolution_of_low_res_maps_follows_the_crop_geometry() -> None:
     # Low-res maps cover a 1024 frame whose valid part is the top-left input_size region. Put +8 in the
     # valid region's left half, -8 elsewhere (including the padding): the full map must split at the middle.
