@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from storage.logits import decode_logits, full_resolution_logits
-from storage.objects import ObjectStore, category_state_key
+from storage.logits import LogitFormatError, decode_logits, full_resolution_logits
+from storage.objects import ObjectMissingError, ObjectStore, category_state_key
 from storage.paths import resolve_inside
 from storage.repository import Repository
 
@@ -22,6 +22,21 @@ log = logging.getLogger(__name__)
 
 class AggregationError(RuntimeError):
     """A category could not be aggregated; the message names the category and the cause."""
+
+
+class LostResultsError(AggregationError):
+    """Some done images of the category have no readable logit object (missing, truncated or failing its
+    checksum: e.g. a power failure before the local store reached the disk). Those images are queued again and
+    the category aggregates once they are done; ``image_ids`` says which."""
+
+    def __init__(self, category: str, image_ids: list[int], paths: list[str]) -> None:
+        self.category = category
+        self.image_ids = image_ids
+        shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+        super().__init__(
+            f"category {category!r}: the stored results of {len(image_ids)} image(s) are missing or damaged "
+            f"({shown}); they are queued to be computed again and the category aggregates once they finish"
+        )
 
 
 def aggregate_category(
@@ -41,8 +56,14 @@ def aggregate_category(
     failed = sum(r.status == "failed" for r in rows)
     accumulator = ScopedAccumulator()
     used = 0
+    lost = []
     for position, row in enumerate(done, start=1):
-        stored = decode_logits(store.get(row.object_key), source=f"logits of {row.image_path}")
+        try:
+            stored = decode_logits(store.get(row.object_key), source=f"logits of {row.image_path}")
+        except (ObjectMissingError, LogitFormatError) as exc:  # an unreachable store still raises: retried
+            log.warning("result of %s is lost: %s", row.image_path, exc)
+            lost.append(row)
+            continue
         logits = full_resolution_logits(stored)
         try:
             mask = None
@@ -56,6 +77,11 @@ def aggregate_category(
         used += 1
         if progress is not None:
             progress(position, len(done))
+    if lost:
+        repo.requeue_lost_results(run_id, [r.id for r in lost], "result lost (logit object missing or damaged); "
+                                                                 "computing again")
+        repo.reopen_aggregation(run_id, category)
+        raise LostResultsError(category, [r.id for r in lost], [r.image_path for r in lost])
     metric_rows = accumulator.rows(include_summary=False)
     for metric_row in metric_rows:
         metric_row["num_skipped"] = skipped

@@ -26,7 +26,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from metrics.aggregator import aggregate_category, refresh_summary
+from metrics.aggregator import LostResultsError, aggregate_category, refresh_summary
 from storage.models import Run
 from storage.objects import ObjectStore
 from storage.repository import Repository
@@ -92,7 +92,10 @@ def execute_run(
 
     def aggregate(run_id: int, category: str) -> None:
         with lock:  # one aggregation at a time keeps memory flat
-            aggregate_category(repo, store, run_id, category)
+            try:
+                aggregate_category(repo, store, run_id, category)
+            except LostResultsError as exc:  # those images are queued again; this run computes them below
+                console.print(f"[yellow]{exc}")
 
     batcher = Batcher(detector.detect, max_batch=batch_size)
     ctx = WorkerContext(
@@ -156,6 +159,13 @@ def execute_run(
     for record in repo.categories(run.id):
         if repo.try_start_aggregation(run.id, record.category, stale_after_s=0):
             aggregate(run.id, record.category)
+    if repo.pending_image_ids(run.id):  # results found lost while aggregating: compute those images again
+        again = execute_run(repo, store, run, detector, batch_size=batch_size, lease_seconds=lease_seconds,
+                            max_attempts=max_attempts, device=device, console=console, secrets=secrets,
+                            image_hook=image_hook)
+        for outcome, count in outcomes.items():
+            again.processed[outcome] = again.processed.get(outcome, 0) + count
+        return again
     if all(c.status == "done" for c in repo.categories(run.id)):
         refresh_summary(repo, store, run.id)
         repo.set_run_status(run.id, "done" if repo.active_count(run.id) == 0 else "running")

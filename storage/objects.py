@@ -20,6 +20,10 @@ class ObjectStoreError(RuntimeError):
     """An object could not be read or written; the message names the key and the store (redacted)."""
 
 
+class ObjectMissingError(ObjectStoreError):
+    """The object does not exist (as opposed to a store that cannot be reached)."""
+
+
 def image_object_key(run_id: int, image_id: int) -> str:
     """The fixed key of an image's logits: a rerun overwrites the same object (DESIGN.md section 2)."""
     return f"runs/{int(run_id)}/images/{int(image_id)}.npz"
@@ -61,7 +65,13 @@ class ObjectStore:
 
     def put(self, key: str, data: bytes) -> None:
         """Write an object whole. Local writes go to a temporary name and are renamed into place, so a reader
-        never sees a partial object; S3 PUTs are atomic by nature."""
+        never sees a partial object; S3 PUTs are atomic by nature.
+
+        Local writes are not forced to disk one by one (an fsync per object was the largest single cost of a
+        short task: a journal commit each time). A crash of the process loses nothing (the page cache holds
+        the bytes); a power failure can lose the last seconds of objects whose rows already say done. Such a
+        result is not lost silently: every object carries checksums, the aggregator finds it missing or
+        damaged, and the image is computed again (metrics/aggregator.py, LostResultsError)."""
         path = self._path(key)
         try:
             if self.is_local:
@@ -71,8 +81,6 @@ class ObjectStore:
                 try:
                     with open(temporary, "wb") as handle:
                         handle.write(data)
-                        handle.flush()
-                        os.fsync(handle.fileno())
                     os.replace(temporary, path)
                 finally:
                     if os.path.exists(temporary):
@@ -87,7 +95,7 @@ class ObjectStore:
         try:
             return self.filesystem.cat_file(path)
         except FileNotFoundError as exc:
-            raise ObjectStoreError(f"object {key!r} does not exist in {self.describe()}") from exc
+            raise ObjectMissingError(f"object {key!r} does not exist in {self.describe()}") from exc
         except Exception as exc:  # noqa: BLE001 - any client failure is a store error
             raise self._error("read", key, exc) from exc
 

@@ -622,6 +622,20 @@ class Repository:
                 for run_id, category in keys
             ]
 
+    def requeue_lost_results(self, run_id: int, image_ids: Sequence[int], error: str) -> int:
+        """Done images whose logit object is missing or damaged go back to ``queued`` to be computed again (a
+        new fence: a late writer of the old result cannot commit). Attempts are kept, so an image whose result
+        keeps getting lost ends quarantined like any other repeated failure. Returns how many were queued."""
+        images = Image.__table__
+        with self.db.engine.begin() as connection:
+            return int(connection.execute(
+                update(images)
+                .where(_locked_in_id_order(images.c.id.in_(list(image_ids)), images.c.run_id == run_id,
+                                           images.c.status == "done"))
+                .values(status="queued", object_key=None, image_score=None, enqueued_at=None, lease_owner=None,
+                        lease_expires_at=None, finished_at=None, fence=images.c.fence + 1, error=error)
+            ).rowcount)
+
     def reopen_aggregation(self, run_id: int, category: str) -> None:
         """A failed aggregator gives the category back: it is due again."""
         with self.db.session() as session, session.begin():

@@ -327,16 +327,16 @@ def test_a_write_failing_half_way_is_never_read_back(sqlite_url: str, sample_roo
     repo, store, run_id = _plan_brick(sqlite_url, sample_root, tmp_path)
     image_id = repo.pending_image_ids(run_id)[0]
     ctx = _context(repo, store, owner="w", max_attempts=3)
-    real_fsync = os.fsync
-    calls: list[int] = []
+    real_replace = os.replace
+    calls: list[str] = []
 
-    def fsync_fails_once(fd: int) -> None:  # the bytes are half on disk when the device gives up
+    def rename_fails_once(source: str, target: str) -> None:  # the bytes are on disk, the rename is refused
         if not calls:
-            calls.append(fd)
+            calls.append(target)
             raise OSError(errno.EIO, "Input/output error")
-        real_fsync(fd)
+        real_replace(source, target)
 
-    monkeypatch.setattr(os, "fsync", fsync_fails_once)
+    monkeypatch.setattr(os, "replace", rename_fails_once)
     assert process_image(ctx, run_id, image_id) == "transient"  # the store failed, not the image
     row = repo.image(image_id)
     assert row.status == "queued" and "cannot write object" in row.error and row.object_key is None
@@ -528,3 +528,88 @@ def test_disk_full_is_recorded_and_the_run_resumes(tmp_path: Path, sample_root: 
     assert {r.status for r in rows} == {"done"}, [(r.image_path, r.status, r.error) for r in rows
                                                   if r.status != "done"]
     assert read_metrics_csv(work / "results" / "full.csv") == brick_reference
+
+
+# ---------------------------------------------------------------- 11. results lost after their rows said done
+# The local store does not fsync each object: a power failure can leave an object missing or cut short while its
+# row says done. The aggregator must notice (checksums), and the image must be computed again.
+def _process_without_aggregating(repo, store, run_id: int) -> None:  # noqa: ANN001
+    from workers.task import process_image
+
+    ctx = _context(repo, store, owner="w")  # no on_category_complete: the power fails before any aggregation
+    assert [process_image(ctx, run_id, i) for i in repo.pending_image_ids(run_id)] == ["done"] * 12
+    ctx.batcher.close()
+
+
+def _lose_two_results(repo, store, run_id: int, tmp_path: Path) -> list[int]:  # noqa: ANN001
+    first, second = sorted(r.id for r in repo.images(run_id))[3:5]
+    (tmp_path / "objects" / repo.image(first).object_key).unlink()  # never reached the disk
+    damaged = tmp_path / "objects" / repo.image(second).object_key
+    damaged.write_bytes(damaged.read_bytes()[:100])  # cut short
+    return [first, second]
+
+
+def test_lost_results_are_computed_again_by_the_embedded_run(sqlite_url: str, sample_root: Path, tmp_path: Path,
+                                                             brick_reference: dict) -> None:
+    from click.testing import CliRunner
+
+    from scheduler.cli import cli
+
+    repo, store, run_id = _plan_brick(sqlite_url, sample_root, tmp_path)
+    _process_without_aggregating(repo, store, run_id)
+    lost = _lose_two_results(repo, store, run_id, tmp_path)
+    base = ["--work-dir", str(tmp_path / "work"), "--database-url", sqlite_url, "--object-store-url",
+            str(tmp_path / "objects")]
+    runner = CliRunner()
+    resumed = runner.invoke(cli, [*base, "resume", "faults"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "missing or damaged" in resumed.output and "computed again" in resumed.output
+    for image_id in lost:
+        row = repo.image(image_id)
+        # claimed (fence 1), found lost (fence 2: a late writer of the old result is refused), claimed again
+        assert (row.status, row.attempts, row.fence) == ("done", 2, 3), (row.status, row.error)
+    assert {r.status for r in repo.images(run_id)} == {"done"}
+    result = runner.invoke(cli, [*base, "metrics", "faults", "--out-csv", str(tmp_path / "m.csv")])
+    assert result.exit_code == 0, result.output
+    assert read_metrics_csv(tmp_path / "m.csv") == brick_reference
+
+
+@pytest.mark.services
+def test_lost_results_found_by_the_aggregate_task_are_sent_again(sqlite_url: str, sample_root: Path,
+                                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    import base64
+    import json
+
+    import redis
+
+    import workers.celery_app as celery_app
+    from scheduler.settings import Settings
+    from workers.runtime import WorkerRuntime
+
+    repo, store, run_id = _plan_brick(sqlite_url, sample_root, tmp_path)
+    _process_without_aggregating(repo, store, run_id)
+    lost = _lose_two_results(repo, store, run_id, tmp_path)
+    broker = "redis://127.0.0.1:6379/13"
+    redis.Redis.from_url(broker).flushdb()
+    settings = Settings(broker_url=broker, database_url=sqlite_url, object_store_url=str(tmp_path / "objects"),
+                        work_dir=tmp_path / "work")
+    runtime = WorkerRuntime(settings)
+    monkeypatch.setattr(celery_app, "app", celery_app.make_app(settings))  # what this worker's app is
+    monkeypatch.setattr(celery_app, "_runtime", runtime)
+    try:
+        assert repo.try_start_aggregation(run_id, "brick")  # the last finisher's compare-and-set
+        assert celery_app.aggregate_category_task(run_id, "brick") == 0
+        (category,) = repo.categories(run_id)
+        assert (category.status, category.dirty) == ("open", True) and repo.metric_rows(run_id) == []
+        messages = redis.Redis.from_url(broker).lrange("readar.images", 0, -1)
+        # kombu's envelope around Celery's body: [args, kwargs, embed], args = [run id, image id, sent at]
+        sent = sorted(json.loads(base64.b64decode(json.loads(m)["body"]))[0][1] for m in messages)
+        assert sent == sorted(lost)
+        for image_id in lost:
+            row = repo.image(image_id)
+            assert row.status == "queued" and row.enqueued_at is not None and "lost" in row.error
+    finally:
+        runtime.close()
+        redis.Redis.from_url(broker).flushdb()
+

@@ -139,10 +139,10 @@ def test_local_store_failed_write_leaves_no_partial_object(tmp_path: Path, monke
     store = ObjectStore(str(tmp_path / "objects"))
     store.put("runs/1/images/1.npz", b"old")
 
-    def broken_fsync(_fd: int) -> None:
+    def broken_replace(_source: str, _target: str) -> None:  # the temporary file is written, then the disk fills
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("os.fsync", broken_fsync)
+    monkeypatch.setattr("os.replace", broken_replace)
     with pytest.raises(ObjectStoreError, match="No space left"):
         store.put("runs/1/images/1.npz", b"new-but-broken")
     monkeypatch.undo()

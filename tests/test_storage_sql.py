@@ -285,3 +285,21 @@ def test_bulk_marks_and_batched_claims_never_deadlock(postgres_url: str) -> None
     for thread in threads:
         thread.join()
     assert not errors, errors[0]
+
+
+def test_lost_results_go_back_to_the_queue_under_a_new_fence(database_url: str) -> None:
+    repo = _repo(database_url)
+    run_id = _run(repo)
+    repo.add_images(run_id, _planned(3))
+    done, running, queued = repo.pending_image_ids(run_id)
+    claim = repo.claim(done, "w", lease_seconds=60)
+    repo.complete(claim, object_key="k", image_score=0.3, diagnostics={}, timings={}, device="cpu")
+    repo.claim(running, "w", lease_seconds=60)
+    repo.mark_enqueued([done, running, queued])
+    assert repo.requeue_lost_results(run_id, [done, running, queued], "result lost") == 1  # only the done row
+    row = repo.image(done)
+    assert (row.status, row.object_key, row.image_score, row.enqueued_at, row.fence, row.attempts, row.error) == (
+        "queued", None, None, None, 2, 1, "result lost")
+    assert repo.complete(claim, object_key="k", image_score=0.3, diagnostics={}, timings={}, device="cpu") is False
+    assert repo.image(running).status == "running" and repo.image(queued).enqueued_at is not None
+    assert repo.images_to_enqueue(run_id, stale_after_s=600, resend_stale=False) == [done]

@@ -161,7 +161,8 @@ def _lease_wait(state: WorkerRuntime, image_id: int) -> float:
 @app.task(name=AGGREGATE_CATEGORY, bind=True, max_retries=5)
 def aggregate_category_task(self: Any, run_id: int, category: str) -> int:
     """Compute a category's metric rows; on failure the category becomes due again and the task retries."""
-    from metrics.aggregator import aggregate_category
+    from metrics.aggregator import LostResultsError, aggregate_category
+    from scheduler.dispatch import enqueue_images
 
     try:
         state = runtime()
@@ -170,6 +171,11 @@ def aggregate_category_task(self: Any, run_id: int, category: str) -> int:
             # twice): the rows are stored already; running again would only repeat the work.
             return 0
         rows = aggregate_category(state.repo, state.store, run_id, category)
+    except LostResultsError as exc:
+        # Those images are queued again: send them; the last of them to finish triggers this aggregation anew.
+        log.warning("%s", exc)
+        enqueue_images(app, state.repo, run_id, visibility_timeout=_settings.visibility_timeout)
+        return 0
     except TRANSIENT_ERRORS as exc:
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
     except Exception as exc:

@@ -70,7 +70,7 @@ def cancel_command(app: AppContext, run_name: str) -> None:
 @click.pass_obj
 def aggregate_command(app: AppContext, run_name: str, category: str | None) -> None:
     """Recompute metric rows now, on this machine, from the stored logits."""
-    from metrics.aggregator import aggregate_category, refresh_summary
+    from metrics.aggregator import LostResultsError, aggregate_category, refresh_summary
     from scheduler.commands.run import summarise
 
     run = app.run(run_name)
@@ -81,7 +81,11 @@ def aggregate_command(app: AppContext, run_name: str, category: str | None) -> N
     for name in [category] if category else categories:
         if any(counts.get(name, {}).get(s, 0) for s in ("queued", "running")):
             app.err.print(f"[yellow]{name}: images still pending; aggregating what is done so far")
-        aggregate_category(app.repo, app.store, run.id, name)
+        try:
+            aggregate_category(app.repo, app.store, run.id, name)
+        except LostResultsError as exc:
+            app.err.print(f"[yellow]{exc}: `readar resume {run.name}` computes them here, or `readar reconcile "
+                          f"{run.name}` sends them to the workers")
     if all(c.status == "done" for c in app.repo.categories(run.id)):
         refresh_summary(app.repo, app.store, run.id)
     summarise(app, run.id, run.name)
