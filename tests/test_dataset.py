@@ -401,6 +401,42 @@ def test_resolve_inside_refuses_escapes(tmp_path: Path, relative: str) -> None:
         resolve_inside(tmp_path, relative)
 
 
+@pytest.mark.parametrize(
+    "relative",
+    ["../etc/passwd", "bottle/../../x.png", "/etc/passwd", "", "a\x00b", "bottle\\..\\..\\x.png", "bottle/..",
+     "bottle/test/.."],
+)
+def test_the_cached_resolver_refuses_what_resolve_inside_refuses(tmp_path: Path, relative: str) -> None:
+    from storage.paths import RootResolver
+
+    make_tiny_dataset(tmp_path)
+    resolver = RootResolver(tmp_path)
+    resolver("bottle/test/good/000.png")  # the directory is cached now
+    with pytest.raises(PathEscapeError) as caught:
+        resolver(relative)
+    assert repr(relative)[1:-1] in str(caught.value) or relative == ""  # names the whole path
+
+
+def test_the_cached_resolver_agrees_with_resolve_inside_and_checks_file_links(tmp_path: Path) -> None:
+    from storage.paths import RootResolver
+
+    root = tmp_path / "root"
+    make_tiny_dataset(root)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.png").write_bytes(b"x")
+    good = root / "bottle" / "test" / "good"
+    os.symlink(tmp_path / "outside" / "secret.png", good / "out.png")
+    os.symlink(good / "000.png", good / "in.png")
+    os.symlink(tmp_path / "outside", root / "bottle" / "linked")
+    resolver = RootResolver(root)
+    for relative in ("bottle/test/good/000.png", "bottle/test/good/001.png", "bottle/test/good/in.png",
+                     "bottle/test/good/missing.png", "top.png"):
+        assert resolver(relative) == resolve_inside(root, relative), relative
+    for relative in ("bottle/test/good/out.png", "bottle/linked/secret.png"):
+        with pytest.raises(PathEscapeError, match="outside the dataset root"):
+            resolver(relative)
+
+
 def test_resolve_inside_refuses_symlinks_leading_out(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()

@@ -22,7 +22,7 @@ import numpy as np
 from storage.jsonvalue import json_value
 from storage.logits import encode_logits, full_resolution_logits
 from storage.objects import ObjectStore, ObjectStoreError, image_object_key
-from storage.paths import PathEscapeError, resolve_inside
+from storage.paths import PathEscapeError, RootResolver
 from storage.redact import redact_text
 from storage.repository import Claim, Completion, Repository
 from workers.batcher import Batcher
@@ -44,6 +44,14 @@ class RunInfo:
     run_id: int
     dataset_root: Path
     category_defects: dict[str, tuple[str, ...]]
+    resolve: RootResolver  # image paths under the dataset root, each directory resolved once
+    train_dirs: dict[str, Path | None] = field(default_factory=dict)  # per category, looked up once
+
+    def train_dir(self, category: str) -> Path | None:
+        if category not in self.train_dirs:
+            folder = self.dataset_root / category / "train" / "good"
+            self.train_dirs[category] = folder if folder.is_dir() else None
+        return self.train_dirs[category]
 
 
 @dataclass
@@ -81,7 +89,7 @@ class WorkerContext:
         if run_id not in self._runs:
             run = self.repo.get_run_by_id(run_id)
             defects = {k: tuple(v) for k, v in run.config.get("category_defects", {}).items()}
-            self._runs[run_id] = RunInfo(run_id, Path(run.dataset_root), defects)
+            self._runs[run_id] = RunInfo(run_id, Path(run.dataset_root), defects, RootResolver(run.dataset_root))
         return self._runs[run_id]
 
 
@@ -97,7 +105,7 @@ def _load_sample(info: RunInfo, row: Any) -> ImageSample:
     from workers.images import ImageLoadError, load_rgb
 
     try:
-        path = resolve_inside(info.dataset_root, row.image_path)
+        path = info.resolve(row.image_path)
         image = load_rgb(path)
     except (PathEscapeError, ImageLoadError) as exc:
         raise PermanentImageError(str(exc)) from exc
@@ -106,11 +114,10 @@ def _load_sample(info: RunInfo, row: Any) -> ImageSample:
             f"{row.image_path} is {image.shape[0]}×{image.shape[1]} now but was {row.height}×{row.width} when "
             "the run was planned; the dataset changed under the run — plan a new run"
         )
-    train_dir = info.dataset_root / row.category / "train" / "good"
     return ImageSample(
         image=image, category=row.category, defect=row.defect,
-        category_defects=info.category_defects.get(row.category, ()),
-        train_dir=train_dir if train_dir.is_dir() else None, key=row.image_path,
+        category_defects=info.category_defects.get(row.category, ()), train_dir=info.train_dir(row.category),
+        key=row.image_path,
     )
 
 
