@@ -6,7 +6,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.redact import redact_text, redact_url
@@ -25,6 +25,15 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001 - DB-API
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _generic_plans(dbapi_connection, _record) -> None:  # noqa: ANN001 - DB-API objects are untyped
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True  # no transaction left open by the SET
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SET plan_cache_mode = force_generic_plan")
+    cursor.close()
+    dbapi_connection.autocommit = autocommit
 
 
 class Database:
@@ -55,12 +64,11 @@ class Database:
         # cheaper than the generic one), which cost about as much server CPU as running them.
         self.protocol: Engine = self.autocommit
         if not self.is_sqlite:
-            options = " ".join(filter(None, [make_url(url).query.get("options"),
-                                             "-c plan_cache_mode=force_generic_plan"]))
-            self.protocol = create_engine(
-                url, echo=echo, pool_recycle=1800, pool_size=3, max_overflow=10, isolation_level="AUTOCOMMIT",
-                connect_args={**connect_args, "options": options},
-            )
+            self.protocol = create_engine(url, echo=echo, pool_recycle=1800, pool_size=3, max_overflow=10,
+                                          isolation_level="AUTOCOMMIT", connect_args=connect_args)
+            # A SET on each new connection rather than a startup option: poolers such as PgBouncer refuse
+            # unknown startup parameters.
+            event.listen(self.protocol, "connect", _generic_plans)
 
     def session(self) -> Session:
         return self.sessions()

@@ -303,3 +303,13 @@ def test_lost_results_go_back_to_the_queue_under_a_new_fence(database_url: str) 
     assert repo.complete(claim, object_key="k", image_score=0.3, diagnostics={}, timings={}, device="cpu") is False
     assert repo.image(running).status == "running" and repo.image(queued).enqueued_at is not None
     assert repo.images_to_enqueue(run_id, stale_after_s=600, resend_stale=False) == [done]
+
+
+def test_protocol_statements_run_in_autocommit_with_generic_plans(postgres_url: str) -> None:
+    repo = _repo(postgres_url)
+    with repo.db.protocol.connect() as connection:
+        assert connection.exec_driver_sql("SHOW plan_cache_mode").scalar() == "force_generic_plan"
+        assert connection.exec_driver_sql("SHOW transaction_isolation").scalar() == "read committed"
+        assert connection.connection.driver_connection.autocommit is True
+    with repo.db.engine.connect() as connection:  # every other query keeps PostgreSQL's own choice
+        assert connection.exec_driver_sql("SHOW plan_cache_mode").scalar() == "auto"
