@@ -125,7 +125,11 @@ class Cluster:
                 return
             time.sleep(0.5)
         log = (self.tmp / "workers.log").read_text(errors="replace")[-4000:]
-        pytest.fail(f"run {run_name} did not finish in {timeout} s: {self.repo.status_counts(run.id)}\n{log}")
+        unfinished = [(r.image_path, r.status, r.attempts, r.fence, r.enqueued_at, r.lease_expires_at, r.error)
+                      for r in self.repo.images(run.id) if r.status in ("queued", "running")]
+        pytest.fail(f"run {run_name} did not finish in {timeout} s: {self.repo.status_counts(run.id)}\n"
+                    f"unfinished rows (path, status, attempts, fence, enqueued_at, lease_expires_at, error): "
+                    f"{unfinished}\n{log}")
 
     def metrics(self, run_name: str) -> dict[tuple[str, str, str], tuple[str, ...]]:
         path = self.tmp / f"{run_name}.csv"

@@ -102,3 +102,18 @@ def test_concurrent_tasks_share_batched_forwards(sqlite_url: str, sample_root: P
     ctx.batcher.close()
     assert outcomes == ["done"] * 12
     assert sum(detector.batch_sizes) == 12 and max(detector.batch_sizes) > 1
+
+
+@pytest.mark.services
+def test_a_claim_that_raced_a_give_back_keeps_the_message(postgres_url: str, sample_root: Path,
+                                                          tmp_path: Path) -> None:
+    """The claim saw the row running (another attempt's), that attempt then failed and gave the row back:
+    the row is queued and this message may be its only one, so it must be retried, not dropped."""
+    repo, store, run_id = _setup(postgres_url, sample_root, tmp_path)
+    image_id = repo.pending_image_ids(run_id)[0]
+    ctx = _context(repo, store, SlowConstant(0.0, 1.0), "worker-c")
+    ctx.claims = lambda _image_id: None  # what the claim statement returned while the row was still running
+    assert repo.image(image_id).status == "queued"  # given back since
+    assert process_image(ctx, run_id, image_id) == "held"  # the Celery task retries it after a pause
+    ctx.batcher.close()
+

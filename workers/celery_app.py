@@ -140,7 +140,7 @@ def process_image_task(self: Any, run_id: int, image_id: int, enqueued_at: float
     IMAGES.labels(outcome).inc()
     if outcome in ("retry", "transient"):  # the row is queued again: send it again after a pause
         raise self.retry(countdown=_backoff(self.request.retries))
-    if outcome == "held":  # someone else's lease is live: look again once it could have expired
+    if outcome == "held":  # a live lease elsewhere, or a row given back meanwhile: look again later
         raise self.retry(countdown=_lease_wait(state, image_id), max_retries=None)
     return outcome
 

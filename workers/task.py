@@ -138,9 +138,11 @@ def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> str:
     claim = ctx.claims(image_id)
     if claim is None:
         current = ctx.repo.image(image_id)
-        if current.status == "running":
-            # Another claim holds a live lease: a duplicate delivery, or a redelivery that arrived before the
-            # dead owner's lease ran out. The caller retries after the lease, so the image cannot get lost.
+        if current.status in ("running", "queued"):
+            # running: another claim holds a live lease (a duplicate delivery, or a redelivery that arrived
+            # before the dead owner's lease ran out). queued: the row was running when the claim looked and has
+            # been given back since (another attempt's failure committed in between). Either way this message
+            # may be the image's only one: the caller retries it later instead of dropping it.
             return "held"
         _maybe_aggregate(ctx, run_id, current.category)  # a quarantine may have completed the category
         return "not-claimed"
