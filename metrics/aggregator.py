@@ -78,10 +78,10 @@ def aggregate_category(
         if progress is not None:
             progress(position, len(done))
     if lost:
-        repo.requeue_lost_results(run_id, [r.id for r in lost], "result lost (logit object missing or damaged); "
-                                                                 "computing again")
+        lost_ids = [r.id for r in lost]
+        repo.requeue_lost_results(run_id, lost_ids, "result lost (logit object missing or damaged); computing again")
         repo.reopen_aggregation(run_id, category)
-        raise LostResultsError(category, [r.id for r in lost], [r.image_path for r in lost])
+        raise LostResultsError(category, lost_ids, [r.image_path for r in lost])
     metric_rows = accumulator.rows(include_summary=False)
     for metric_row in metric_rows:
         metric_row["num_skipped"] = skipped

@@ -61,4 +61,3 @@ class RootResolver:
         if os.path.islink(candidate):
             return resolve_inside(self.root, text)
         return candidate
-

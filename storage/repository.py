@@ -713,5 +713,3 @@ def _nan_to_none(value: Any) -> float | None:
         return None
     value = float(value)
     return None if value != value else value
-
-

@@ -612,4 +612,3 @@ def test_lost_results_found_by_the_aggregate_task_are_sent_again(sqlite_url: str
     finally:
         runtime.close()
         redis.Redis.from_url(broker).flushdb()
-

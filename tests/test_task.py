@@ -116,4 +116,3 @@ def test_a_claim_that_raced_a_give_back_keeps_the_message(postgres_url: str, sam
     assert repo.image(image_id).status == "queued"  # given back since
     assert process_image(ctx, run_id, image_id) == "held"  # the Celery task retries it after a pause
     ctx.batcher.close()
-

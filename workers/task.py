@@ -21,6 +21,7 @@ import numpy as np
 
 from storage.jsonvalue import json_value
 from storage.logits import encode_logits, full_resolution_logits
+from storage.models import ACTIVE_STATUSES
 from storage.objects import ObjectStore, ObjectStoreError, image_object_key
 from storage.paths import PathEscapeError, RootResolver
 from storage.redact import redact_text
@@ -44,8 +45,11 @@ class RunInfo:
     run_id: int
     dataset_root: Path
     category_defects: dict[str, tuple[str, ...]]
-    resolve: RootResolver  # image paths under the dataset root, each directory resolved once
+    resolve: RootResolver = field(init=False)  # image paths under the dataset root, each directory resolved once
     train_dirs: dict[str, Path | None] = field(default_factory=dict)  # per category, looked up once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "resolve", RootResolver(self.dataset_root))
 
     def train_dir(self, category: str) -> Path | None:
         if category not in self.train_dirs:
@@ -89,7 +93,7 @@ class WorkerContext:
         if run_id not in self._runs:
             run = self.repo.get_run_by_id(run_id)
             defects = {k: tuple(v) for k, v in run.config.get("category_defects", {}).items()}
-            self._runs[run_id] = RunInfo(run_id, Path(run.dataset_root), defects, RootResolver(run.dataset_root))
+            self._runs[run_id] = RunInfo(run_id, Path(run.dataset_root), defects)
         return self._runs[run_id]
 
 
@@ -138,7 +142,7 @@ def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> str:
     claim = ctx.claims(image_id)
     if claim is None:
         current = ctx.repo.image(image_id)
-        if current.status in ("running", "queued"):
+        if current.status in ACTIVE_STATUSES:
             # running: another claim holds a live lease (a duplicate delivery, or a redelivery that arrived
             # before the dead owner's lease ran out). queued: the row was running when the claim looked and has
             # been given back since (another attempt's failure committed in between). Either way this message
@@ -208,5 +212,3 @@ def _record_failure(ctx: WorkerContext, claim: Claim, run_id: int, category: str
 def _maybe_aggregate(ctx: WorkerContext, run_id: int, category: str) -> None:
     if ctx.on_category_complete is not None and ctx.aggregation_checks((run_id, category)):
         ctx.on_category_complete(run_id, category)
-
-
