@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workers.detectors.base import DetectorConfig, ImageSample  # noqa: E402
 from workers.read.config import ReadConfig  # noqa: E402
 from workers.read.detector import ReadDetector  # noqa: E402
-from workers.read.loader import load_tokenizer, resolve_dtype  # noqa: E402
+from workers.read.loader import resolve_dtype  # noqa: E402
 from workers.read.model import ReadModel, fast_init  # noqa: E402
 from workers.read.tiny import (  # noqa: E402
     TINY_CLIP_WIDTH,
@@ -46,6 +46,7 @@ from workers.read.tiny import (  # noqa: E402
     tiny_sam_config,
     write_tiny_tokenizer,
 )
+from workers.read.tokenizer import load_read_tokenizer, load_tokenizer  # noqa: E402
 
 STAGES = ("vision", "language", "sam_encoder", "sasp", "mask_decoder")
 
@@ -104,7 +105,7 @@ def build_detectors(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, 
     """One detector per decode mode around one random-weight model; returns them and the build seconds."""
     start = time.perf_counter()
     write_tiny_tokenizer(workdir)
-    vocab = 32003 if not args.tiny else 330
+    vocab = 32003 if not args.tiny else len(load_read_tokenizer(workdir))
     llama, clip, sam, mm_hidden = tiny_configs(vocab) if args.tiny else full_size_configs()
     dtype = resolve_dtype(args.device, args.dtype)
     with fast_init(dtype, args.device):

@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from metrics.published import published_setting_note
 from metrics.report import write_metrics_csv
 from storage.models import MetricRow, Run
 from storage.repository import Repository
@@ -62,6 +63,9 @@ def print_metrics(console: Console, repo: Repository, run: Run, *, include_defec
         category = row["category"] + (f"/{row['defect_type']}" if row["defect_type"] else "")
         table.add_row(row["scope"], category, *(_fmt(row[c]) for c in CSV_COLUMNS[2:]))
     console.print(table)
+    note = published_setting_note(run.detector, run.config.get("detector_config") or {})
+    if note:
+        console.print(f"[cyan]{note}[/]")
     if run.config.get("uses_ground_truth_names"):
         console.print(
             "[yellow]note: the 'anomaly' prompt names the ground-truth defect folder (\"good\" for normal images), "

@@ -9,8 +9,9 @@ from read_fixtures import random_image, tiny_checkpoint
 from workers.read.config import ReadConfig
 from workers.read.conversation import conversation_text, tokenize_query
 from workers.read.decode import QueryRow, run_queries
-from workers.read.loader import load_read_model, load_tokenizer
+from workers.read.loader import load_read_model
 from workers.read.preprocess import ClipPreprocessing, clip_pixels
+from workers.read.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,8 @@ def test_tiny_model_answers_with_seg(tiny) -> None:
     model, tokenizer, ids = tiny
     query = tokenize_query(tokenizer, conversation_text(QUESTIONS[0]))
     result = _run(model, ids, query.before_image, _features(model, [0]), [QueryRow(0, query.after_image)])
-    assert tokenizer.decode(result.rows[0].answer_ids) == "Sure, [SEG]."
+    # READ printed batch_decode(skip_special_tokens=True): added tokens stand between single spaces.
+    assert tokenizer.decode(result.rows[0].answer_ids) == "Sure, [SEG] ."
     assert result.rows[0].seg_states.shape == (1, model.language_model.config.hidden_size)
     assert result.image_states.shape == (1, 576, model.language_model.config.hidden_size)
 

@@ -59,7 +59,7 @@ def test_end_to_end_geometry_and_diagnostics(read_detector) -> None:
     diagnostics = json.loads(json.dumps(detection.diagnostics))  # JSON-serialisable
     assert diagnostics["seg_found"] and diagnostics["num_seg"] == 1
     assert (
-        diagnostics["text"] == "Sure, [SEG]." and diagnostics["prompt"] == "Segment the crack on the bottle."
+        diagnostics["text"] == "Sure, [SEG] ." and diagnostics["prompt"] == "Segment any anomaly on the bottle."
     )
     similarity = np.asarray(diagnostics["similarity"])
     assert similarity.shape == (24, 24) and np.isfinite(similarity).all() and similarity.std() > 0
@@ -68,7 +68,8 @@ def test_end_to_end_geometry_and_diagnostics(read_detector) -> None:
     assert {"prepare", "vision", "language", "sam_encoder", "sasp", "mask_decoder"} <= set(
         diagnostics["timings_ms"]
     )
-    assert read_detector.uses_ground_truth_names  # the anomaly prompt names the defect folder
+    assert not read_detector.uses_ground_truth_names  # the default prompt (generic) names no defect folder
+    assert build_detector("read", _config(prompt_mode="anomaly")).uses_ground_truth_names
 
 
 def test_batch_equals_single_images(read_detector) -> None:
@@ -92,7 +93,7 @@ def test_teacher_forced_matches_generate_when_answers_agree(read_detector) -> No
     sample = _sample(seed=3)
     expected = read_detector.detect([read_detector.prepare(sample)])[0]
     actual = forced.detect([forced.prepare(sample)])[0]
-    assert actual.diagnostics["text"] == "Sure, [SEG]."
+    assert actual.diagnostics["text"] == "Sure, [SEG] ."
     np.testing.assert_allclose(
         actual.logits.maps.astype(np.float32), expected.logits.maps.astype(np.float32), atol=2e-3, rtol=1e-3
     )
@@ -188,3 +189,46 @@ def test_sam_preprocessing_geometry() -> None:
     torch.testing.assert_close(
         black[:, 0, 0], torch.tensor([-123.675 / 58.395, -116.28 / 57.12, -103.53 / 57.375])
     )
+
+
+def test_read_as_published_prompts_sam_with_padding_point_and_seg(monkeypatch) -> None:
+    """The published READAR setting: no SasP points; SAM sees [not-a-point, SEG], so its map is not lisa's."""
+    from metrics.published import PUBLISHED_SETTING
+    from workers.detectors.base import DETECTOR_DEFAULTS
+    from workers.read import MAX_NEW_TOKENS_CAP
+    from workers.read import detector as detector_module
+    from workers.read.prompting import decode_low_res, padding_point_token
+
+    assert DETECTOR_DEFAULTS["read_as_published"] == PUBLISHED_SETTING
+    assert PUBLISHED_SETTING["max_new_tokens"] == MAX_NEW_TOKENS_CAP == 2048
+    config = _config(prompt_mode="anomaly", conversation="vicuna_v1", extra={"max_new_tokens": 2048})
+    published = build_detector("read_as_published", config)
+    sample = _sample(seed=4)
+    item = published.prepare(sample)
+    captured: list[torch.Tensor] = []
+    real = detector_module.sparse_prompt
+
+    def spy(*args, **kwargs):
+        captured.append(real(*args, **kwargs))
+        return captured[-1]
+
+    monkeypatch.setattr(detector_module, "sparse_prompt", spy)
+    detection = published.detect([item])[0]
+    assert detection.diagnostics["points"] == [] and detection.diagnostics["num_seg"] == 1
+    (tokens,) = captured
+    model = published._model()
+    assert tokens.shape == (2, 256)
+    torch.testing.assert_close(tokens[0], padding_point_token(model.sam)[0], atol=0, rtol=0)
+    expected = decode_low_res(model.sam, model.sam_image_embeddings(item.sam[None]), tokens[None])[0]
+    np.testing.assert_allclose(
+        detection.logits.maps[0].astype(np.float32), expected.float().numpy(), rtol=2e-3, atol=2e-3
+    )
+    lisa = build_detector("lisa", config)
+    lisa_maps = lisa.detect([lisa.prepare(sample)])[0].logits.maps
+    assert captured[-1].shape == (1, 256)  # lisa: [SEG] alone
+    assert not np.allclose(detection.logits.maps.astype(np.float32), lisa_maps.astype(np.float32), atol=1e-3)
+
+
+def test_max_new_tokens_is_checked() -> None:
+    with pytest.raises(DetectorError, match="between 1 and 2048"):
+        build_detector("read", _config(extra={"max_new_tokens": 4096}))

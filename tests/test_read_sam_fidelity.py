@@ -141,3 +141,29 @@ def test_mask_decoder_logits_match(sam_pair) -> None:
     )
     actual_lisa = decode_low_res(converted, embeddings, sparse_prompt(converted, seg)[None])
     torch.testing.assert_close(actual_lisa, expected_lisa[:, 0], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_published_prompt_is_the_padding_point_then_seg(sam_pair) -> None:
+    """read_as_published: segment-anything's sparse prompt for no points (its padding point alone), then [SEG]."""
+    official, converted = sam_pair
+    seg = torch.randn(256, generator=torch.Generator().manual_seed(6))
+    no_points = (torch.zeros(1, 0, 2), torch.zeros(1, 0, dtype=torch.long))
+    sparse, dense = official.prompt_encoder(points=no_points, boxes=None, masks=None)
+    assert sparse.shape == (1, 1, 256)  # segment-anything pads with one not-a-point point
+    expected = torch.cat([sparse[0], seg[None]], dim=0)
+    actual = sparse_prompt(converted, seg, None, None, padding_point=True)
+    assert actual.shape == (2, 256)
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(actual[0], official.prompt_encoder.not_a_point_embed.weight[0], atol=0, rtol=0)
+    embeddings = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(7))
+    masks, _ = official.mask_decoder(
+        image_embeddings=embeddings,
+        image_pe=official.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=expected[None],
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
+    torch.testing.assert_close(decode_low_res(converted, embeddings, actual[None]), masks[:, 0], atol=1e-5, rtol=1e-5)
+    # without padding_point the prompt is LISA's [SEG] alone
+    assert sparse_prompt(converted, seg, None, None).shape == (1, 256)

@@ -59,7 +59,8 @@ def work(tmp_path_factory: pytest.TempPathFactory, command_line: None) -> Path:
              "--max-per-class", "7"])
     read_dir, clip_dir = tiny_checkpoint()
     _invoke(["--work-dir", str(work), "run", "--mvtec-root", str(root), "--run-name", "read", "--detector", "read",
-             "--checkpoint", str(read_dir), "--clip", str(clip_dir), "--max-per-class", "7"])
+             "--checkpoint", str(read_dir), "--clip", str(clip_dir), "--max-per-class", "7",
+             "--prompt-mode", "anomaly"])
     return work
 
 

@@ -44,6 +44,7 @@ class RunSummary:
     dataset_root: str
     code_version: str
     status_totals: dict[str, int]
+    setting_note: str = ""  # how a read_as_published run compares with the published setting
 
 
 @dataclass

@@ -83,6 +83,7 @@ def _config_table(content: ReportContent) -> str:
         ("decoding mode", escape(run.decode_mode)), ("conversation", escape(run.conversation)),
         ("checkpoint", escape(run.checkpoint)), ("dataset root", escape(run.dataset_root)),
         ("code version", escape(run.code_version)), ("images", totals),
+        *([("setting", escape(run.setting_note))] if run.setting_note else []),
     ]
     rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in entries)
     return f'<table class="config" id="config">{rows}</table>'

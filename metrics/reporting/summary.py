@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from metrics.published import published_setting_note
 from metrics.reporting.content import RunSummary
 from storage.models import Run
 from storage.repository import Repository
 
 MAX_LISTED_PROBLEMS = 200
-PROMPTED_DETECTORS = ("read", "lisa")  # detectors whose configuration's prompt/decoding settings apply
+PROMPTED_DETECTORS = ("read", "lisa", "read_as_published")  # detectors whose configuration's prompt/decoding settings apply
 
 
 def run_summary(repo: Repository, run: Run) -> RunSummary:
@@ -25,6 +26,7 @@ def run_summary(repo: Repository, run: Run) -> RunSummary:
         conversation=str(detector_config.get("conversation") or "—") if uses_language else "—",
         checkpoint=str(detector_config.get("checkpoint") or "—"),
         dataset_root=run.dataset_root, code_version=run.code_version, status_totals=totals,
+        setting_note=published_setting_note(run.detector, detector_config) or "",
     )
 
 

@@ -29,7 +29,11 @@ def make_sample_data_command(app: AppContext, directory: Path, size: int, per_cl
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.pass_obj
 def make_tiny_checkpoint_command(app: AppContext, directory: Path, seed: int) -> None:
-    """Write a random-weight READ checkpoint in the released layout, plus a tiny CLIP folder, to DIRECTORY."""
+    """Write a random-weight READ checkpoint in the released layout, plus a tiny CLIP folder, to DIRECTORY.
+
+    The released layout file for file: config.json, weight shards + index, and the tokenizer as READ ships it
+    (a small SentencePiece tokenizer.model trained here with LLaMA's settings, tokenizer_config.json,
+    special_tokens_map.json, added_tokens.json; no tokenizer.json)."""
     from workers.read.tiny import make_tiny_checkpoint
 
     checkpoint, clip = make_tiny_checkpoint(directory, seed=seed)

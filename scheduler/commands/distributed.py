@@ -12,6 +12,7 @@ from scheduler.commands.run import _request, detector_config, run_options
 from scheduler.context import AppContext
 from scheduler.planner import plan_run
 from storage.redact import redact_url
+from workers.detectors.base import DETECTOR_DEFAULTS
 
 
 def celery_for(app: AppContext):  # noqa: ANN201 - celery.Celery
@@ -39,7 +40,11 @@ def submit_command(app: AppContext, **options: Any) -> None:
     celery = celery_for(app)
     config = detector_config(app, options)
     request = _request(options, config)
-    uses_names = config.prompt_mode == "anomaly" and request.detector not in ("baseline", "noop")
+    # As the READ detectors decide it: the anomaly prompt, or a template naming {anomaly_type}.
+    uses_names = "prompt_mode" in DETECTOR_DEFAULTS.get(request.detector, {}) and (
+        config.prompt_mode == "anomaly"
+        or (config.prompt_mode == "template" and "{anomaly_type}" in (config.prompt_template or ""))
+    )
     try:
         run, new_rows = plan_run(app.repo, request, model_fingerprint=None, uses_ground_truth_names=uses_names,
                                  settings_public=app.settings.public())

@@ -16,11 +16,13 @@ from storage.redact import redact_text
 from workers.detectors.base import (
     CONVERSATIONS,
     DECODE_MODES,
+    DETECTOR_DEFAULTS,
     PROMPT_MODES,
     DetectorConfig,
     DetectorError,
     build_detector,
 )
+from workers.read import MAX_NEW_TOKENS, MAX_NEW_TOKENS_CAP
 
 
 def _check_detector(ctx: click.Context, _param: click.Parameter, name: str) -> str:
@@ -48,16 +50,31 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="First N images per category in sorted order (-1 = all)."),
         click.option("--exclude-defects", help="Comma-separated defect types to leave out, e.g. color,combined."),
         click.option("--detector", default="baseline", show_default=True, callback=_check_detector,
-                     help="Detector name: baseline, read, lisa, noop, or one a plug-in registers."),
+                     help="baseline (weight-free statistics), read (READ's own inference: SasP points + [SEG] "
+                     "to SAM), lisa (the [SEG] token alone), read_as_published (the setting of the published "
+                     "READAR numbers: [SEG] + one not-a-point padding point, vicuna_v1, anomaly prompt, up to "
+                     "2,048 new tokens), noop, or one a plug-in registers."),
         click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
                      help="Released READ checkpoint folder [env READAR_CHECKPOINT]."),
         click.option("--clip", type=click.Path(exists=True, file_okay=False, path_type=Path),
                      help="CLIP ViT-L/14-336 folder [env READAR_CLIP]."),
-        click.option("--prompt-mode", type=click.Choice(PROMPT_MODES), default="anomaly", show_default=True),
+        click.option("--prompt-mode", type=click.Choice(PROMPT_MODES),
+                     help="The question per image. generic: 'Segment any anomaly on the {class}.'; binary: 'Is "
+                     "there any anomaly in the image?'; template: --prompt-template; all_types: one query per "
+                     "defect type of the category, maps combined by max; anomaly: names the ground-truth defect "
+                     "folder, an ORACLE setting. Only anomaly leaks labels. [default: generic; anomaly for "
+                     "read_as_published]"),
         click.option("--prompt-template", help="User template for --prompt-mode template ({class_name}, "
                      "{anomaly_type})."),
-        click.option("--decode-mode", type=click.Choice(DECODE_MODES), default="generate", show_default=True),
-        click.option("--conversation", type=click.Choice(CONVERSATIONS), default="llava_v1", show_default=True),
+        click.option("--decode-mode", type=click.Choice(DECODE_MODES), default="generate", show_default=True,
+                     help="generate: greedy decoding, [SEG] state from the step that emits it (as READ); "
+                     "teacher_forced: one forward pass over the answer 'Sure, [SEG].' (faster, approximate)."),
+        click.option("--conversation", type=click.Choice(CONVERSATIONS),
+                     help="LLaVA template: llava_v1 (READ's training template) or vicuna_v1 (the wording of the "
+                     "original READAR scripts). [default: llava_v1; vicuna_v1 for read_as_published]"),
+        click.option("--max-new-tokens", type=click.IntRange(1, MAX_NEW_TOKENS_CAP),
+                     help=f"READ detectors: most tokens generated per question (1-{MAX_NEW_TOKENS_CAP}). "
+                     f"[default: {MAX_NEW_TOKENS}; {MAX_NEW_TOKENS_CAP} for read_as_published]"),
         click.option("--device", help="cpu, cuda or cuda:N [env READAR_DEVICE; cpu]."),
         click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward [env READAR_BATCH_SIZE; 4]."),
         click.option("--run-name", help="Name of the run (default: derived from the dataset and options)."),
@@ -66,15 +83,28 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def detector_config(app: AppContext, options: dict[str, Any]) -> DetectorConfig:
+    """The detector configuration of ``options``; options left out take the detector's defaults."""
     settings = app.settings
+    defaults = DETECTOR_DEFAULTS.get(options["detector"], {})
+    extra: dict[str, Any] = {}
+    if "max_new_tokens" in defaults:
+        extra["max_new_tokens"] = options.get("max_new_tokens") or defaults["max_new_tokens"]
+    elif options.get("max_new_tokens") is not None:
+        raise click.UsageError(
+            f"--max-new-tokens applies to the READ detectors (read, lisa, read_as_published); "
+            f"{options['detector']} generates no text"
+        )
     try:
         return DetectorConfig(
             checkpoint=options.get("checkpoint") or settings.checkpoint,
             clip=options.get("clip") or settings.clip,
             device=options.get("device") or settings.device,
-            prompt_mode=options["prompt_mode"], prompt_template=options.get("prompt_template"),
-            decode_mode=options["decode_mode"], conversation=options["conversation"],
+            prompt_mode=options.get("prompt_mode") or defaults.get("prompt_mode", "generic"),
+            prompt_template=options.get("prompt_template"),
+            decode_mode=options["decode_mode"],
+            conversation=options.get("conversation") or defaults.get("conversation", "llava_v1"),
             batch_size=options.get("batch_size") or settings.batch_size,
+            extra=extra,
         )
     except DetectorError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -183,8 +213,8 @@ def demo_command(app: AppContext, detector: str) -> None:
         make_sample_data(data_dir)
         app.err.print(f"sample dataset written to {data_dir}")
     options: dict[str, Any] = {
-        "mvtec_root": data_dir, "detector": detector, "max_per_class": -1, "prompt_mode": "anomaly",
-        "decode_mode": "generate", "conversation": "llava_v1", "run_name": f"demo-{detector}",
+        "mvtec_root": data_dir, "detector": detector, "max_per_class": -1, "decode_mode": "generate",
+        "run_name": f"demo-{detector}",
     }
     if detector == "read":
         from workers.read.tiny import make_tiny_checkpoint

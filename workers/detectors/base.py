@@ -81,7 +81,7 @@ class DetectorConfig:
     clip: Path | None = None
     device: str = "cpu"
     dtype: str | None = None
-    prompt_mode: str = "anomaly"
+    prompt_mode: str = "generic"
     prompt_template: str | None = None
     decode_mode: str = "generate"
     conversation: str = "llava_v1"
@@ -147,13 +147,22 @@ DETECTOR_REGISTRY: dict[str, DetectorFactory] = {}
 _BUILTIN_MODULES = ("workers.detectors.baseline", "workers.read.detector", "workers.detectors.noop")
 
 
-def register_detector(name: str) -> Callable[[DetectorFactory], DetectorFactory]:
-    """Decorator: register a factory ``(DetectorConfig) -> Detector`` under ``name``."""
+# Per detector: the run options it uses and their values when the user leaves them out (prompt_mode,
+# conversation, max_new_tokens); a detector without an entry uses none of them.
+DETECTOR_DEFAULTS: dict[str, dict[str, Any]] = {}
+
+
+def register_detector(
+    name: str, *, defaults: dict[str, Any] | None = None
+) -> Callable[[DetectorFactory], DetectorFactory]:
+    """Decorator: register a factory ``(DetectorConfig) -> Detector`` under ``name``, with the defaults of the
+    run options it reads (see DETECTOR_DEFAULTS)."""
 
     def decorate(factory: DetectorFactory) -> DetectorFactory:
         if name in DETECTOR_REGISTRY and DETECTOR_REGISTRY[name] is not factory:
             raise DetectorError(f"detector name {name!r} is already registered")
         DETECTOR_REGISTRY[name] = factory
+        DETECTOR_DEFAULTS[name] = dict(defaults or {})
         return factory
 
     return decorate

@@ -8,10 +8,10 @@ the tokenizer's BOS), and the BOS of the second piece is dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from workers.read.config import IM_END_TOKEN, IM_START_TOKEN
 from workers.read.errors import ReadError
+from workers.read.tokenizer import ReadTokenizer
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -74,16 +74,16 @@ class TokenizedQuery:
     after_image: tuple[int, ...]
 
 
-def tokenize_query(tokenizer: Any, text: str) -> TokenizedQuery:
+def tokenize_query(tokenizer: ReadTokenizer, text: str) -> TokenizedQuery:
     """Split ``text`` at its single ``<image>`` and tokenise both sides as LLaVA's tokenizer_image_token does."""
     pieces = text.split(IMAGE_PLACEHOLDER)
     if len(pieces) != 2:
         raise ReadError(
             f"a READ prompt needs exactly one {IMAGE_PLACEHOLDER}; got {len(pieces) - 1} in {text!r}"
         )
-    before = list(tokenizer(pieces[0]).input_ids)
-    after = list(tokenizer(pieces[1]).input_ids)
-    bos = tokenizer.bos_token_id
-    if bos is not None and after and after[0] == bos:
+    before = tokenizer.encode(pieces[0])
+    after = tokenizer.encode(pieces[1])
+    # tokenizer_image_token keeps the second side's BOS only when the first side did not start with one.
+    if before and before[0] == tokenizer.bos_token_id:
         after = after[1:]
     return TokenizedQuery(tuple(before), tuple(after))

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from workers.read import MAX_NEW_TOKENS
 from workers.read.errors import ReadError
 from workers.read.model import ReadModel
-
-MAX_NEW_TOKENS = 32  # READ/LISA chat and evaluation scripts
 
 
 @dataclass(frozen=True)

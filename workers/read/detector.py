@@ -1,7 +1,11 @@
-"""The ``read`` and ``lisa`` detectors: prepared images + prompts in, SAM low-res logits + diagnostics out.
+"""The READ detectors: prepared images + prompts in, SAM low-res logits + diagnostics out.
 
-``read`` prompts SAM with the SasP points and the [SEG] token (DESIGN.md 5.5); ``lisa`` uses the same
-checkpoint with the [SEG] token alone. Building a detector reads the small files (config, tokenizer, CLIP
+All three use the same checkpoint and differ only in SAM's sparse prompt:
+- ``read``: READ's own inference, the SasP points and the [SEG] token (DESIGN.md 5.5);
+- ``lisa``: the [SEG] token alone;
+- ``read_as_published``: what the original READAR scripts saved for their published table — one not-a-point
+  padding point (label −1) and the [SEG] token, no SasP points, with the ``vicuna_v1`` wording, the ``anomaly``
+  prompt and up to 2,048 new tokens by default (DESIGN.md 5.3). Building a detector reads the small files (config, tokenizer, CLIP
 preprocessing) and checks the CLIP folder; the weights load lazily, once per process, on the first ``detect``.
 
 Diagnostics per image (JSON-serialisable): ``similarity`` — the raw (un-normalised) dot products between the
@@ -24,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from metrics.published import PUBLISHED_DETECTOR, PUBLISHED_SETTING
 from storage.logits import StoredLogits
 from workers.detectors.base import (
     Detection,
@@ -33,6 +38,7 @@ from workers.detectors.base import (
     ImageSample,
     register_detector,
 )
+from workers.read import MAX_NEW_TOKENS, MAX_NEW_TOKENS_CAP
 from workers.read.config import ReadConfig
 from workers.read.conversation import (
     DEFAULT_FORCED_ANSWER,
@@ -41,19 +47,13 @@ from workers.read.conversation import (
     question_text,
     tokenize_query,
 )
-from workers.read.decode import MAX_NEW_TOKENS, QueryRow, run_queries
-from workers.read.loader import (
-    TokenIds,
-    cached_read_model,
-    clip_preprocessing,
-    load_clip_config,
-    load_tokenizer,
-    resolve_dtype,
-)
+from workers.read.decode import QueryRow, run_queries
+from workers.read.loader import cached_read_model, clip_preprocessing, load_clip_config, resolve_dtype
 from workers.read.model import ReadModel
 from workers.read.preprocess import SAM_FRAME, ClipPreprocessing, as_rgb_uint8, clip_pixels, sam_pixels
 from workers.read.prompting import decode_many, frame_points, sparse_prompt
 from workers.read.sasp import similarity_to_points
+from workers.read.tokenizer import SENTENCEPIECE_FILE, ReadTokenizer, TokenIds, load_tokenizer
 
 _SASP_OPTIONS = {"down_sample": int, "num_points": int, "t_pos": float, "t_neg": float}
 
@@ -91,6 +91,7 @@ class ReadDetector(Detector):
 
     name = "read"
     use_points = True
+    padding_point = False  # a lone not-a-point token before [SEG] when there are no points
 
     def __init__(self, config: DetectorConfig) -> None:
         if config.checkpoint is None or config.clip is None:
@@ -111,7 +112,7 @@ class ReadDetector(Detector):
         config: DetectorConfig,
         model: ReadModel,
         read_config: ReadConfig,
-        tokenizer: Any,
+        tokenizer: ReadTokenizer,
         token_ids: TokenIds,
         clip_settings: ClipPreprocessing | None = None,
     ) -> ReadDetector:
@@ -126,7 +127,7 @@ class ReadDetector(Detector):
         self,
         config: DetectorConfig,
         read_config: ReadConfig,
-        tokenizer: Any,
+        tokenizer: ReadTokenizer,
         token_ids: TokenIds,
         clip_settings: ClipPreprocessing,
     ) -> None:
@@ -135,6 +136,8 @@ class ReadDetector(Detector):
         self.dtype = resolve_dtype(config.device, config.dtype)
         extra = dict(config.extra)
         self.max_new_tokens = int(extra.pop("max_new_tokens", MAX_NEW_TOKENS))
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_CAP:
+            raise DetectorError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_CAP}; got {self.max_new_tokens}")
         # stop_at_eos=False decodes exactly max_new_tokens tokens (benchmarks); never for real runs.
         self.stop_at_eos = bool(extra.pop("stop_at_eos", True))
         self.forced_answer = str(extra.pop("forced_answer", DEFAULT_FORCED_ANSWER))
@@ -264,7 +267,8 @@ class ReadDetector(Detector):
                 framed = (
                     frame_points(points, item.original_size, item.input_size) if points is not None else None
                 )
-                jobs.append((row.image_index, sparse_prompt(model.sam, seg_embedding, framed, labels)))
+                sparse = sparse_prompt(model.sam, seg_embedding, framed, labels, padding_point=self.padding_point)
+                jobs.append((row.image_index, sparse))
                 facts.append((row.image_index, row_index, similarity, points, labels))
         timings["sasp"] = _elapsed_ms(start, device)
         start = time.perf_counter()
@@ -326,13 +330,13 @@ class ReadDetector(Detector):
         return Detection(logits=logits, diagnostics=diagnostics)
 
     def fingerprint(self) -> str:
-        """sha256 over the checkpoint's config, index and shard sizes and the CLIP config (no weight reading)."""
+        """sha256 over the checkpoint's config, tokenizer, index and shard sizes and the CLIP config (no weight reading)."""
         digest = hashlib.sha256(self.name.encode())
         for folder in (self.checkpoint, self.clip_dir):
             if folder is None:  # built from parts: random weights
                 continue
             for path in sorted(folder.iterdir()):
-                if path.suffix == ".json":
+                if path.suffix == ".json" or path.name == SENTENCEPIECE_FILE:
                     digest.update(path.name.encode() + path.read_bytes())
                 elif path.suffix in (".bin", ".safetensors"):
                     digest.update(json.dumps([path.name, path.stat().st_size]).encode())
@@ -346,11 +350,29 @@ class LisaDetector(ReadDetector):
     use_points = False
 
 
-@register_detector("read")
+class PublishedReadDetector(ReadDetector):
+    """The published READAR setting: one not-a-point padding point and the [SEG] token, no SasP points."""
+
+    name = PUBLISHED_DETECTOR
+    use_points = False
+    padding_point = True
+
+
+# Run options a user leaves out: READ's own (no-leak prompt, its training template, its 32-token cap) and, for
+# read_as_published, the published setting.
+_READ_DEFAULTS = {"prompt_mode": "generic", "conversation": "llava_v1", "max_new_tokens": MAX_NEW_TOKENS}
+
+
+@register_detector("read", defaults=_READ_DEFAULTS)
 def build_read(config: DetectorConfig) -> Detector:
     return ReadDetector(config)
 
 
-@register_detector("lisa")
+@register_detector("lisa", defaults=_READ_DEFAULTS)
 def build_lisa(config: DetectorConfig) -> Detector:
     return LisaDetector(config)
+
+
+@register_detector(PUBLISHED_DETECTOR, defaults=PUBLISHED_SETTING)
+def build_read_as_published(config: DetectorConfig) -> Detector:
+    return PublishedReadDetector(config)

@@ -14,13 +14,12 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file as load_safetensors
-from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaForCausalLM, SamModel
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaForCausalLM, SamModel
 
-from workers.read.config import IM_END_TOKEN, IM_START_TOKEN, SEG_TOKEN, ReadConfig
+from workers.read.config import ReadConfig
 from workers.read.errors import (
     CheckpointError,
     ClipFolderError,
@@ -64,40 +63,6 @@ def resolve_dtype(device: str, dtype: str | None) -> torch.dtype:
         return DTYPES[dtype]
     except KeyError:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
-
-
-@dataclass(frozen=True)
-class TokenIds:
-    """Ids of the tokens READ treats specially."""
-
-    seg: int
-    im_start: int
-    im_end: int
-    eos: int
-    pad: int
-
-
-def load_tokenizer(checkpoint: Path, vocab_size: int) -> tuple[Any, TokenIds]:
-    """The checkpoint's tokenizer and the ids of [SEG], <im_start>, <im_end>, </s>."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{checkpoint} has no usable tokenizer files: {exc}") from exc
-    ids = {}
-    for token in (SEG_TOKEN, IM_START_TOKEN, IM_END_TOKEN):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == tokenizer.unk_token_id or not 0 <= token_id < vocab_size:
-            raise CheckpointError(
-                f"the tokenizer in {checkpoint} lacks {token} (or its id {token_id} is outside the model's "
-                f"{vocab_size}-token vocabulary); READ checkpoints add [SEG], <im_start> and <im_end>"
-            )
-        ids[token] = int(token_id)
-    if tokenizer.eos_token_id is None:
-        raise CheckpointError(f"the tokenizer in {checkpoint} has no end-of-sequence token")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id or 0
-    return tokenizer, TokenIds(
-        ids[SEG_TOKEN], ids[IM_START_TOKEN], ids[IM_END_TOKEN], int(tokenizer.eos_token_id), int(pad)
-    )
 
 
 def load_clip_config(clip_dir: Path | None, config: ReadConfig) -> CLIPVisionConfig:

@@ -3,7 +3,10 @@
 The sparse prompt of one mask is (as READ/LISA's modified segment-anything PromptEncoder builds it): the SasP
 points in the 1024 frame with their labels, one padding point (0, 0) with label −1 (segment-anything pads when
 no box is given), then the 256-d [SEG] projection as one more token. LISA uses the [SEG] token alone. The dense
-prompt is SAM's "no mask" embedding. transformers' SamPromptEncoder gives label −1 the "not a point" embedding
+prompt is SAM's "no mask" embedding.
+
+The setting behind the published READAR numbers (``read_as_published``) lost its SasP points to a swallowed
+exception, so its prompt was segment-anything's padding point alone (label −1) and then [SEG]: two tokens. transformers' SamPromptEncoder gives label −1 the "not a point" embedding
 exactly as segment-anything does (it reserves −10 for its own batch padding, which is not used here).
 """
 
@@ -29,19 +32,33 @@ def frame_points(
     return (points.double() * scale).float()
 
 
+def padding_point_token(sam: SamModel) -> torch.Tensor:
+    """(1, D): SAM's embedding of a point labelled −1 ("not a point"), as its padding point gets it.
+
+    segment-anything zeroes the positional part of such a point and adds ``not_a_point_embed``; transformers'
+    SamPromptEncoder selects ``not_a_point_embed`` for it. Either way the token is that weight alone.
+    """
+    return sam.prompt_encoder.not_a_point_embed.weight
+
+
 def sparse_prompt(
     sam: SamModel,
     seg_embedding: torch.Tensor,
     points: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
+    *,
+    padding_point: bool = False,
 ) -> torch.Tensor:
-    """Sparse prompt tokens of one mask: (T, D) with T = n + 2 (points, padding point, [SEG]) or 1 (LISA).
+    """Sparse prompt tokens of one mask: (T, D) with T = n + 2 (points, padding point, [SEG]), 2 (padding point,
+    [SEG]: ``padding_point`` without points, the published READAR setting) or 1 ([SEG] alone, LISA).
 
     seg_embedding: (D,) text_hidden_fcs output. points: (n, 2) frame coordinates; labels: (n,) in {1, 0, −1}.
     """
     parameter = sam.prompt_encoder.no_mask_embed.weight
     seg = seg_embedding.to(parameter.device, parameter.dtype)[None]
     if points is None or points.shape[0] == 0:
+        if padding_point:
+            return torch.cat([padding_point_token(sam).to(parameter.dtype), seg], dim=0)
         return seg
     coordinates = points.to(parameter.device, torch.float32)[None, None]
     point_labels = labels.to(parameter.device, torch.long)[None, None]

@@ -1,7 +1,9 @@
 """Random-weight READ checkpoints in exactly the released layout, for tests and demos (seconds on a CPU).
 
-``make_tiny_checkpoint`` writes a READ folder (config.json, ≥2 ``pytorch_model-*.bin`` shards + index, a
-tokenizer with [SEG] / <im_start> / <im_end> right after its base vocabulary, SAM in segment-anything naming) and a
+``make_tiny_checkpoint`` writes a READ folder (config.json with the released fields, ≥2 ``pytorch_model-*.bin``
+shards + index, SAM in segment-anything naming, and the released tokenizer files: a small real SentencePiece
+``tokenizer.model`` trained with LLaMA's settings, ``tokenizer_config.json``, ``special_tokens_map.json`` and
+``added_tokens.json`` with [SEG] / <im_start> / <im_end> right after the base vocabulary, no tokenizer.json) and a
 CLIP folder (transformers' CLIP format, 336 px / patch 14 → the same 24×24 grid as the real model). The loader
 treats it like a released checkpoint.
 
@@ -15,15 +17,13 @@ padding and position errors remain visible in tests. Pass an ``answer`` without 
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import string
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
-    AutoTokenizer,
     CLIPConfig,
     CLIPModel,
     LlamaConfig,
@@ -39,6 +39,13 @@ from workers.read.loader import quiet_transformers
 from workers.read.model import build_projector, build_text_hidden_fcs
 from workers.read.preprocess import CLIP_MEAN, CLIP_STD
 from workers.read.sam_keys import hf_to_official
+from workers.read.tokenizer import (
+    ADDED_TOKENS_FILE,
+    SENTENCEPIECE_FILE,
+    SPECIAL_TOKENS_FILE,
+    TOKENIZER_CONFIG_FILE,
+    load_read_tokenizer,
+)
 
 TINY_HIDDEN = 64
 TINY_CLIP_WIDTH = 32
@@ -46,44 +53,98 @@ TINY_CLIP_WIDTH = 32
 _CORPUS_WORDS = (
     "Segment the on the. Segment any anomaly on the. Is there any anomaly in the image? Sure, it is. Yes. No. "
     "bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush transistor wood zipper "
-    "good crack broken_large broken_small contamination scratch hole cut poke color glue squeeze print fold"
+    "good crack broken_large broken_small contamination scratch hole cut poke color glue squeeze print fold "
+    "Find this if there is one. Sure, Sure, Sure. USER: ASSISTANT: 0123456789"
 )
+
+# LLaMA's SentencePiece trainer settings (as its tokenizer.model records them), at a tiny vocabulary.
+_LLAMA_SENTENCEPIECE = {
+    "model_type": "bpe",
+    "byte_fallback": True,
+    "add_dummy_prefix": True,
+    "split_digits": True,
+    "normalization_rule_name": "identity",
+    "remove_extra_whitespaces": False,
+    "allow_whitespace_only_pieces": True,
+    "max_sentencepiece_length": 16,
+    "character_coverage": 1.0,
+    "unk_id": 0,
+    "bos_id": 1,
+    "eos_id": 2,
+    "pad_id": -1,
+}
+TINY_SENTENCEPIECE_VOCAB = 400  # 259 byte/control pieces + characters + merges
+
+
+def train_tiny_sentencepiece() -> bytes:
+    """A small real SentencePiece model (tokenizer.model bytes) trained with LLaMA's settings."""
+    try:
+        import sentencepiece
+    except ImportError:
+        raise ReadError(
+            "make-tiny-checkpoint needs the 'sentencepiece' package: pip install sentencepiece"
+        ) from None
+    lines = [*SYSTEM_PROMPTS.values(), *_CORPUS_WORDS.split(". ")] * 4
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=TINY_SENTENCEPIECE_VOCAB,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+        **_LLAMA_SENTENCEPIECE,
+    )
+    return model.getvalue()
+
+
+def _token_entry(content: str) -> dict[str, object]:
+    return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+
+
+def released_tokenizer_json(added: dict[str, int]) -> dict[str, dict[str, object]]:
+    """The JSON tokenizer files of a released READ folder, field for field as transformers 4.31 saves a
+    LlamaTokenizer (tests/fixtures/tokenizer/released holds files 4.31 itself wrote)."""
+    specials = {
+        name: _token_entry(content) for name, content in (("bos_token", "<s>"), ("eos_token", "</s>"))
+    }
+    unk = _token_entry("<unk>")
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        **{name: {"__type": "AddedToken", **entry} for name, entry in specials.items()},
+        "clean_up_tokenization_spaces": False,
+        "legacy": True,
+        "model_max_length": int(1e30),  # transformers' VERY_LARGE_INTEGER: no limit recorded
+        "pad_token": None,
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": {"__type": "AddedToken", **unk},
+    }
+    return {
+        TOKENIZER_CONFIG_FILE: config,
+        SPECIAL_TOKENS_FILE: {**specials, "pad_token": "<unk>", "unk_token": unk},
+        ADDED_TOKENS_FILE: dict(sorted(added.items())),
+    }
 
 
 def write_tiny_tokenizer(folder: Path) -> None:
-    """A small Metaspace-BPE tokenizer (LLaMA-style ▁ word marks, <unk>/<s>/</s> = 0/1/2) + READ's three tokens."""
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=[*string.printable.strip(), "▁", "\n"],
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator([*SYSTEM_PROMPTS.values(), _CORPUS_WORDS, "USER: ASSISTANT:"], trainer)
-    tokenizer.add_special_tokens(
-        [AddedToken(token, normalized=False) for token in (SEG_TOKEN, IM_START_TOKEN, IM_END_TOKEN)]
-    )
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer.save(str(folder / "tokenizer.json"))
-    settings = {
-        "tokenizer_class": "LlamaTokenizerFast",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "pad_token": "<unk>",
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "legacy": False,
-        "model_max_length": 4096,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    """The four tokenizer files of a released READ folder, as transformers 4.31 saved them after READ added
+    [SEG] (a plain added token) and <im_start>/<im_end> right after the base vocabulary; no tokenizer.json.
+    """
+    import sentencepiece
+
+    model = train_tiny_sentencepiece()
+    (folder / SENTENCEPIECE_FILE).write_bytes(model)
+    base_size = sentencepiece.SentencePieceProcessor(model_proto=model).get_piece_size()
+    added = {token: base_size + i for i, token in enumerate((SEG_TOKEN, IM_START_TOKEN, IM_END_TOKEN))}
+    for name, payload in released_tokenizer_json(added).items():
+        (folder / name).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _answer_chain(folder: Path, answer: str) -> list[int]:
     """Token ids [last prompt token, answer tokens…, </s>] as the checkpoint's tokenizer produces them."""
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    tokenizer = load_read_tokenizer(folder)
     prompt = tokenize_query(tokenizer, conversation_text("Segment the crack on the bottle."))
     full = tokenize_query(tokenizer, conversation_text("Segment the crack on the bottle.", answer=answer))
     if full.after_image[: len(prompt.after_image)] != prompt.after_image:
@@ -213,7 +274,7 @@ def make_tiny_checkpoint(
     _write_clip(clip_dir)
     write_tiny_tokenizer(read_dir)
     chain = _answer_chain(read_dir, answer)
-    vocab_size = len(AutoTokenizer.from_pretrained(str(read_dir), local_files_only=True))
+    vocab_size = len(load_read_tokenizer(read_dir))
     llama = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=TINY_HIDDEN,
@@ -261,12 +322,20 @@ def make_tiny_checkpoint(
         "mm_vision_select_feature": "patch",
         "mm_vision_select_layer": -2,
         "mm_vision_tower": "tiny-random-clip (written by workers.read.tiny)",
+        "vision_tower": "tiny-random-clip (written by workers.read.tiny)",
         "out_dim": 256,
         "use_mm_proj": True,
         "train_mask_decoder": True,
+        "tune_mm_mlp_adapter": False,
+        "freeze_mm_mlp_adapter": False,
+        "image_aspect_ratio": "square",
+        "image_grid_pinpoints": None,
+        "max_sequence_length": 2048,
+        "pretraining_tp": 1,
+        "use_cache": False,
         "tie_word_embeddings": False,
     }
-    config.pop("transformers_version", None)
+    config["transformers_version"] = "4.31.0"  # what the released folders record
     (read_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
     return read_dir, clip_dir
 

@@ -1,0 +1,79 @@
+"""The READ detectors from the command line: per-detector defaults, --max-new-tokens, help and the published note."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from read_fixtures import tiny_checkpoint
+
+from scheduler.cli import cli
+
+
+def _invoke(args: list[str], *, exit_code: int = 0) -> str:
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == exit_code, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from scheduler.sample_data import make_sample_data
+
+    root = tmp_path_factory.mktemp("read-cli") / "data"
+    make_sample_data(root, categories=("brick",), size=64, per_class=4, train_per_class=2)
+    return root
+
+
+def _detector_config(work: Path, run_name: str) -> dict:
+    with sqlite3.connect(next(work.glob("*.sqlite"))) as connection:
+        (config,) = connection.execute("SELECT config FROM runs WHERE name = ?", (run_name,)).fetchone()
+    return json.loads(config)["detector_config"]
+
+
+def _run(work: Path, data: Path, name: str, *extra: str) -> str:
+    read_dir, clip_dir = tiny_checkpoint()
+    return _invoke([
+        "--work-dir", str(work), "run", "--mvtec-root", str(data), "--max-per-class", "4", "--run-name", name,
+        "--checkpoint", str(read_dir), "--clip", str(clip_dir), *extra,
+    ])
+
+
+def test_read_as_published_takes_the_published_setting_and_says_so(tmp_path: Path, data: Path) -> None:
+    output = _run(tmp_path, data, "published", "--detector", "read_as_published")
+    assert "matches the published READAR setting" in " ".join(output.split())
+    stored = _detector_config(tmp_path, "published")
+    assert (stored["prompt_mode"], stored["conversation"], stored["extra.max_new_tokens"]) == (
+        "anomaly", "vicuna_v1", 2048,
+    )
+    output = _run(tmp_path, data, "published-64", "--detector", "read_as_published", "--max-new-tokens", "64")
+    assert "differs from the published setting in max_new_tokens=64 (published: 2048)" in " ".join(output.split())
+
+
+def test_read_defaults_leak_no_label(tmp_path: Path, data: Path) -> None:
+    output = _run(tmp_path, data, "read", "--detector", "read")
+    stored = _detector_config(tmp_path, "read")
+    assert (stored["prompt_mode"], stored["conversation"], stored["extra.max_new_tokens"]) == (
+        "generic", "llava_v1", 32,
+    )
+    assert "oracle" not in output and "published" not in output
+
+
+def test_max_new_tokens_is_for_read_detectors_only(tmp_path: Path, data: Path) -> None:
+    output = _invoke(["--work-dir", str(tmp_path), "run", "--mvtec-root", str(data), "--max-new-tokens", "10"],
+                     exit_code=2)
+    assert "--max-new-tokens applies to the READ detectors" in output
+    output = _invoke(["--work-dir", str(tmp_path), "run", "--mvtec-root", str(data), "--detector", "read",
+                      "--max-new-tokens", "4096"], exit_code=2)
+    assert "4096 is not in the range 1<=x<=2048" in output
+
+
+def test_help_says_what_each_detector_reproduces() -> None:
+    text = " ".join(_invoke(["run", "--help"]).split())
+    for phrase in ("read (READ's own inference: SasP points + [SEG]", "lisa (the [SEG] token alone)",
+                   "read_as_published (the setting of the published READAR numbers", "--max-new-tokens",
+                   "an ORACLE setting", "vicuna_v1 (the wording of the original READAR scripts)"):
+        assert phrase in text, phrase
