@@ -97,6 +97,18 @@ class Settings(BaseSettings):
             return self.object_store_url
         return str((self.work_dir / "objects").resolve())
 
+    def child_environment(self) -> dict[str, str]:
+        """The resolved connection settings as ``READAR_*`` variables, for processes this one starts: a child
+        must use what the parent resolved (flags over environment over defaults), not re-read the environment."""
+        env = {
+            "READAR_WORK_DIR": str(self.work_dir.resolve()),
+            "READAR_DATABASE_URL": self.resolved_database_url,
+            "READAR_OBJECT_STORE_URL": self.resolved_object_store_url,
+        }
+        if self.broker_url:
+            env["READAR_BROKER_URL"] = self.broker_url
+        return env
+
     def broker_ssl(self) -> dict[str, Any] | None:
         """Celery ``broker_use_ssl`` for a TLS broker; None for plain connections."""
         import ssl

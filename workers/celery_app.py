@@ -27,7 +27,7 @@ from workers.consumer import CONSUMER_PATH
 from workers.monitoring import IMAGES, QUEUE_WAIT, Heartbeat, start_metrics_server
 from workers.queues import AGGREGATE_CATEGORY, AGGREGATE_QUEUE, IMAGE_QUEUE, PROCESS_IMAGE
 from workers.runtime import WorkerRuntime
-from workers.task import process_image
+from workers.task import process_image, worker_identity
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,10 @@ def runtime() -> WorkerRuntime:
             _heartbeat = Heartbeat(_settings.heartbeat_file)
             start_metrics_server(_settings.metrics_port)
             _runtime = WorkerRuntime(_settings, on_category_complete=enqueue_aggregation)
-            log.info("worker runtime ready: database %s, objects %s", redact_url(_settings.resolved_database_url),
-                     _runtime.store.describe())
+            # Once per process, at the default log level: which broker, database and bucket this worker really uses.
+            log.warning("worker %s uses broker %s, database %s, objects %s", worker_identity(),
+                        redact_url(_settings.broker_url), redact_url(_settings.resolved_database_url),
+                        redact_url(_runtime.store.describe()))
         return _runtime
 
 

@@ -55,7 +55,10 @@ def children_progressing(children: list[Child], *, grace: float, now: float | No
 
 
 def plan_children(*, gpus: list[int] | None, processes: int, batch_size: int, queues: str, work_dir: Path,
-                  metrics_port: int | None, loglevel: str) -> list[ChildSpec]:
+                  metrics_port: int | None, loglevel: str, settings_env: dict[str, str] | None = None
+                  ) -> list[ChildSpec]:
+    """One child per GPU (or CPU process). ``settings_env`` (Settings.child_environment) pins the supervisor's
+    resolved broker, database, object store and work folder in every child, over whatever the environment says."""
     host = socket.gethostname()
     slots: list[tuple[str, dict[str, str]]] = []
     if gpus:
@@ -66,7 +69,7 @@ def plan_children(*, gpus: list[int] | None, processes: int, batch_size: int, qu
             slots.append((f"cpu{index}", {"CUDA_VISIBLE_DEVICES": "", "READAR_DEVICE": "cpu"}))
     specs = []
     for position, (label, extra) in enumerate(slots):
-        env = dict(os.environ, **extra, READAR_BATCH_SIZE=str(batch_size),
+        env = dict(os.environ, **(settings_env or {}), **extra, READAR_BATCH_SIZE=str(batch_size),
                    READAR_HEARTBEAT_FILE=str(work_dir / "heartbeats" / f"{label}-{os.getpid()}"))
         if metrics_port:
             env["READAR_METRICS_PORT"] = str(metrics_port + position)

@@ -141,7 +141,7 @@ def worker_command(app: AppContext, gpus: str | None, device: str | None, proces
     specs = plan_children(
         gpus=gpu_list, processes=processes, batch_size=batch_size or app.settings.batch_size, queues=queues,
         work_dir=app.settings.work_dir.resolve(), metrics_port=app.settings.metrics_port,
-        loglevel="INFO" if app.verbose else "WARNING",
+        loglevel="INFO" if app.verbose else "WARNING", settings_env=app.settings.child_environment(),
     )
     app.err.print(f"starting {len(specs)} worker process(es) on {redact_url(app.settings.broker_url)}")
     sys.exit(supervise(specs, hard_time_limit=app.settings.hard_time_limit,
