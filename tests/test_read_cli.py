@@ -77,3 +77,15 @@ def test_help_says_what_each_detector_reproduces() -> None:
                    "read_as_published (the setting of the published READAR numbers", "--max-new-tokens",
                    "an ORACLE setting", "vicuna_v1 (the wording of the original READAR scripts)"):
         assert phrase in text, phrase
+
+
+def test_relative_checkpoint_paths_are_stored_absolute(tmp_path: Path, data: Path, monkeypatch) -> None:
+    """A run stores resolved folders, so `resume` from elsewhere and remote workers find them."""
+    read_dir, clip_dir = tiny_checkpoint()
+    monkeypatch.chdir(read_dir.parent)
+    _invoke(["--work-dir", str(tmp_path), "run", "--mvtec-root", str(data), "--max-per-class", "4",
+             "--run-name", "relative", "--detector", "read", "--checkpoint", read_dir.name, "--clip", clip_dir.name])
+    stored = _detector_config(tmp_path, "relative")
+    assert (stored["checkpoint"], stored["clip"]) == (str(read_dir.resolve()), str(clip_dir.resolve()))
+    monkeypatch.chdir(tmp_path)
+    _invoke(["--work-dir", str(tmp_path), "resume", "relative"])  # from another folder: same checkpoint found

@@ -82,6 +82,10 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
 
 
+def _absolute(path: Path | None) -> Path | None:
+    return Path(path).expanduser().resolve() if path else None
+
+
 def detector_config(app: AppContext, options: dict[str, Any]) -> DetectorConfig:
     """The detector configuration of ``options``; options left out take the detector's defaults."""
     settings = app.settings
@@ -96,8 +100,9 @@ def detector_config(app: AppContext, options: dict[str, Any]) -> DetectorConfig:
         )
     try:
         return DetectorConfig(
-            checkpoint=options.get("checkpoint") or settings.checkpoint,
-            clip=options.get("clip") or settings.clip,
+            # Stored absolute: `resume` from another folder and workers elsewhere must find the same folders.
+            checkpoint=_absolute(options.get("checkpoint") or settings.checkpoint),
+            clip=_absolute(options.get("clip") or settings.clip),
             device=options.get("device") or settings.device,
             prompt_mode=options.get("prompt_mode") or defaults.get("prompt_mode", "generic"),
             prompt_template=options.get("prompt_template"),
