@@ -8,6 +8,7 @@ merges those states into the ``overall`` row and averages the category rows into
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,14 +47,15 @@ def aggregate_category(
     """Compute and store the metric rows of one category (category scope + its defect scopes)."""
     from metrics.errors import GroundTruthError, MetricInputError
     from metrics.groundtruth import load_mask
-    from metrics.scopes import ScopedAccumulator
+    from metrics.scopes import ScopedAccumulator, set_image_counts
 
     run = repo.get_run_by_id(run_id)
     root = Path(run.dataset_root)
     rows = repo.images(run_id, category=category)
     done = [r for r in rows if r.status == "done"]
-    skipped = sum(r.status == "skipped" for r in rows)
-    failed = sum(r.status == "failed" for r in rows)
+    # Per (category, defect type): each metric row reports the skips and failures of its own scope.
+    skipped = Counter((r.category, r.defect) for r in rows if r.status == "skipped")
+    failed = Counter((r.category, r.defect) for r in rows if r.status == "failed")
     accumulator = ScopedAccumulator()
     used = 0
     lost = []
@@ -72,7 +74,7 @@ def aggregate_category(
             accumulator.add(category, row.defect, logits, mask)
         except (GroundTruthError, MetricInputError) as exc:
             log.warning("skipping %s in the metrics: %s", row.image_path, exc)
-            skipped += 1
+            skipped[(row.category, row.defect)] += 1
             continue
         used += 1
         if progress is not None:
@@ -83,14 +85,14 @@ def aggregate_category(
         repo.reopen_aggregation(run_id, category)
         raise LostResultsError(category, lost_ids, [r.image_path for r in lost])
     metric_rows = accumulator.rows(include_summary=False)
-    for metric_row in metric_rows:
-        metric_row["num_skipped"] = skipped
-        metric_row["num_failed"] = failed
+    set_image_counts(metric_rows, "num_skipped", skipped)
+    set_image_counts(metric_rows, "num_failed", failed)
     category_record = next(c for c in repo.categories(run_id) if c.category == category)
     key = category_state_key(run_id, category_record.id)
     store.put(key, accumulator.to_bytes())
     repo.finish_aggregation(
-        run_id, category, rows=metric_rows, state_key=key, num_used=used, num_skipped=skipped, num_failed=failed,
+        run_id, category, rows=metric_rows, state_key=key, num_used=used, num_skipped=skipped.total(),
+        num_failed=failed.total(),
     )
     if all(c.status == "done" for c in repo.categories(run_id)):
         refresh_summary(repo, store, run_id)
@@ -100,13 +102,20 @@ def aggregate_category(
 
 
 def refresh_summary(repo: Repository, store: ObjectStore, run_id: int) -> list[dict[str, Any]]:
-    """Merge every category's stored state into the ``overall`` row and average them into ``mean``."""
+    """Merge every category's stored state into the ``overall`` row and average them into ``mean``.
+
+    Both rows count the skipped and failed images of every category (as their categories' last aggregation
+    recorded them: skips found while aggregating, e.g. an unreadable mask, are only known there)."""
     from metrics.scopes import ScopedAccumulator
 
     merged = ScopedAccumulator()
-    for record in repo.categories(run_id):
+    records = repo.categories(run_id)
+    for record in records:
         if record.state_key:
             merged.merge(ScopedAccumulator.from_bytes(store.get(record.state_key)))
     summary = [row for row in merged.rows(include_summary=True) if row["scope"] in ("overall", "mean")]
+    skipped, failed = sum(r.num_skipped for r in records), sum(r.num_failed for r in records)
+    for row in summary:
+        row["num_skipped"], row["num_failed"] = skipped, failed
     repo.store_summary_rows(run_id, summary)
     return summary

@@ -50,11 +50,14 @@ def _scope_name(row: Mapping[str, Any]) -> str:
 
 
 def metrics_table(rows: Iterable[Mapping[str, Any]], *, title: str = "READAR metrics (%)") -> Table:
-    """A rich Table of rows: scope name, the five metrics in percent, image counts (and skips if any)."""
+    """A rich Table of rows: scope name, the five metrics in percent, image counts (and skips if any).
+
+    It fits 80 columns: no outer border, two spaces between columns, numbers that never wrap, and long scope
+    names that wrap instead of being cut off."""
     rows = list(rows)
     show_skipped = any(int(row.get("num_skipped", 0)) for row in rows)
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("scope", overflow="ellipsis", no_wrap=True, max_width=15)
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    table.add_column("scope", overflow="fold")
     for column in METRIC_COLUMNS:
         table.add_column(column, justify="right", no_wrap=True, min_width=max(len(column), 6))
     table.add_column("images", justify="right", no_wrap=True, min_width=6)

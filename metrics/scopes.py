@@ -54,6 +54,30 @@ def mean_row(category_rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     return {column: row[column] for column in CSV_COLUMNS}
 
 
+def image_count(row: Mapping[str, Any], counts: Mapping[tuple[str, str], int]) -> int:
+    """How many of ``counts`` (images per (category, defect type), e.g. failed ones) fall in ``row``'s scope.
+
+    A ``defect`` row counts the images of its own (category, defect type); a ``category`` row every image of
+    its category (``good`` included); ``overall`` and ``mean`` rows every image of the run.
+    """
+    scope = row["scope"]
+    if scope == "defect":
+        return int(counts.get((row["category"], row["defect_type"]), 0))
+    if scope == "category":
+        return int(sum(n for (category, _), n in counts.items() if category == row["category"]))
+    if scope in ("overall", "mean"):
+        return int(sum(counts.values()))
+    raise MetricInputError(f"unknown metric row scope {scope!r}; expected category, defect, overall or mean")
+
+
+def set_image_counts(
+    rows: Iterable[dict[str, Any]], column: str, counts: Mapping[tuple[str, str], int],
+) -> None:
+    """Write :func:`image_count` of ``counts`` into ``column`` of every row, in place."""
+    for row in rows:
+        row[column] = image_count(row, counts)
+
+
 def _check_name(kind: str, name: str) -> str:
     if not isinstance(name, str) or not name or name == ALL or "/" in name:
         raise MetricInputError(f"{kind} must be a non-empty name without '/', other than {ALL!r}; got {name!r}")

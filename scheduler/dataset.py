@@ -341,6 +341,34 @@ def _select_categories(root: Path, available: list[str], classes: Sequence[str] 
     return [name for name in available if name in wanted]
 
 
+def check_exclusions(
+    root: Path | str, exclude_defects: Sequence[str], *, classes: Sequence[str] | None = None,
+) -> None:
+    """Raise :class:`DatasetError` when a name in ``exclude_defects`` is a defect folder of none of the selected
+    categories (a typo such as ``colour`` would otherwise exclude nothing); the error lists the valid names.
+
+    :func:`index_dataset` itself ignores such names, so that one list of exclusions can serve several datasets.
+    """
+    if isinstance(exclude_defects, str):
+        raise DatasetError(f"exclude_defects must be a list of defect names, not the string {exclude_defects!r}")
+    if not exclude_defects:
+        return
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} is not a directory; {LAYOUT_HELP}")
+    selected = _select_categories(root, _find_categories(root), classes)
+    defects = {child.name for category in selected for child in _sorted_children(root / category / "test")
+               if _is_visible_dir(child) and child.name != GOOD}
+    unknown = sorted({name for name in exclude_defects if name not in defects and name != GOOD})
+    if unknown:
+        listing = ", ".join(sorted(defects)) or "none"
+        raise DatasetError(
+            f"cannot exclude {', '.join(map(repr, unknown))}: no defect folder of that name in "
+            f"{'category ' if len(selected) == 1 else 'categories '}{', '.join(selected)} of {root}; "
+            f"defect types there: {listing}"
+        )
+
+
 def index_dataset(
     root: Path | str,
     *,

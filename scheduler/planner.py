@@ -11,10 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from storage.models import Run
-from storage.repository import PlannedImage, Repository
+from storage.repository import PlannedImage, Repository, RunConflictError
 
 # Configuration keys that define a run: resuming with different values would mix incompatible results.
 IDENTITY_KEYS = ("classes", "max_per_class", "exclude_defects", "detector_config")
+# Keys of ``detector_config`` that only say how the images are executed (like a worker's --processes, which is
+# not stored at all): a rerun of a run may change them. Every other key decides the results and may not change.
+EXECUTION_SETTINGS = ("device", "batch_size")
+# The command-line option behind a stored setting, for messages (detector_config keys map to --key-name).
+_OPTION_NAMES = {"dataset_root": "--mvtec-root", "dtype": "the model dtype"}
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class RunRequest:
     run_name: str | None = None
 
     def identity(self) -> dict[str, Any]:
+        """The run configuration's identity keys (:data:`IDENTITY_KEYS`), execution settings included."""
         return {
             "classes": list(self.classes) if self.classes else None,
             "max_per_class": self.max_per_class,
@@ -37,12 +43,66 @@ class RunRequest:
             "detector_config": self.detector_config,
         }
 
+    def result_settings(self) -> dict[str, Any]:
+        """Every setting that decides the results, as stored: :meth:`identity` without execution settings."""
+        return _result_settings(
+            {"detector": self.detector, "dataset_root": str(self.mvtec_root.resolve()), **self.identity()}
+        )
+
     def default_name(self) -> str:
-        digest = hashlib.sha256(
-            json.dumps({"root": str(self.mvtec_root.resolve()), "detector": self.detector, **self.identity()},
-                       sort_keys=True).encode()
-        ).hexdigest()[:8]
+        """``<detector>-<dataset folder>-<hash of the result settings>``: a rerun that changes only execution
+        settings (device, batch size) finds the same run."""
+        return self._named(self.result_settings())
+
+    def legacy_default_name(self) -> str:
+        """The default name older versions derived, hashing the execution settings too."""
+        return self._named({"root": str(self.mvtec_root.resolve()), "detector": self.detector, **self.identity()})
+
+    def _named(self, settings: dict[str, Any]) -> str:
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
         return f"{self.detector}-{self.mvtec_root.resolve().name}-{digest}"
+
+
+def _result_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` (detector, dataset_root and the identity keys) with detector_config flattened into its keys
+    and the execution settings left out; values as JSON stores them."""
+    flat = {key: value for key, value in settings.items() if key != "detector_config"}
+    for key, value in (settings.get("detector_config") or {}).items():
+        if key not in EXECUTION_SETTINGS:
+            flat[f"detector_config.{key}"] = value
+    return json.loads(json.dumps(flat))
+
+
+def _setting_name(key: str) -> str:
+    name = key.removeprefix("detector_config.").removeprefix("extra.")
+    return _OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "(not set)"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) if value else "(none)"
+    return repr(value)
+
+
+def check_rerun(run: Run, request: RunRequest) -> None:
+    """Refuse to continue ``run`` with ``request`` when a setting that decides the results differs; the error
+    names each such setting with the run's value and the requested one. Execution settings may differ."""
+    stored = _result_settings({"detector": run.detector, "dataset_root": run.dataset_root,
+                               **{key: run.config.get(key) for key in IDENTITY_KEYS}})
+    wanted = request.result_settings()
+    differences = [
+        f"{_setting_name(key)} is {_shown(stored.get(key))} in the run but {_shown(wanted.get(key))} now"
+        for key in sorted(stored.keys() | wanted.keys()) if stored.get(key) != wanted.get(key)
+    ]
+    if differences:
+        raise RunConflictError(
+            f"run {run.name!r} was made with other result settings: {'; '.join(differences)}. Rerun it with the "
+            f"run's values, continue it with `readar resume {run.name}`, or choose another --run-name for a new "
+            f"run (only {', '.join('--' + key.replace('_', '-') for key in EXECUTION_SETTINGS)} may change on "
+            "a rerun)"
+        )
 
 
 def code_version() -> str:
@@ -67,12 +127,21 @@ def plan_run(
     repo: Repository, request: RunRequest, *, model_fingerprint: str | None, uses_ground_truth_names: bool,
     settings_public: dict[str, Any],
 ) -> tuple[Run, int]:
-    """Index the dataset and create the run with one row per image (idempotent). Returns (run, new rows)."""
-    from scheduler.dataset import index_dataset
+    """Index the dataset and create the run with one row per image (idempotent). Returns (run, new rows).
 
+    A run of that name that exists already is continued when its result settings match (:func:`check_rerun`);
+    it keeps its stored execution settings, while this invocation runs with the requested ones."""
+    from scheduler.dataset import check_exclusions, index_dataset
+
+    classes = list(request.classes) if request.classes else None
+    check_exclusions(request.mvtec_root, request.exclude_defects, classes=classes)
+    name = request.run_name or _default_name(repo, request)
+    existing = repo.find_run(name)
+    if existing is not None:
+        check_rerun(existing, request)
     index = index_dataset(
-        request.mvtec_root, classes=list(request.classes) if request.classes else None,
-        max_per_class=request.max_per_class, exclude_defects=list(request.exclude_defects),
+        request.mvtec_root, classes=classes, max_per_class=request.max_per_class,
+        exclude_defects=list(request.exclude_defects),
     )
     config = {
         **request.identity(),
@@ -80,13 +149,36 @@ def plan_run(
         "uses_ground_truth_names": uses_ground_truth_names,
         "settings": settings_public,
     }
-    run = repo.create_run(
-        name=request.run_name or request.default_name(), detector=request.detector,
-        dataset_root=str(request.mvtec_root.resolve()), config=config, code_version=code_version(),
-        model_fingerprint=model_fingerprint, identity_keys=IDENTITY_KEYS,
-    )
+
+    def create(existing: Run | None) -> Run:
+        if existing is not None:  # same result settings: the stored execution settings make it compare equal
+            config["detector_config"] = existing.config.get("detector_config")
+        return repo.create_run(
+            name=name, detector=request.detector, dataset_root=str(request.mvtec_root.resolve()), config=config,
+            code_version=code_version(), model_fingerprint=model_fingerprint, identity_keys=IDENTITY_KEYS,
+        )
+
+    try:
+        run = create(existing)
+    except RunConflictError:  # another planner created it meanwhile: say what differs, or join it
+        existing = repo.find_run(name)
+        if existing is None:
+            raise
+        check_rerun(existing, request)
+        run = create(existing)
     new_rows = repo.add_images(run.id, (_planned(entry) for entry in index.entries))
     return run, new_rows
+
+
+def _default_name(repo: Repository, request: RunRequest) -> str:
+    """The request's default run name; a run named the way older versions named it is continued under that
+    name."""
+    name = request.default_name()
+    if repo.find_run(name) is None:
+        legacy = request.legacy_default_name()
+        if repo.find_run(legacy) is not None:
+            return legacy
+    return name
 
 
 def _planned(entry: Any) -> PlannedImage:

@@ -35,8 +35,8 @@ class ImageLoadError(RuntimeError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(
-            f"cannot load image {self.path}: {reason}. Replace the file with a valid PNG or JPEG, "
-            "or remove it from the dataset and re-index"
+            f"cannot load image {self.path}: {reason}. Replace the file with a valid PNG or JPEG, then run "
+            "`readar retry RUN`"
         )
 
 

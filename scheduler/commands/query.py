@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +15,28 @@ import numpy as np
 from rich.table import Table
 
 from scheduler.context import AppContext
+from scheduler.tables import add_number_column, add_text_column, compact_table
 from storage.logits import decode_logits, full_resolution_logits
-from storage.models import IMAGE_STATUSES
+from storage.models import IMAGE_STATUSES, Image
 from storage.paths import resolve_inside
+from storage.repository import Repository, utcnow
 
 RESULT_COLUMNS = ("id", "category", "defect", "label", "status", "image_score", "attempts", "image_path",
                   "object_key", "error")
-
+RATE_WINDOW_S = 300.0  # the rate looks at most this far back
+# Short headers for the image statuses, so that the status table fits 80 columns.
+STATUS_HEADERS = {"queued": "queue", "running": "run", "done": "done", "failed": "fail", "skipped": "skip"}
 
 
 @click.command("runs")
 @click.pass_obj
 def runs_command(app: AppContext) -> None:
     """List the runs in the database."""
-    table = Table(title="runs", title_justify="left")
-    for column in ("name", "status", "detector", "created", "images", "done", "failed", "skipped"):
-        table.add_column(column)
+    table = compact_table("runs")
+    for header in ("name", "status", "detector", "created"):
+        add_text_column(table, header)
+    for header in ("images", "done", "fail", "skip"):
+        add_number_column(table, header)
     for run in app.repo.list_runs():
         totals = app.repo.status_totals(run.id)
         table.add_row(run.name, run.status, run.detector, f"{run.created_at:%Y-%m-%d %H:%M}",
@@ -37,27 +45,98 @@ def runs_command(app: AppContext) -> None:
     app.console.print(table)
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """How fast a run's images finish: ``finished`` images over the last ``window_s`` seconds of work."""
+
+    finished: int
+    window_s: float
+    remaining: int  # images still queued or running
+
+    @property
+    def rate(self) -> float:
+        """Images per second (0 when nothing finished in the window)."""
+        return self.finished / self.window_s if self.finished and self.window_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds until the remaining images are done at this rate; None unless work is moving: images are
+        left and some finished recently (a finished or a stalled run has no ETA)."""
+        return self.remaining / self.rate if self.remaining and self.rate > 0 else None
+
+
+def measure_throughput(
+    *, now: datetime, finished: int, first_started: datetime | None, last_finished: datetime | None,
+    remaining: int, window_s: float = RATE_WINDOW_S,
+) -> Throughput:
+    """The rate over the real elapsed window, not a fixed one.
+
+    finished: images that finished in the last ``window_s`` seconds; first_started / last_finished: when the
+    earliest of them started and the latest finished. While images remain the window runs from that first start
+    to ``now``; once none remain it ends at the last finish (so a run that took 15 s is measured over 15 s);
+    either way it is at most ``window_s`` long (and at least 1 s).
+    """
+    if not finished or first_started is None:
+        return Throughput(0, window_s, remaining)
+    end = now if remaining or last_finished is None else last_finished
+    elapsed = (end - first_started).total_seconds()
+    return Throughput(finished, min(window_s, max(elapsed, 1.0)), remaining)
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes (stored in UTC); PostgreSQL aware ones."""
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+
+
+def _recent_work(repo: Repository, run_id: int, since: datetime) -> tuple[int, datetime | None, datetime | None]:
+    """(images finished since ``since``, earliest start among them, latest finish)."""
+    from sqlalchemy import func, select
+
+    with repo.db.session() as session:
+        count, first_started, last_finished = session.execute(
+            select(func.count(), func.min(Image.started_at), func.max(Image.finished_at))
+            .where(Image.run_id == run_id, Image.finished_at.is_not(None), Image.finished_at >= since)
+        ).one()
+    return int(count or 0), _aware(first_started), _aware(last_finished)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _throughput_text(throughput: Throughput) -> str:
+    left = f"{throughput.remaining} left"
+    if not throughput.finished:
+        return f"no image finished in the last {_duration(throughput.window_s)}, {left}"
+    rate = f"{throughput.rate:.2f} images/s over the last {_duration(throughput.window_s)} of work"
+    eta = throughput.eta_s
+    return f"{rate}, {left}" + (f", ETA {_duration(eta)}" if eta is not None else "")
+
+
 def _status_table(app: AppContext, run: Any) -> Table:
-    from datetime import timedelta
-
-    from storage.repository import utcnow
-
     counts = app.repo.status_counts(run.id)
     categories = {c.category: c for c in app.repo.categories(run.id)}
-    recent = app.repo.finished_since(run.id, utcnow() - timedelta(minutes=5))
-    rate = recent / 300.0
+    now = utcnow()
+    finished, first_started, last_finished = _recent_work(app.repo, run.id, now - timedelta(seconds=RATE_WINDOW_S))
     remaining = sum(c.get("queued", 0) + c.get("running", 0) for c in counts.values())
-    eta = f"{remaining / rate / 60:.1f} min" if rate > 0 else "—"
-    title = f"run {run.name} ({run.status}) — {rate:.2f} images/s over 5 min, {remaining} left, ETA {eta}"
-    table = Table(title=title, title_justify="left")
-    for column in ("category", "progress", *IMAGE_STATUSES, "metrics"):
-        table.add_column(column, justify="left" if column in ("category", "progress") else "right")
+    throughput = measure_throughput(now=now, finished=finished, first_started=first_started,
+                                    last_finished=last_finished, remaining=remaining)
+    table = compact_table(f"run {run.name} ({run.status}) — {_throughput_text(throughput)}")
+    for header in ("category", "progress"):
+        add_text_column(table, header)
+    for status in IMAGE_STATUSES:
+        add_number_column(table, STATUS_HEADERS.get(status, status))
+    add_text_column(table, "metrics")
     for category, per_status in sorted(counts.items()):
         record = categories.get(category)
         total = sum(per_status.values())
-        finished = total - per_status.get("queued", 0) - per_status.get("running", 0)
-        filled = int(20 * finished / total) if total else 20
-        bar = "█" * filled + "░" * (20 - filled) + f" {finished}/{total}"
+        done = total - per_status.get("queued", 0) - per_status.get("running", 0)
+        filled = int(10 * done / total) if total else 10
+        bar = "█" * filled + "░" * (10 - filled) + f" {int(100 * done / total) if total else 100:>3}%"
         aggregated = f"v{record.version} {record.status}" if record else "—"
         table.add_row(category, bar, *(str(per_status.get(s, 0)) for s in IMAGE_STATUSES), aggregated)
     return table
@@ -95,8 +174,18 @@ def status_command(app: AppContext, run_name: str, watch: bool, interval: float)
                                                  and all(c.status == "done" for c in categories)):
                     break
                 time.sleep(interval)
-    for row in app.repo.images(run.id, status="failed")[:20]:
+    failed = app.repo.images(run.id, status="failed")
+    for row in failed[:20]:
         app.console.print(f"[red]failed[/] {row.image_path}: {row.error}")
+    if len(failed) > 20:
+        app.console.print(f"and {len(failed) - 20} more failed image(s): `readar results {run.name} --status "
+                          "failed` lists them all", markup=False, highlight=False)
+    if failed:
+        app.console.print(
+            f"once the cause is fixed (a file replaced, a checkpoint copied), `readar retry {run.name}` gives the "
+            "failed images a fresh start and recomputes the metrics",
+            markup=False, highlight=False,
+        )
     for row in [r for r in app.repo.images(run.id, status="queued") if r.error][:20]:
         app.console.print(f"[yellow]queued again[/] {row.image_path}: {row.error}")
     if watch and app.repo.metric_rows(run.id):
@@ -132,6 +221,13 @@ def results_command(app: AppContext, run_name: str, category: str | None, status
                     output_format: str) -> None:
     """Per-image rows of a run."""
     run = app.run(run_name)
+    if category:
+        known = sorted(c.category for c in app.repo.categories(run.id))
+        if category not in known:
+            raise click.BadParameter(
+                f"run {run.name} has no category {category!r}; its categories: {', '.join(known) or 'none'}",
+                param_hint="--category",
+            )
     rows = [
         {column: getattr(row, column) for column in RESULT_COLUMNS}
         for row in app.repo.images(run.id, category=category, status=status)
@@ -143,15 +239,22 @@ def results_command(app: AppContext, run_name: str, category: str | None, status
         writer.writeheader()
         writer.writerows(rows)
     else:
-        table = Table(title=f"run {run.name}: {len(rows)} image(s)", title_justify="left")
-        for column in RESULT_COLUMNS[:-2]:
-            table.add_column(column)
-        table.add_column("error")
+        # The image path names the category and the defect type (<category>/test/<defect>/<file>); errors are
+        # listed under the table, where they have the whole width.
+        table = compact_table(f"run {run.name}: {len(rows)} image(s)")
+        add_number_column(table, "id")
+        add_text_column(table, "image")
+        add_number_column(table, "label")
+        add_text_column(table, "status")
+        for header in ("score", "tries"):
+            add_number_column(table, header)
         for row in rows:
             score = "" if row["image_score"] is None else f"{row['image_score']:.4f}"
-            table.add_row(str(row["id"]), row["category"], row["defect"], str(row["label"]), row["status"], score,
-                          str(row["attempts"]), row["image_path"], row["error"] or "")
+            table.add_row(str(row["id"]), row["image_path"], str(row["label"]), row["status"], score,
+                          str(row["attempts"]))
         app.console.print(table)
+        for row in (r for r in rows if r["error"]):
+            app.console.print(f"{row['id']} ({row['status']}): {row['error']}", markup=False, highlight=False)
 
 
 @click.command("export")
