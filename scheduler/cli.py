@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -12,7 +13,32 @@ from scheduler.context import AppContext, configure_logging
 from scheduler.settings import Settings
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class ReadarGroup(click.Group):
+    """Connection and URL failures end as one line naming what failed and what to do (``-v``: traceback)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            from scheduler.failures import describe_failure
+
+            app = ctx.obj if isinstance(ctx.obj, AppContext) else None
+            settings = app.settings if app is not None else None
+            message = describe_failure(
+                exc,
+                database_url=settings.resolved_database_url if settings else None,
+                broker_url=settings.broker_url if settings else None,
+            )
+            if message is None:
+                raise
+            if app is not None and app.verbose:
+                traceback.print_exc()
+            raise click.ClickException(message) from exc
+
+
+@click.group(cls=ReadarGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--work-dir", type=click.Path(path_type=Path), help="Work folder [env READAR_WORK_DIR; ./readar-work].")
 @click.option("--database-url", help="SQLAlchemy URL [env READAR_DATABASE_URL; SQLite in the work folder].")
 @click.option("--object-store-url", help="fsspec URL for logits [env READAR_OBJECT_STORE_URL; <work-dir>/objects].")

@@ -48,11 +48,18 @@ class AppContext:
 
 
 def configure_logging(verbose: bool) -> None:
+    """Rich log lines on a terminal; plain, unwrapped lines (one record, one line) into files and pipes."""
     from rich.logging import RichHandler
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
-        handlers=[RichHandler(console=Console(stderr=True), show_path=verbose)], force=True,
-    )
+    err = Console(stderr=True)
+    handler: logging.Handler
+    if err.is_terminal:
+        handler = RichHandler(console=err, show_path=verbose)
+        log_format = "%(message)s"
+    else:
+        handler = logging.StreamHandler()
+        log_format = "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format=log_format,
+                        handlers=[handler], force=True)
     for noisy in ("alembic", "botocore", "s3fs", "aiobotocore", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
