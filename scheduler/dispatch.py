@@ -3,6 +3,12 @@
 Queue messages carry ids only. SQL decides what needs a message: queued images with no message sent within
 the visibility timeout. So submitting twice enqueues nothing new, and a reconcile after a lost message or
 an expired lease sends exactly the missing ones. Duplicate deliveries are harmless: the claim refuses them.
+
+Lost messages (Redis): kombu's Redis transport takes a message off the queue list with BRPOP and only then,
+in the worker process, records it in its ``unacked`` hash; a worker killed in between leaves no trace of the
+message anywhere, and a worker killed after it leaves it in ``unacked`` until the visibility timeout
+(25 minutes by default). :func:`find_lost_messages` compares SQL with the broker: a queued image whose
+message is neither waiting in the queue list nor recently delivered is sent again.
 """
 
 from __future__ import annotations
@@ -14,12 +20,14 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery
 
 from storage.repository import Repository
 from workers.queues import AGGREGATE_CATEGORY, AGGREGATE_QUEUE, IMAGE_QUEUE, PROCESS_IMAGE
+from workers.task import dead_local_owners
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,85 @@ class ReconcileReport:
     leases_expired: int
     enqueued: int
     aggregations: int
+    lost: int = 0  # queued images whose message had vanished from the broker, sent again
+
+
+# How long a message may be out of sight before its image counts as lost: a message just pushed or just taken
+# by a live worker is in flight for milliseconds; one delivered (unacked) to a live worker is claimed at once,
+# but a retry waits up to 60 s (workers/celery_app.py _backoff) in the worker that holds it.
+ABSENT_GRACE_S = 15.0
+UNACKED_GRACE_S = 120.0
+# Longest queue list scanned for waiting messages; with a longer backlog lost messages are looked for later.
+SCAN_LIMIT = 20_000
+
+
+@dataclass(frozen=True)
+class MessageCensus:
+    """Image ids that have a message in Redis right now: waiting in the image queue, or delivered and not yet
+    acknowledged (image id → delivery time, seconds since the epoch)."""
+
+    waiting: frozenset[int]
+    delivered: dict[int, float]
+
+
+def _image_id(payload: dict[str, Any]) -> int | None:
+    """The image id of a process_image message (kombu's stored form), or None for anything else."""
+    try:
+        if payload["headers"]["task"] != PROCESS_IMAGE:
+            return None
+        args = json.loads(base64.b64decode(payload["body"]))[0]
+        return int(args[1])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+def message_census(celery: Celery, *, scan_limit: int = SCAN_LIMIT) -> MessageCensus | None:
+    """What the Redis broker holds for image tasks; None when it is not Redis or the backlog is too long."""
+    if not str(celery.conf.broker_url or "").startswith(("redis://", "rediss://")):
+        return None
+    with celery.connection_for_write() as connection:
+        client = connection.default_channel.client
+        if int(client.llen(IMAGE_QUEUE)) > scan_limit:
+            return None
+        waiting = set()
+        for start in range(0, scan_limit, 1000):
+            chunk = client.lrange(IMAGE_QUEUE, start, start + 999)
+            for raw in chunk:
+                image_id = _image_id(json.loads(raw))
+                if image_id is not None:
+                    waiting.add(image_id)
+            if len(chunk) < 1000:
+                break
+        delivered_at = {tag.decode() if isinstance(tag, bytes) else tag: score
+                        for tag, score in client.zrange("unacked_index", 0, -1, withscores=True)}
+        delivered = {}
+        for tag, raw in client.hgetall("unacked").items():
+            tag = tag.decode() if isinstance(tag, bytes) else tag
+            try:
+                image_id = _image_id(json.loads(raw)[0])
+            except (ValueError, IndexError, TypeError):
+                continue
+            if image_id is not None:
+                delivered[image_id] = max(delivered.get(image_id, 0.0), float(delivered_at.get(tag, 0.0)))
+    return MessageCensus(frozenset(waiting), delivered)
+
+
+def find_lost_messages(repo: Repository, run_id: int, census: MessageCensus, *,
+                       absent_grace_s: float = ABSENT_GRACE_S, unacked_grace_s: float = UNACKED_GRACE_S) -> list[int]:
+    """Queued images of the run sent more than ``absent_grace_s`` ago whose message is neither waiting nor
+    delivered within ``unacked_grace_s`` (a delivered message older than that belongs to a dead worker)."""
+    from storage.repository import utcnow
+
+    now = time.time()
+    lost = []
+    for image_id in repo.queued_sent_before(run_id, utcnow() - timedelta(seconds=absent_grace_s)):
+        if image_id in census.waiting:
+            continue
+        delivered = census.delivered.get(image_id)
+        if delivered is not None and now - delivered < unacked_grace_s:
+            continue
+        lost.append(image_id)
+    return lost
 
 
 def enqueue_images(celery: Celery, repo: Repository, run_id: int, *, visibility_timeout: int,
@@ -37,11 +124,18 @@ def enqueue_images(celery: Celery, repo: Repository, run_id: int, *, visibility_
     new one only when the image queue is empty: a message waiting in the queue never expires, so with a
     backlog an old timestamp means "still waiting"; with none, that message is gone (a broker that lost its
     data, a retry that could not be published) and the image would otherwise never run."""
-    sent = 0
+    with celery.connection_for_write() as connection:
+        backlog = int(connection.default_channel.client.llen(IMAGE_QUEUE))
+    image_ids = repo.images_to_enqueue(run_id, stale_after_s=visibility_timeout, resend_stale=backlog == 0)
+    return send_images(celery, repo, run_id, image_ids, chunk=chunk)
+
+
+def send_images(celery: Celery, repo: Repository, run_id: int, image_ids: list[int], *, chunk: int = 5000) -> int:
+    """Push one task message per image (one LPUSH per chunk) and record when; returns how many were sent."""
+    if not image_ids:
+        return 0
     with celery.connection_for_write() as connection:
         channel = connection.default_channel
-        backlog = int(channel.client.llen(IMAGE_QUEUE))
-        image_ids = repo.images_to_enqueue(run_id, stale_after_s=visibility_timeout, resend_stale=backlog == 0)
         # Declared once (kombu records the queue's binding), as Celery's own publish would on its first send.
         connection.Producer(channel).maybe_declare(celery.amqp.queues[IMAGE_QUEUE])
         messages = TaskMessages(PROCESS_IMAGE, IMAGE_QUEUE)
@@ -51,8 +145,7 @@ def enqueue_images(celery: Celery, repo: Repository, run_id: int, *, visibility_
             # One LPUSH carries the whole chunk; the rows are marked as enqueued only after Redis took it.
             channel.client.lpush(messages.queue, *(messages.encode([run_id, image_id, now]) for image_id in batch))
             repo.mark_enqueued(batch)
-            sent += len(batch)
-    return sent
+    return len(image_ids)
 
 
 class TaskMessages:
@@ -94,15 +187,25 @@ class TaskMessages:
 
 
 def reconcile_run(celery: Celery, repo: Repository, run_id: int, *, visibility_timeout: int,
-                  stale_aggregation_s: int) -> ReconcileReport:
-    """Requeue expired leases, enqueue images without a live message, trigger missed aggregations."""
-    expired = repo.release_expired_or_orphaned(run_id)
+                  stale_aggregation_s: int, census: MessageCensus | None = None,
+                  absent_grace_s: float = ABSENT_GRACE_S, unacked_grace_s: float = UNACKED_GRACE_S) -> ReconcileReport:
+    """Requeue expired leases, enqueue images without a live message, send again the ones whose message was
+    lost, trigger missed aggregations. ``census`` (one per round over many runs) is taken here when not given."""
+    # Leases of dead processes on this host need not wait for their expiry (a `readar reconcile` right after
+    # a worker was killed on this machine).
+    expired = repo.release_expired_or_orphaned(run_id, dead_local_owners(repo.running_owners(run_id)))
     if expired:
         repo.clear_enqueued(run_id, only_started=True)  # their old messages were consumed; they need new ones
     enqueued = enqueue_images(celery, repo, run_id, visibility_timeout=visibility_timeout)
+    census = census if census is not None else message_census(celery)
+    lost = []
+    if census is not None:
+        lost = find_lost_messages(repo, run_id, census, absent_grace_s=absent_grace_s,
+                                  unacked_grace_s=unacked_grace_s)
+        send_images(celery, repo, run_id, lost)
     aggregations = 0
     for record in repo.categories(run_id):
         if repo.try_start_aggregation(run_id, record.category, stale_after_s=stale_aggregation_s):
             celery.send_task(AGGREGATE_CATEGORY, args=[run_id, record.category], queue=AGGREGATE_QUEUE)
             aggregations += 1
-    return ReconcileReport(expired, enqueued, aggregations)
+    return ReconcileReport(expired, enqueued, aggregations, len(lost))

@@ -8,8 +8,6 @@ interrupted run (Ctrl-C, kill -9) resumes where it stopped: finished images are 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -31,8 +29,8 @@ from storage.models import Run
 from storage.objects import ObjectStore
 from storage.repository import Repository
 from workers.batcher import Batcher
-from workers.detectors.base import Detector
-from workers.task import WorkerContext, process_image
+from workers.detectors.base import Detector, SetupError
+from workers.task import WorkerContext, dead_local_owners, process_image
 
 log = logging.getLogger(__name__)
 
@@ -58,31 +56,16 @@ class RunOutcome:
     exit_code: int = 0  # 130 after Ctrl-C, 1 when storage kept failing
 
 
-def _dead_local_owners(owners: list[str]) -> list[str]:
-    """Lease owners ``host:pid`` on this host whose process no longer exists."""
-    host = socket.gethostname()
-    dead = []
-    for owner in owners:
-        owner_host, _, pid_text = owner.rpartition(":")
-        if owner_host != host or not pid_text.isdigit() or int(pid_text) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
-            dead.append(owner)
-        except PermissionError:
-            pass
-    return dead
-
-
 def execute_run(
     repo: Repository, store: ObjectStore, run: Run, detector: Detector, *, batch_size: int, lease_seconds: int,
     max_attempts: int, device: str, console: Console | None = None, secrets: list[str] | None = None,
-    image_hook: Callable[[int, str], None] | None = None,
+    image_hook: Callable[[int, str], None] | None = None, resume: str | None = None,
 ) -> RunOutcome:
-    """Process every pending image, aggregating each category as it completes."""
+    """Process every pending image, aggregating each category as it completes. ``resume``: the command that
+    continues this run, shown when it stops early (default ``readar resume <name>``)."""
     console = console or Console(stderr=True)
-    released = repo.release_expired_or_orphaned(run.id, _dead_local_owners(repo.running_owners(run.id)))
+    resume = resume or f"readar resume {run.name}"
+    released = repo.release_expired_or_orphaned(run.id, dead_local_owners(repo.running_owners(run.id)))
     if released:
         console.print(f"[yellow]resuming: {released} image(s) left running by a stopped process are queued again")
     if not repo.running_owners(run.id):  # no live process holds this run: a half-done aggregation is due again
@@ -110,7 +93,11 @@ def execute_run(
     def task(image_id: int) -> str:
         if stop.is_set():
             return "cancelled"
-        outcome = process_image(ctx, run.id, image_id)
+        try:
+            outcome = process_image(ctx, run.id, image_id)
+        except SetupError:
+            stop.set()  # the setup, not the images, is broken: start no more of them
+            raise
         if image_hook is not None:
             image_hook(image_id, outcome)
         return outcome
@@ -146,11 +133,14 @@ def execute_run(
                         time.sleep(STALL_BACKOFF_S[stalled_passes - 1])  # storage outage: wait, then retry
     except KeyboardInterrupt:
         interrupted = True
-        console.print(f"[yellow]interrupted; finished images are kept. Resume with: readar resume {run.name}")
+        console.print(f"[yellow]interrupted; finished images are kept. Resume with: {resume}")
+    except SetupError as exc:
+        interrupted, exit_code = True, 1
+        console.print(f"[red]{exc}[/]\nNo image was charged for this. Fix it, then run: {resume}")
     except StorageUnavailable as exc:
         interrupted, exit_code = True, 1
         console.print(f"[red]no progress after repeated retries: {exc}\nFinished images are kept; fix the cause "
-                      f"(e.g. free disk space, bring the object store back) and run: readar resume {run.name}")
+                      f"(e.g. free disk space, bring the object store back) and run: {resume}")
     finally:
         batcher.close()
     if interrupted:
@@ -162,7 +152,7 @@ def execute_run(
     if repo.pending_image_ids(run.id):  # results found lost while aggregating: compute those images again
         again = execute_run(repo, store, run, detector, batch_size=batch_size, lease_seconds=lease_seconds,
                             max_attempts=max_attempts, device=device, console=console, secrets=secrets,
-                            image_hook=image_hook)
+                            image_hook=image_hook, resume=resume)
         for outcome, count in outcomes.items():
             again.processed[outcome] = again.processed.get(outcome, 0) + count
         return again

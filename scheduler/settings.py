@@ -53,6 +53,10 @@ class Settings(BaseSettings):
         True, description="Workers send Celery task events (Flower, `celery events`); false saves about 1 ms of "
         "worker CPU per image on short tasks, and Flower can still switch them on at run time."
     )
+    setup_retry_seconds: int = Field(
+        60, ge=1, description="How long a worker process that cannot run the detector on its machine (weights "
+        "missing, no GPU) stays stopped before it tries again; meanwhile `readar healthcheck` reports unhealthy."
+    )
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus port of a worker (unset: off).")
     heartbeat_file: Path | None = Field(None, description="File a worker touches on progress (liveness probes).")
     plugins: str = Field("", description="Comma-separated modules imported at start (they register detectors).")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, exists, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, case, delete, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from storage.database import Database
@@ -476,6 +476,35 @@ class Repository:
                 .values(status="queued", lease_expires_at=None)
             ).rowcount
 
+    def release_owners(self, owners: Iterable[str]) -> dict[int, list[int]]:
+        """Requeue the running rows of every run held by these owners (``host:pid`` of processes known to be
+        dead) and forget their message timestamps, so the next enqueue sends them at once; run id → image ids.
+        The attempt stays counted: an image that kills its worker every time still ends quarantined."""
+        owners = list(owners)
+        if not owners:
+            return {}
+        images = Image.__table__
+        selected = (images.c.status == "running", images.c.lease_owner.in_(owners))
+        with self.db.engine.begin() as connection:
+            rows = connection.execute(
+                update(images)
+                .where(_locked_in_id_order(*selected), *selected)  # re-checked once the rows are locked
+                .values(status="queued", lease_expires_at=None, enqueued_at=None)
+                .returning(images.c.run_id, images.c.id)
+            ).all()
+        released: dict[int, list[int]] = {}
+        for run_id, image_id in rows:
+            released.setdefault(int(run_id), []).append(int(image_id))
+        return released
+
+    def queued_sent_before(self, run_id: int, before: datetime) -> list[int]:
+        """Queued images whose message went out before ``before`` (candidates for a lost message)."""
+        with self.db.session() as session:
+            return list(session.scalars(
+                select(Image.id).where(Image.run_id == run_id, Image.status == "queued", Image.enqueued_at < before)
+                .order_by(Image.id)
+            ))
+
     @staticmethod
     def _mark_dirty(connection: Any, run_id: int, category: str) -> None:
         """Flag the category for (re-)aggregation."""
@@ -635,6 +664,34 @@ class Repository:
                 .values(status="queued", object_key=None, image_score=None, enqueued_at=None, lease_owner=None,
                         lease_expires_at=None, finished_at=None, fence=images.c.fence + 1, error=error)
             ).rowcount)
+
+    def requeue_failed(self, run_id: int, *, category: str | None = None) -> int:
+        """Quarantined (failed) images get a fresh start: queued, attempts and error cleared, a new fence; their
+        categories are due for aggregation again once they finish. Returns how many."""
+        images = Image.__table__
+        selected = [images.c.run_id == run_id, images.c.status == "failed"]
+        if category is not None:
+            selected.append(images.c.category == category)
+        with self.db.engine.begin() as connection:
+            count = int(connection.execute(
+                update(images).where(_locked_in_id_order(*selected), *selected)
+                .values(status="queued", attempts=0, error=None, enqueued_at=None, lease_owner=None,
+                        lease_expires_at=None, finished_at=None, fence=images.c.fence + 1)
+            ).rowcount)
+            if count:
+                condition = [Category.run_id == run_id, Category.status != "aggregating"]
+                if category is not None:
+                    condition.append(Category.category == category)
+                connection.execute(update(Category.__table__).where(*condition).values(status="open", dirty=True))
+                connection.execute(update(Run.__table__).where(Run.id == run_id).values(status="running"))
+        return count
+
+    def delete_run(self, run_id: int) -> None:
+        """The run and everything SQL holds for it (images, categories, metric rows)."""
+        with self.db.engine.begin() as connection:
+            for table in (MetricRow.__table__, Category.__table__, Image.__table__):
+                connection.execute(delete(table).where(table.c.run_id == run_id))
+            connection.execute(delete(Run.__table__).where(Run.__table__.c.id == run_id))
 
     def reopen_aggregation(self, run_id: int, category: str) -> None:
         """A failed aggregator gives the category back: it is due again."""

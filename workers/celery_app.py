@@ -10,9 +10,10 @@ forwards through the in-process batcher (DESIGN.md section 3).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Celery
 from celery.signals import worker_ready
@@ -24,6 +25,7 @@ from storage.objects import ObjectStoreError
 from storage.redact import redact_url
 from workers.broker import TRANSPORT_PATH
 from workers.consumer import CONSUMER_PATH
+from workers.detectors.base import SetupError, check_device
 from workers.monitoring import IMAGES, QUEUE_WAIT, Heartbeat, start_metrics_server
 from workers.queues import AGGREGATE_CATEGORY, AGGREGATE_QUEUE, IMAGE_QUEUE, PROCESS_IMAGE
 from workers.runtime import WorkerRuntime
@@ -136,6 +138,8 @@ def process_image_task(self: Any, run_id: int, image_id: int, enqueued_at: float
     except TRANSIENT_ERRORS as exc:
         log.warning("transient error on image %d (%s); retrying", image_id, type(exc).__name__)
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
+    except SetupError as exc:
+        stop_for_setup(exc)
     finally:
         if _heartbeat is not None:
             _heartbeat.task_finished()
@@ -192,6 +196,26 @@ def _still_aggregating(state: WorkerRuntime, run_id: int, category: str) -> bool
     return any(c.category == category and c.status == "aggregating" for c in state.repo.categories(run_id))
 
 
+# Exit status of a worker process that cannot run here (sysexits' EX_CONFIG): the supervisor keeps it
+# stopped for a while and reports the machine unhealthy instead of restarting it at once.
+SETUP_EXIT_CODE = 78
+
+
+def stop_for_setup(exc: Exception) -> NoReturn:
+    """Leave at once without acknowledging anything: the image was given back untouched, the supervisor sends
+    this process's messages again, and no further task is taken while the setup is broken."""
+    log.error("this worker cannot run the detector: %s; it takes no more tasks until that is fixed", exc)
+    logging.shutdown()
+    os._exit(SETUP_EXIT_CODE)
+
+
 @worker_ready.connect
 def _on_worker_ready(**_: Any) -> None:
     runtime()  # storage checks, heartbeat and metrics endpoint up before the first task arrives
+    try:
+        check_device(_settings.device)
+        for run in runtime().repo.list_runs():  # detectors of the runs in progress: build and check them now
+            if run.status == "running":
+                runtime().context_for_run(run.id).detector.preflight()
+    except SetupError as exc:
+        stop_for_setup(exc)

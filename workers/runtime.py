@@ -76,6 +76,7 @@ class WorkerRuntime:
                 self._runs[run_id] = key
                 if key not in self._contexts:
                     detector = build_detector(run.detector, config)
+                    detector.preflight()  # a broken setup stops the worker before it claims an image
                     self._contexts[key] = WorkerContext(
                         repo=self.repo, store=self.store, detector=detector,
                         batcher=Batcher(detector.detect, max_batch=config.batch_size, on_batch=record_batch),

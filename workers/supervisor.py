@@ -2,8 +2,9 @@
 
 The supervisor never imports torch or touches CUDA: each child is a fresh interpreter (fork + exec) with
 ``CUDA_VISIBLE_DEVICES`` set to its GPU. A child that dies is restarted; a child whose heartbeat stalls past
-the hard time limit (stuck inside a task: thread pools cannot be interrupted) is killed and restarted, and
-its unacknowledged messages are redelivered by the broker. SIGTERM is forwarded for a graceful shutdown:
+the hard time limit (stuck inside a task: thread pools cannot be interrupted) is killed and restarted. The
+images a dead child held are given back and sent again at once, and the supervisor reconciles on a timer
+(workers/recovery.py), so nothing waits for a lease or the broker's visibility timeout. SIGTERM is forwarded for a graceful shutdown:
 Celery finishes the tasks in flight, and unfinished ones stay unacknowledged for another worker.
 """
 
@@ -18,8 +19,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from workers.monitoring import heartbeat_age
+
+if TYPE_CHECKING:
+    from workers.recovery import Recovery
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +36,18 @@ class ChildSpec:
     command: list[str]
 
 
+# A child that cannot run the detector here exits with this (workers/celery_app.py SETUP_EXIT_CODE; the
+# supervisor does not import that module, which pulls in Celery).
+SETUP_EXIT_CODE = 78
+
+
 @dataclass
 class Child:
     spec: ChildSpec
     process: subprocess.Popen
     heartbeat: Path | None
     started: float = 0.0
+    restart_at: float | None = None  # set while held back after a setup failure (its process has exited)
 
 
 def children_progressing(children: list[Child], *, grace: float, now: float | None = None) -> bool:
@@ -44,6 +55,8 @@ def children_progressing(children: list[Child], *, grace: float, now: float | No
     progressing until ``grace`` has passed since its start)."""
     now = time.time() if now is None else now
     for child in children:
+        if child.restart_at is not None:  # held back: it cannot run the detector here
+            return False
         if child.heartbeat is None:
             continue
         age = heartbeat_age(child.heartbeat)
@@ -81,6 +94,20 @@ def plan_children(*, gpus: list[int] | None, processes: int, batch_size: int, qu
     return specs
 
 
+def unhealthy_marker(heartbeat_file: Path) -> Path:
+    """The file that says why a worker machine is unhealthy (``readar healthcheck`` reads it)."""
+    return heartbeat_file.with_name(heartbeat_file.name + ".unhealthy")
+
+
+def _mark_health(heartbeat_file: Path, held_back: list[str]) -> None:
+    marker = unhealthy_marker(heartbeat_file)
+    if held_back:
+        marker.write_text(f"worker process(es) {', '.join(held_back)} cannot run the detector here; see the "
+                          "worker log\n", encoding="utf-8")
+    else:
+        marker.unlink(missing_ok=True)
+
+
 def _start(spec: ChildSpec) -> Child:
     heartbeat = Path(spec.env["READAR_HEARTBEAT_FILE"])
     heartbeat.parent.mkdir(parents=True, exist_ok=True)
@@ -91,11 +118,14 @@ def _start(spec: ChildSpec) -> Child:
 
 
 def supervise(specs: list[ChildSpec], *, hard_time_limit: int, heartbeat_file: Path | None = None,
-              check_every_s: float = 2.0) -> int:
+              check_every_s: float = 2.0, recovery: Recovery | None = None, setup_retry_s: float = 60.0) -> int:
     """Run the children until SIGTERM/SIGINT; returns the exit code.
 
     ``heartbeat_file`` (READAR_HEARTBEAT_FILE, what ``readar healthcheck`` reads) is touched while every
-    child is making progress, so a liveness probe sees the whole worker machine's state.
+    child is making progress, so a liveness probe sees the whole worker machine's state. ``recovery`` (see
+    workers/recovery.py) hears of every child that died and reconciles on a timer. A child that exits with
+    SETUP_EXIT_CODE (it cannot run the detector here) is started again only after ``setup_retry_s``, and
+    meanwhile the machine is unhealthy: its heartbeat file is not touched.
     """
     children = [_start(spec) for spec in specs]
     stopping = False
@@ -104,7 +134,7 @@ def supervise(specs: list[ChildSpec], *, hard_time_limit: int, heartbeat_file: P
         nonlocal stopping
         stopping = True
         for child in children:
-            if child.process.poll() is None:
+            if child.restart_at is None and child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
@@ -120,8 +150,19 @@ def supervise(specs: list[ChildSpec], *, hard_time_limit: int, heartbeat_file: P
         for index, child in enumerate(children):
             if stopping:
                 break
+            if child.restart_at is not None:  # held back after a setup failure
+                if time.time() >= child.restart_at:
+                    children[index] = _start(child.spec)
+                continue
             code = child.process.poll()
             if code is not None:
+                if recovery is not None:
+                    recovery.child_died(child.process.pid)
+                if code == SETUP_EXIT_CODE:
+                    log.error("worker %s cannot run here (see its error above): UNHEALTHY; it takes no tasks and "
+                              "starts again in %.0f s", child.spec.name, setup_retry_s)
+                    child.restart_at = time.time() + setup_retry_s
+                    continue
                 log.warning("worker %s exited with %s; restarting it", child.spec.name, code)
                 children[index] = _start(child.spec)
             elif child.heartbeat is not None and heartbeat_age(child.heartbeat) > grace and \
@@ -129,10 +170,18 @@ def supervise(specs: list[ChildSpec], *, hard_time_limit: int, heartbeat_file: P
                 log.warning("worker %s made no progress for %d s; killing and restarting it", child.spec.name, grace)
                 child.process.kill()
                 child.process.wait()
+                if recovery is not None:
+                    recovery.child_died(child.process.pid)
                 children[index] = _start(child.spec)
+        if heartbeat_file is not None:
+            _mark_health(heartbeat_file, [c.spec.name for c in children if c.restart_at is not None])
+        if recovery is not None and not stopping:
+            recovery.tick()
     for child in children:
         try:
             child.process.wait(timeout=hard_time_limit + 30)
         except subprocess.TimeoutExpired:
             child.process.kill()
+    if recovery is not None:
+        recovery.close()
     return 0

@@ -27,7 +27,7 @@ from storage.paths import PathEscapeError, RootResolver
 from storage.redact import redact_text
 from storage.repository import Claim, Completion, Repository
 from workers.batcher import Batcher
-from workers.detectors.base import Detection, Detector, ImageSample
+from workers.detectors.base import Detection, Detector, ImageSample, SetupError
 from workers.groupcommit import GroupCommit, first_per_key
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,23 @@ log = logging.getLogger(__name__)
 def worker_identity() -> str:
     """``host:pid`` — also how the embedded mode recognises leases of dead local processes."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def dead_local_owners(owners: list[str]) -> list[str]:
+    """Lease owners ``host:pid`` on this host whose process no longer exists."""
+    host = socket.gethostname()
+    dead = []
+    for owner in owners:
+        owner_host, _, pid_text = owner.rpartition(":")
+        if owner_host != host or not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            dead.append(owner)
+        except PermissionError:
+            pass
+    return dead
 
 
 @dataclass(frozen=True)
@@ -184,6 +201,11 @@ def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> str:
         log.warning("object store error on %s: %s", row.image_path, exc)
         ctx.repo.release(claim, error=redact_text(f"retrying: {exc}", ctx.secrets))
         return "transient"
+    except SetupError as exc:
+        # The machine, not the image, cannot run the detector (weights missing, no GPU): give the image back
+        # untouched; the caller stops (embedded run) or the worker stops taking tasks until the setup is fixed.
+        ctx.repo.release(claim, error=redact_text(f"waiting for a working setup: {exc}", ctx.secrets))
+        raise
     except Exception as exc:  # noqa: BLE001 - any detector failure is recorded against this image
         log.exception("detector failed on %s", row.image_path)
         return _record_failure(ctx, claim, run_id, row.category, f"{type(exc).__name__}: {exc}", permanent=False)

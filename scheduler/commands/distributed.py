@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from scheduler.commands.run import _request, detector_config, run_options
+from scheduler.commands.run import _request, detector_config, resume_hint, run_options
 from scheduler.context import AppContext
 from scheduler.planner import plan_run
 from storage.redact import redact_url
-from workers.detectors.base import DETECTOR_DEFAULTS
+from workers.detectors.base import DETECTOR_DEFAULTS, DetectorError, build_detector
 
 
 def celery_for(app: AppContext):  # noqa: ANN201 - celery.Celery
@@ -40,19 +41,37 @@ def submit_command(app: AppContext, **options: Any) -> None:
     celery = celery_for(app)
     config = detector_config(app, options)
     request = _request(options, config)
+    try:  # the config, tokenizer and weight files here; each worker checks its own device when it starts
+        detector = build_detector(request.detector, dataclasses.replace(config, device="cpu"))
+        detector.preflight()
+    except DetectorError as exc:
+        raise click.ClickException(str(exc)) from exc
     # As the READ detectors decide it: the anomaly prompt, or a template naming {anomaly_type}.
     uses_names = "prompt_mode" in DETECTOR_DEFAULTS.get(request.detector, {}) and (
         config.prompt_mode == "anomaly"
         or (config.prompt_mode == "template" and "{anomaly_type}" in (config.prompt_template or ""))
     )
     try:
-        run, new_rows = plan_run(app.repo, request, model_fingerprint=None, uses_ground_truth_names=uses_names,
+        run, new_rows = plan_run(app.repo, request, model_fingerprint=detector.fingerprint(),
+                                 uses_ground_truth_names=uses_names,
                                  settings_public=app.settings.public())
     except (DatasetError, RunConflictError) as exc:
         raise click.ClickException(str(exc)) from exc
     if run.status in ("cancelled", "done", "planned"):
         app.repo.set_run_status(run.id, "running" if run.status != "done" else "done")
-    sent = enqueue_images(celery, app.repo, run.id, visibility_timeout=app.settings.visibility_timeout)
+    try:
+        sent = enqueue_images(celery, app.repo, run.id, visibility_timeout=app.settings.visibility_timeout)
+    except Exception as exc:
+        from scheduler.failures import describe_failure
+
+        message = describe_failure(exc, database_url=app.settings.resolved_database_url,
+                                   broker_url=app.settings.broker_url)
+        if message is None:
+            raise
+        raise click.ClickException(
+            f"{message}. Run {run.name} is planned ({new_rows} new image row(s)); once the broker is up, "
+            f"`{resume_hint(app, run.name)}` sends its images"
+        ) from exc
     app.console.print(f"run [bold]{run.name}[/]: {new_rows} new image row(s), {sent} task(s) enqueued on "
                       f"{redact_url(app.settings.broker_url)}")
     app.console.print(f"watch it with: readar status {run.name} --watch")
@@ -104,14 +123,17 @@ def reconcile_command(app: AppContext, run_name: str | None) -> None:
     from scheduler.dispatch import reconcile_run
 
     celery = celery_for(app)
+    from workers.recovery import is_distributed
+
     runs = [app.run(run_name)] if run_name else [
-        r for r in app.repo.list_runs() if r.status not in ("done", "cancelled")
+        r for r in app.repo.list_runs() if r.status not in ("done", "cancelled") and is_distributed(r)
     ]
     for run in runs:
         report = reconcile_run(celery, app.repo, run.id, visibility_timeout=app.settings.visibility_timeout,
                                stale_aggregation_s=app.settings.visibility_timeout)
         app.console.print(f"{run.name}: {report.leases_expired} expired lease(s) requeued, {report.enqueued} task(s) "
-                          f"enqueued, {report.aggregations} aggregation(s) triggered")
+                          f"enqueued, {report.lost} lost message(s) sent again, {report.aggregations} "
+                          "aggregation(s) triggered")
 
 
 @click.command("worker")
@@ -127,7 +149,7 @@ def worker_command(app: AppContext, gpus: str | None, device: str | None, proces
     """Start workers that take image tasks from the broker (one process per GPU, model loaded once each)."""
     from workers.supervisor import plan_children, supervise
 
-    celery_for(app)  # refuses without a broker
+    celery = celery_for(app)  # refuses without a broker
     if gpus and device:
         raise click.UsageError("use either --gpus or --device cpu, not both")
     gpu_list = None
@@ -143,9 +165,13 @@ def worker_command(app: AppContext, gpus: str | None, device: str | None, proces
         work_dir=app.settings.work_dir.resolve(), metrics_port=app.settings.metrics_port,
         loglevel="INFO" if app.verbose else "WARNING", settings_env=app.settings.child_environment(),
     )
+    from workers.recovery import Recovery
+
+    recovery = Recovery(celery, app.repo, visibility_timeout=app.settings.visibility_timeout)
     app.err.print(f"starting {len(specs)} worker process(es) on {redact_url(app.settings.broker_url)}")
     sys.exit(supervise(specs, hard_time_limit=app.settings.hard_time_limit,
-                       heartbeat_file=app.settings.heartbeat_file))
+                       heartbeat_file=app.settings.heartbeat_file, recovery=recovery,
+                       setup_retry_s=app.settings.setup_retry_seconds))
 
 
 @click.command("healthcheck")
@@ -160,6 +186,12 @@ def healthcheck_command(app: AppContext, max_idle: int, heartbeat_file: Path | N
     path = heartbeat_file or app.settings.heartbeat_file
     if path is None:
         raise click.UsageError("no heartbeat file: set READAR_HEARTBEAT_FILE or pass --heartbeat-file")
+    from workers.supervisor import unhealthy_marker
+
+    marker = unhealthy_marker(Path(path))
+    if marker.is_file():
+        click.echo(f"unhealthy: {marker.read_text(encoding='utf-8').strip()}", err=True)
+        sys.exit(1)
     age = heartbeat_age(path)
     if age > max_idle:
         click.echo(f"unhealthy: no progress for {age:.0f} s (limit {max_idle} s)", err=True)

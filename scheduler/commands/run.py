@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,7 @@ def execute(app: AppContext, detector_name: str, config: DetectorConfig, request
 
     try:
         detector = build_detector(detector_name, config)
+        detector.preflight()  # device and weight files, before any image is claimed
     except DetectorError as exc:
         raise click.ClickException(str(exc)) from exc
     repo = app.repo
@@ -149,11 +151,18 @@ def execute(app: AppContext, detector_name: str, config: DetectorConfig, request
     outcome = execute_run(
         repo, app.store, run, detector, batch_size=config.batch_size, lease_seconds=app.settings.lease_seconds,
         max_attempts=app.settings.max_attempts, device=config.device, console=app.err,
-        secrets=app.settings.secrets(),
+        secrets=app.settings.secrets(), resume=resume_hint(app, run.name),
     )
     if outcome.interrupted:
         raise SystemExit(outcome.exit_code)
     summarise(app, outcome.run.id, outcome.run.name)
+
+
+def resume_hint(app: AppContext, run_name: str) -> str:
+    """The command that continues ``run_name`` from any folder (the work folder named when not the default)."""
+    work_dir = app.settings.work_dir
+    flag = "" if work_dir == Path("readar-work") else f"--work-dir {shlex.quote(str(work_dir.resolve()))} "
+    return f"readar {flag}resume {shlex.quote(run_name)}"
 
 
 def summarise(app: AppContext, run_id: int, run_name: str) -> Path:
@@ -187,7 +196,32 @@ def resume_command(app: AppContext, run_name: str, device: str | None, batch_siz
     """Finish an interrupted run: images already done are not redone.
 
     With a broker configured, unfinished images are enqueued for the workers; otherwise they run here."""
+    _continue(app, app.run(run_name), device=device, batch_size=batch_size, verb="resumed")
+
+
+@click.command("retry")
+@click.argument("run_name")
+@click.option("--category", help="Only this category's failed images.")
+@click.option("--device", help="Override the device of the stored run configuration.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Override the batch size.")
+@click.pass_obj
+def retry_command(app: AppContext, run_name: str, category: str | None, device: str | None,
+                  batch_size: int | None) -> None:
+    """Give the run's failed (quarantined) images a fresh start, e.g. after fixing a file, and finish the run.
+
+    Their attempts and errors are cleared; the metrics are recomputed once they are done."""
     run = app.run(run_name)
+    if category is not None and category not in {c.category for c in app.repo.categories(run.id)}:
+        known = ", ".join(sorted(c.category for c in app.repo.categories(run.id)))
+        raise click.BadParameter(f"run {run.name} has no category {category!r}; it has: {known}",
+                                 param_hint="--category")
+    count = app.repo.requeue_failed(run.id, category=category)
+    app.console.print(f"run {run.name}: {count} failed image(s) queued again")
+    _continue(app, app.repo.get_run_by_id(run.id), device=device, batch_size=batch_size, verb="retried")
+
+
+def _continue(app: AppContext, run: Any, *, device: str | None, batch_size: int | None, verb: str) -> None:
+    """Process a planned run's unfinished images: through the workers when a broker is set, else here."""
     if app.settings.broker_url:  # scale-out: hand the unfinished images back to the workers
         from scheduler.commands.distributed import celery_for
         from scheduler.dispatch import reconcile_run
@@ -195,13 +229,31 @@ def resume_command(app: AppContext, run_name: str, device: str | None, batch_siz
         app.repo.set_run_status(run.id, "running")
         report = reconcile_run(celery_for(app), app.repo, run.id, visibility_timeout=app.settings.visibility_timeout,
                                stale_aggregation_s=app.settings.visibility_timeout)
-        app.console.print(f"run {run.name} resumed: {report.enqueued} task(s) enqueued, {report.leases_expired} "
-                          f"expired lease(s) requeued, {report.aggregations} aggregation(s) triggered")
+        app.console.print(f"run {run.name} {verb}: {report.enqueued + report.lost} task(s) enqueued, "
+                          f"{report.leases_expired} expired lease(s) requeued, {report.aggregations} aggregation(s) "
+                          "triggered")
         return
     from workers.runtime import detector_config_from_run
 
     config = detector_config_from_run(run.config["detector_config"], device=device, batch_size=batch_size)
     execute(app, run.detector, config, None, run_name=run.name)
+
+
+@click.command("delete")
+@click.argument("run_name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def delete_command(app: AppContext, run_name: str, yes: bool) -> None:
+    """Delete a run: its rows in the database and its logits in the object store (the dataset is untouched)."""
+    run = app.run(run_name)
+    images = sum(app.repo.status_totals(run.id).values())
+    if not yes:
+        click.confirm(f"delete run {run.name} ({images} images) and its stored logits?", abort=True)
+    keys = app.store.list(f"runs/{run.id}")
+    for key in keys:
+        app.store.delete(key)
+    app.repo.delete_run(run.id)
+    app.console.print(f"run {run.name} deleted: {images} image row(s), {len(keys)} object(s)")
 
 
 @click.command("demo")
@@ -236,4 +288,4 @@ def demo_command(app: AppContext, detector: str) -> None:
     )
 
 
-COMMANDS = (run_command, resume_command, demo_command)
+COMMANDS = (run_command, resume_command, retry_command, delete_command, demo_command)

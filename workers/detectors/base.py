@@ -28,6 +28,30 @@ class DetectorError(RuntimeError):
     """A detector cannot be built or cannot process an input; the message says what to fix."""
 
 
+class SetupError(DetectorError):
+    """This machine cannot run the detector at all (weights missing or unreadable, no such device). No image
+    is to blame: images are given back untouched, and the run (or the worker) stops until the setup is fixed."""
+
+
+def check_device(device: str) -> None:
+    """SetupError unless ``device`` exists here (cpu always; cuda:N needs a CUDA build of torch and GPU N)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SetupError(
+            f"device {device!r} was asked for, but this torch {torch.__version__} sees no CUDA device: install a "
+            "CUDA build of torch on a GPU machine, or use --device cpu"
+        )
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise SetupError(
+            f"device {device!r} was asked for, but only {torch.cuda.device_count()} CUDA device(s) are visible "
+            "(CUDA_VISIBLE_DEVICES)"
+        )
+
+
 @dataclass(frozen=True)
 class ImageSample:
     """One test image as a detector sees it.
@@ -137,6 +161,10 @@ class Detector(ABC):
     def fingerprint(self) -> str:
         """Identifies the model and weights (stored with the run); override for weighted models."""
         return self.name
+
+    def preflight(self) -> None:  # noqa: B027 - a hook: detectors without weights have nothing to check
+        """Check, before any image is claimed, what can be checked without the full model load (device, weight
+        files); raises SetupError with one line saying what to fix. Detectors with weights override it."""
 
 
 DetectorFactory = Callable[[DetectorConfig], Detector]

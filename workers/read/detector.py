@@ -36,6 +36,7 @@ from workers.detectors.base import (
     DetectorConfig,
     DetectorError,
     ImageSample,
+    check_device,
     register_detector,
 )
 from workers.read import MAX_NEW_TOKENS, MAX_NEW_TOKENS_CAP
@@ -48,7 +49,14 @@ from workers.read.conversation import (
     tokenize_query,
 )
 from workers.read.decode import QueryRow, run_queries
-from workers.read.loader import cached_read_model, clip_preprocessing, load_clip_config, resolve_dtype
+from workers.read.errors import ClipFolderError
+from workers.read.loader import (
+    cached_read_model,
+    check_weight_files,
+    clip_preprocessing,
+    load_clip_config,
+    resolve_dtype,
+)
 from workers.read.model import ReadModel
 from workers.read.preprocess import SAM_FRAME, ClipPreprocessing, as_rgb_uint8, clip_pixels, sam_pixels
 from workers.read.prompting import decode_many, frame_points, sparse_prompt
@@ -328,6 +336,16 @@ class ReadDetector(Detector):
             "timings_ms": {"prepare": item.prepare_ms, **timings},
         }
         return Detection(logits=logits, diagnostics=diagnostics)
+
+    def preflight(self) -> None:
+        """Device present and every weight file there and readable-looking, before any image is claimed."""
+        check_device(self.config.device)
+        if self.checkpoint is not None:
+            check_weight_files(self.checkpoint)
+        if self.clip_dir is not None and not any(
+            (self.clip_dir / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")
+        ):
+            raise ClipFolderError(f"CLIP folder {self.clip_dir} has no model.safetensors or pytorch_model.bin")
 
     def fingerprint(self) -> str:
         """sha256 over the checkpoint's config, tokenizer, index and shard sizes and the CLIP config (no weight reading)."""

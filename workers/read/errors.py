@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from workers.detectors.base import DetectorError
+from workers.detectors.base import DetectorError, SetupError
 
 
 class ReadError(DetectorError):
     """Base class of READ-specific failures."""
 
 
-class CheckpointError(ReadError):
-    """A READ checkpoint folder is incomplete or inconsistent."""
+class CheckpointError(ReadError, SetupError):
+    """A READ checkpoint folder is incomplete or inconsistent (a setup error: no image is to blame)."""
 
 
 class CorruptShardError(CheckpointError):
@@ -29,7 +29,7 @@ class WeightShapeError(CheckpointError):
     """A tensor in the shards has a different shape from the model's parameter."""
 
 
-class ClipFolderError(ReadError):
+class ClipFolderError(ReadError, SetupError):
     """The CLIP folder is missing or does not hold the vision tower this checkpoint was trained with."""
 
 

@@ -113,6 +113,27 @@ def weight_files(checkpoint: Path) -> dict[Path, set[str] | None]:
     )
 
 
+def check_weight_files(checkpoint: Path) -> None:
+    """Cheap checks of every weight file before any image is claimed: present (as the index lists them), not
+    empty, and starting like what its name says (a safetensors header that parses; a torch zip or pickle)."""
+    for path in weight_files(Path(checkpoint)):
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if path.suffix == ".safetensors":
+                header_size = int.from_bytes(head, "little") if len(head) == 8 else -1
+                try:
+                    valid = 0 < header_size < size and isinstance(json.loads(handle.read(header_size)), dict)
+                except (ValueError, UnicodeDecodeError):
+                    valid = False
+            else:
+                valid = head.startswith((b"PK\x03\x04", b"\x80"))  # torch.save's zip, or the legacy pickle
+        if not valid:
+            raise CorruptShardError(
+                f"weight shard {path} ({size} bytes) is truncated or not a weight file; copy it again"
+            )
+
+
 def read_shard(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of one shard on the CPU; CorruptShardError when it cannot be read."""
     try:
