@@ -33,3 +33,13 @@ def published_setting_note(detector: str, detector_config: dict[str, Any]) -> st
             differences)
     return (f"read_as_published: matches the published READAR setting ({prompt}; vicuna_v1; anomaly prompt; "
             "up to 2,048 new tokens)")
+
+
+def oracle_note(detector_config: dict[str, Any]) -> str:
+    """Why a run's image-level numbers are an oracle setting, naming the setting that makes them one."""
+    if detector_config.get("prompt_mode") == "template":
+        cause = f"--prompt-template {detector_config.get('prompt_template')!r} names the ground-truth defect folder"
+    else:
+        cause = "--prompt-mode anomaly names the ground-truth defect folder"
+    return (f"{cause} in every prompt (\"good\" for normal images), so iAUROC here is an oracle setting, not a "
+            "zero-shot image-level result")

@@ -12,6 +12,13 @@ from pydantic import ValidationError
 from scheduler.context import AppContext, configure_logging
 from scheduler.settings import Settings
 
+# Commands that only make sense on runs that exist: with the default SQLite database, a work folder without one
+# is a mistake (a typo in --work-dir), not a reason to create an empty database.
+COMMANDS_ON_EXISTING_RUNS = frozenset({
+    "runs", "status", "metrics", "results", "export", "report", "show", "resume", "retry", "delete", "cancel",
+    "aggregate", "reconcile",
+})
+
 
 class ReadarGroup(click.Group):
     """Connection and URL failures end as one line naming what failed and what to do (``-v``: traceback)."""
@@ -59,7 +66,8 @@ def cli(ctx: click.Context, work_dir: Path | None, database_url: str | None, obj
     except ValidationError as exc:
         raise click.UsageError(f"invalid setting: {exc}") from exc
     configure_logging(verbose)
-    ctx.obj = AppContext(settings=settings, verbose=verbose)
+    ctx.obj = AppContext(settings=settings, verbose=verbose,
+                         needs_existing_database=ctx.invoked_subcommand in COMMANDS_ON_EXISTING_RUNS)
 
 
 def _register() -> None:

@@ -24,8 +24,16 @@ class AppContext:
     console: Console = field(default_factory=lambda: Console(width=None if Console().is_terminal else 140))
     err: Console = field(default_factory=lambda: Console(stderr=True))
 
+    needs_existing_database: bool = False
+
     @cached_property
     def database(self) -> Database:
+        default_file = self.settings.work_dir / "readar.sqlite"
+        if self.needs_existing_database and not self.settings.database_url and not default_file.is_file():
+            raise click.ClickException(
+                f"no READAR database in {self.settings.work_dir.resolve()} (no readar.sqlite there): pass the "
+                "--work-dir your runs used, or set READAR_WORK_DIR or READAR_DATABASE_URL"
+            )
         database = Database(self.settings.resolved_database_url,
                             tls_ca_file=str(self.settings.database_tls_ca_file) if self.settings.database_tls_ca_file else None)
         database.migrate()

@@ -30,7 +30,7 @@ from storage.objects import ObjectStore
 from storage.repository import Repository
 from workers.batcher import Batcher
 from workers.detectors.base import Detector, SetupError
-from workers.task import WorkerContext, dead_local_owners, process_image
+from workers.task import WorkerContext, dead_local_owners, process_image, worker_identity
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ def execute_run(
     if not repo.running_owners(run.id):  # no live process holds this run: a half-done aggregation is due again
         repo.reset_stale_aggregations(run.id)
     repo.set_run_status(run.id, "running")
+    repo.set_run_executor(run.id, worker_identity())  # `readar status` shows the run interrupted once we are gone
     lock = threading.Lock()
 
     def aggregate(run_id: int, category: str) -> None:
@@ -143,7 +144,9 @@ def execute_run(
                       f"(e.g. free disk space, bring the object store back) and run: {resume}")
     finally:
         batcher.close()
+        repo.set_run_executor(run.id, None)
     if interrupted:
+        repo.set_run_status(run.id, "interrupted")
         return RunOutcome(run, outcomes, interrupted=True, exit_code=exit_code)
     # Categories that completed before this invocation (or whose aggregator died) are aggregated here.
     for record in repo.categories(run.id):

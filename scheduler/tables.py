@@ -14,7 +14,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from metrics.published import published_setting_note
+from metrics.published import oracle_note, published_setting_note
 from metrics.report import write_metrics_csv
 from storage.models import MetricRow, Run
 from storage.repository import Repository
@@ -120,7 +120,5 @@ def print_metrics(console: Console, repo: Repository, run: Run, *, include_defec
     if note:
         console.print(f"[cyan]{note}[/]")
     if run.config.get("uses_ground_truth_names"):
-        console.print(
-            "[yellow]note: the 'anomaly' prompt names the ground-truth defect folder (\"good\" for normal images), "
-            "so iAUROC here is an oracle setting, not a zero-shot image-level result.[/]"
-        )
+        console.print(f"note: {oracle_note(run.config.get('detector_config') or {})}.", style="yellow",
+                      markup=False, highlight=False)

@@ -304,6 +304,14 @@ class Repository:
         with self.db.session() as session, session.begin():
             session.execute(update(Run).where(Run.id == run_id).values(status=status))
 
+    def set_run_executor(self, run_id: int, owner: str | None) -> None:
+        """Record (``host:pid``) or clear the process executing an embedded run, kept in the run's config, so
+        that a run whose process is gone can be shown as interrupted."""
+        with self.db.session() as session, session.begin():
+            run = session.get(Run, run_id)
+            if run is not None:
+                run.config = {**(run.config or {}), "executor": owner}
+
     # ---------------------------------------------------------------- planning
     def add_images(self, run_id: int, planned: Iterable[PlannedImage]) -> int:
         """Insert rows for images not yet in the run (idempotent); returns how many were new.

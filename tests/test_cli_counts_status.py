@@ -119,6 +119,7 @@ def _status_title(work: Path, *, done: int, queued: int, started_s_ago: float, f
     repo = app.repo
     run = repo.create_run(name="r", detector="baseline", dataset_root=str(work), config={}, code_version="test",
                           model_fingerprint=None, identity_keys=())
+    repo.set_run_status(run.id, "running")
     repo.add_images(run.id, [
         PlannedImage(category="bottle", defect="good", label=0, image_path=f"bottle/test/good/{i:03d}.png",
                      mask_path=None, height=8, width=8)

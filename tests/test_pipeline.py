@@ -159,6 +159,12 @@ def test_killed_run_resumes_without_redoing_images(tmp_path: Path) -> None:
     assert 10 <= len(done_before) < total, "the kill must land mid-run"
     connection.close()
 
+    # The killed run shows as interrupted, without an ETA, with the command that resumes it from anywhere.
+    status = " ".join(_invoke(["--work-dir", str(work), "status", "resumable"]).split())
+    assert "(interrupted)" in status and "ETA" not in status
+    assert f"Resume with: readar --work-dir {work.resolve()} resume resumable" in status
+    assert "interrupted" in _invoke(["--work-dir", str(work), "runs"])
+
     _invoke(["--work-dir", str(work), "resume", "resumable"])
     connection = sqlite3.connect(database_path)
     rows = connection.execute("select id, status, fence, finished_at from images").fetchall()

@@ -89,3 +89,20 @@ def test_relative_checkpoint_paths_are_stored_absolute(tmp_path: Path, data: Pat
     assert (stored["checkpoint"], stored["clip"]) == (str(read_dir.resolve()), str(clip_dir.resolve()))
     monkeypatch.chdir(tmp_path)
     _invoke(["--work-dir", str(tmp_path), "resume", "relative"])  # from another folder: same checkpoint found
+
+
+def test_the_oracle_warning_names_the_setting_that_caused_it(tmp_path: Path, data: Path) -> None:
+    template = "Find the {anomaly_type} on the {class_name}."
+    output = " ".join(_run(tmp_path, data, "templated", "--detector", "read", "--prompt-mode", "template",
+                           "--prompt-template", template).split())
+    assert f"--prompt-template '{template}' names the ground-truth defect folder" in output
+    assert "'anomaly'" not in output
+    output = " ".join(_run(tmp_path, data, "anomaly", "--detector", "lisa", "--prompt-mode", "anomaly").split())
+    assert "--prompt-mode anomaly names the ground-truth defect folder" in output
+
+
+def test_read_only_commands_refuse_a_work_folder_without_a_database(tmp_path: Path) -> None:
+    for command in (["runs"], ["status", "r"], ["results", "r"]):
+        output = _invoke(["--work-dir", str(tmp_path / "typo"), *command], exit_code=1)
+        assert "no READAR database in" in output and "--work-dir" in output
+    assert not (tmp_path / "typo").exists()  # nothing created

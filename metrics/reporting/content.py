@@ -45,6 +45,7 @@ class RunSummary:
     code_version: str
     status_totals: dict[str, int]
     setting_note: str = ""  # how a read_as_published run compares with the published setting
+    oracle_note: str = ""  # why image-level numbers are an oracle setting (the setting named), when they are
 
 
 @dataclass

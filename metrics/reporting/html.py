@@ -201,9 +201,7 @@ def render_page(content: ReportContent) -> str:
     run = content.run
     oracle = ""
     if run.oracle:
-        oracle = ('<div class="warn">The <b>anomaly</b> prompt names the ground-truth defect folder ("good" for '
-                  "normal images): image-level numbers (iAUROC) are an <b>oracle</b> setting, not zero-shot "
-                  "results.</div>")
+        oracle = f'<div class="warn">{escape(run.oracle_note)}.</div>'
     nav = ('<nav><a href="#metrics">metrics</a><a href="#problems">skipped/failed</a>'
            '<a href="#categories">categories</a><a href="#defects">defect types</a>'
            '<a href="#failures">failure breakdown</a></nav>')

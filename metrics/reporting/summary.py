@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from metrics.published import published_setting_note
+from metrics.published import oracle_note, published_setting_note
 from metrics.reporting.content import RunSummary
 from storage.models import Run
 from storage.repository import Repository
@@ -27,6 +27,7 @@ def run_summary(repo: Repository, run: Run) -> RunSummary:
         checkpoint=str(detector_config.get("checkpoint") or "—"),
         dataset_root=run.dataset_root, code_version=run.code_version, status_totals=totals,
         setting_note=published_setting_note(run.detector, detector_config) or "",
+        oracle_note=oracle_note(detector_config) if config.get("uses_ground_truth_names") else "",
     )
 
 

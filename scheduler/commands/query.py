@@ -28,6 +28,17 @@ RATE_WINDOW_S = 300.0  # the rate looks at most this far back
 STATUS_HEADERS = {"queued": "queue", "running": "run", "done": "done", "failed": "fail", "skipped": "skip"}
 
 
+def shown_status(run: Any) -> str:
+    """The run's status, except that an embedded run whose executing process on this host is gone (killed,
+    machine restarted) is ``interrupted``, however its status column was left."""
+    from workers.task import dead_local_owners
+
+    executor = (run.config or {}).get("executor")
+    if run.status == "running" and executor and dead_local_owners([executor]):
+        return "interrupted"
+    return run.status
+
+
 @click.command("runs")
 @click.pass_obj
 def runs_command(app: AppContext) -> None:
@@ -39,7 +50,7 @@ def runs_command(app: AppContext) -> None:
         add_number_column(table, header)
     for run in app.repo.list_runs():
         totals = app.repo.status_totals(run.id)
-        table.add_row(run.name, run.status, run.detector, f"{run.created_at:%Y-%m-%d %H:%M}",
+        table.add_row(run.name, shown_status(run), run.detector, f"{run.created_at:%Y-%m-%d %H:%M}",
                       str(sum(totals.values())), str(totals.get("done", 0)), str(totals.get("failed", 0)),
                       str(totals.get("skipped", 0)))
     app.console.print(table)
@@ -108,12 +119,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _throughput_text(throughput: Throughput) -> str:
+def _throughput_text(throughput: Throughput, *, moving: bool = True) -> str:
+    """The rate line; ``moving`` False (an interrupted or cancelled run, or nothing finished for a while) drops
+    the ETA: nothing is working towards it."""
     left = f"{throughput.remaining} left"
     if not throughput.finished:
         return f"no image finished in the last {_duration(throughput.window_s)}, {left}"
     rate = f"{throughput.rate:.2f} images/s over the last {_duration(throughput.window_s)} of work"
-    eta = throughput.eta_s
+    eta = throughput.eta_s if moving else None
     return f"{rate}, {left}" + (f", ETA {_duration(eta)}" if eta is not None else "")
 
 
@@ -125,7 +138,9 @@ def _status_table(app: AppContext, run: Any) -> Table:
     remaining = sum(c.get("queued", 0) + c.get("running", 0) for c in counts.values())
     throughput = measure_throughput(now=now, finished=finished, first_started=first_started,
                                     last_finished=last_finished, remaining=remaining)
-    table = compact_table(f"run {run.name} ({run.status}) — {_throughput_text(throughput)}")
+    status = shown_status(run)
+    moving = status == "running" and last_finished is not None and (now - last_finished).total_seconds() < 120
+    table = compact_table(f"run {run.name} ({status}) — {_throughput_text(throughput, moving=moving)}")
     for header in ("category", "progress"):
         add_text_column(table, header)
     for status in IMAGE_STATUSES:
@@ -155,6 +170,11 @@ def status_command(app: AppContext, run_name: str, watch: bool, interval: float)
     from rich.live import Live
 
     run = app.run(run_name)
+    if shown_status(run) == "interrupted":
+        from scheduler.commands.run import resume_hint
+
+        app.console.print(f"run {run.name} was interrupted; finished images are kept. Resume with: "
+                          f"{resume_hint(app, run.name)}", markup=False, highlight=False)
     if not watch:
         app.console.print(_status_table(app, run))
     else:
