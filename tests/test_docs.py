@@ -159,3 +159,13 @@ def test_no_tracked_file_points_outside_the_repository() -> None:
         offenders += [f"{name}:{number}" for number, line in enumerate(text.splitlines(), start=1)
                       if OUTSIDE in line]
     assert not offenders, f"files referring to {OUTSIDE} (outside the repository): {offenders}"
+
+
+def test_every_option_has_help() -> None:
+    """`readar COMMAND --help` describes every option (a new option without help fails here)."""
+    import click
+
+    missing = [f"{name} {param.opts[0]}" for name, command in cli.commands.items() for param in command.params
+               if isinstance(param, click.Option) and not param.help]
+    missing += [f"readar {param.opts[0]}" for param in cli.params if isinstance(param, click.Option) and not param.help]
+    assert not missing, f"options without help: {missing}"

@@ -14,7 +14,8 @@ from scheduler.context import AppContext
 @click.option("--size", default=256, show_default=True, type=click.IntRange(32, 4096), help="Image side in px.")
 @click.option("--per-class", default=12, show_default=True, type=click.IntRange(3, 10000),
               help="Test images per category.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Random seed: the same seed writes the same images.")
 @click.pass_obj
 def make_sample_data_command(app: AppContext, directory: Path, size: int, per_class: int, seed: int) -> None:
     """Write a small MVTec-format dataset (textures and objects with exact defect masks) to DIRECTORY."""
@@ -26,7 +27,7 @@ def make_sample_data_command(app: AppContext, directory: Path, size: int, per_cl
 
 @click.command("make-tiny-checkpoint")
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed of the weights.")
 @click.pass_obj
 def make_tiny_checkpoint_command(app: AppContext, directory: Path, seed: int) -> None:
     """Write a random-weight READ checkpoint in the released layout, plus a tiny CLIP folder, to DIRECTORY.

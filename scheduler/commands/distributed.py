@@ -142,7 +142,9 @@ def reconcile_command(app: AppContext, run_name: str | None) -> None:
 @click.option("--processes", default=1, show_default=True, type=click.IntRange(1, 64),
               help="CPU worker processes (with --device cpu).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward = task threads per process.")
-@click.option("--queues", default="readar.images,readar.aggregate", show_default=True)
+@click.option("--queues", default="readar.images,readar.aggregate", show_default=True,
+              help="Queues to take tasks from: readar.images (one task per image) and/or readar.aggregate "
+              "(category metrics; CPU work that reads the masks).")
 @click.pass_obj
 def worker_command(app: AppContext, gpus: str | None, device: str | None, processes: int, batch_size: int | None,
                    queues: str) -> None:

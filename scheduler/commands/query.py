@@ -161,7 +161,8 @@ def _status_table(app: AppContext, run: Any) -> Table:
 @click.argument("run_name")
 @click.option("--watch", is_flag=True, help="Refresh until the run finishes (reconciles every refresh when a "
               "broker is configured).")
-@click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(min=0.5))
+@click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(min=0.5),
+              help="Seconds between refreshes with --watch.")
 @click.pass_obj
 def status_command(app: AppContext, run_name: str, watch: bool, interval: float) -> None:
     """Per-category progress of a run: counts, rate, ETA, aggregation state and failures."""
@@ -235,7 +236,7 @@ def metrics_command(app: AppContext, run_name: str, out_csv: Path | None, defect
 @click.option("--category", help="Only this category.")
 @click.option("--status", type=click.Choice(IMAGE_STATUSES), help="Only rows in this status.")
 @click.option("--format", "output_format", type=click.Choice(["table", "csv", "json"]), default="table",
-              show_default=True)
+              show_default=True, help="table for reading, csv or json for other programs.")
 @click.pass_obj
 def results_command(app: AppContext, run_name: str, category: str | None, status: str | None,
                     output_format: str) -> None:
