@@ -53,6 +53,10 @@ class Settings(BaseSettings):
         True, description="Workers send Celery task events (Flower, `celery events`); false saves about 1 ms of "
         "worker CPU per image on short tasks, and Flower can still switch them on at run time."
     )
+    path_map: str = Field(
+        "", description="OLD=NEW[,OLD2=NEW2]: where this worker finds the dataset and checkpoint folders a run stored "
+        "(absolute paths on the submitting machine) when it mounts them elsewhere."
+    )
     setup_retry_seconds: int = Field(
         60, ge=1, description="How long a worker process that cannot run the detector on its machine (weights "
         "missing, no GPU) stays stopped before it tries again; meanwhile `readar healthcheck` reports unhealthy."
@@ -68,6 +72,14 @@ class Settings(BaseSettings):
     )
     broker_tls_cert_file: Path | None = Field(None, description="Client certificate for Redis TLS (optional).")
     broker_tls_key_file: Path | None = Field(None, description="Client key for Redis TLS (optional).")
+
+    @field_validator("path_map")
+    @classmethod
+    def _check_path_map(cls, value: str) -> str:
+        from storage.paths import PathMap
+
+        PathMap(value)  # raises ValueError naming the bad entry
+        return value
 
     @field_validator("device")
     @classmethod
@@ -111,6 +123,8 @@ class Settings(BaseSettings):
         }
         if self.broker_url:
             env["READAR_BROKER_URL"] = self.broker_url
+        if self.path_map:
+            env["READAR_PATH_MAP"] = self.path_map
         return env
 
     def broker_ssl(self) -> dict[str, Any] | None:

@@ -61,3 +61,31 @@ class RootResolver:
         if os.path.islink(candidate):
             return resolve_inside(self.root, text)
         return candidate
+
+
+class PathMap:
+    """Where this machine finds the folders a run stored: ``OLD=NEW`` pairs (comma-separated), applied to the
+    longest matching OLD prefix. A worker mounting the dataset or the checkpoints elsewhere than the submitting
+    machine sets READAR_PATH_MAP (or ``readar worker --path-map OLD=NEW``)."""
+
+    def __init__(self, text: str = "") -> None:
+        pairs = []
+        for entry in (part.strip() for part in text.split(",")):
+            if not entry:
+                continue
+            old, sep, new = entry.partition("=")
+            if not sep or not old.startswith("/") or not new.startswith("/"):
+                raise ValueError(f"path map entry {entry!r} must be OLD=NEW with two absolute paths")
+            pairs.append((old.rstrip("/") or "/", new.rstrip("/") or "/"))
+        self.pairs = tuple(sorted(pairs, key=lambda pair: len(pair[0]), reverse=True))
+
+    def __call__(self, path: str | Path) -> Path:
+        text = str(path)
+        for old, new in self.pairs:
+            if text == old or text.startswith(old + "/") or old == "/":
+                rest = text[len(old):].lstrip("/")
+                return Path(new) / rest if rest else Path(new)
+        return Path(text)
+
+    def __bool__(self) -> bool:
+        return bool(self.pairs)

@@ -65,3 +65,56 @@ def test_worker_children_use_what_the_supervisor_resolved(tmp_path: Path, source
     assert f"uses broker {FLAG_BROKER}, database {database}, objects {tmp_path / 'work' / 'objects'}" in text, (
         text[-2000:]
     )
+
+
+def test_path_map_uses_the_longest_matching_prefix() -> None:
+    from storage.paths import PathMap
+
+    mapping = PathMap("/data=/mnt/data, /data/mvtec=/fast/mvtec,/models=/opt/models")
+    assert mapping("/data/mvtec/bottle") == Path("/fast/mvtec/bottle")
+    assert mapping("/data/other") == Path("/mnt/data/other")
+    assert mapping("/models") == Path("/opt/models")
+    assert mapping("/database/x") == Path("/database/x")  # a prefix of the name, not of the path
+    assert mapping("/elsewhere") == Path("/elsewhere") and not PathMap("")
+    with pytest.raises(ValueError, match="'data=/x' must be OLD=NEW with two absolute paths"):
+        PathMap("data=/x")
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_a_worker_finds_a_moved_dataset_and_checkpoint_through_the_path_map(tmp_path: Path, sample_root: Path,
+                                                                            postgres_url: str) -> None:
+    """Submitted from one mount point, run by a worker that mounts the same folders elsewhere."""
+    import shutil
+
+    from read_fixtures import tiny_checkpoint
+    from test_distributed import Cluster, RedisServer
+
+    server = RedisServer(tmp_path)
+    cluster = Cluster(tmp_path, server, postgres_url, str(tmp_path / "objects"), {})
+    try:
+        submitted_data, submitted_models = tmp_path / "submit-host" / "data", tmp_path / "submit-host" / "models"
+        shutil.copytree(sample_root / "brick", submitted_data / "brick")
+        read_dir, clip_dir = tiny_checkpoint()
+        shutil.copytree(read_dir, submitted_models / "read")
+        shutil.copytree(clip_dir, submitted_models / "clip")
+        cluster.readar("submit", "--mvtec-root", str(submitted_data), "--max-per-class", "3", "--detector", "read",
+                       "--checkpoint", str(submitted_models / "read"), "--clip", str(submitted_models / "clip"),
+                       "--run-name", "mapped")
+        worker_host = tmp_path / "worker-host"
+        (tmp_path / "submit-host").rename(worker_host)  # the worker mounts the same folders elsewhere
+        cluster.env["READAR_PATH_MAP"] = f"{submitted_models}={worker_host / 'models'}"
+        cluster.workers = None
+        cluster.log = open(tmp_path / "workers.log", "ab")  # noqa: SIM115 - closed in stop_workers
+        cluster.workers = subprocess.Popen(
+            [sys.executable, "-m", "scheduler", "worker", "--device", "cpu", "--batch-size", "2",
+             "--path-map", f"{submitted_data}={worker_host / 'data'}"],
+            env=cluster.env, cwd=REPO_ROOT, stdout=cluster.log, stderr=subprocess.STDOUT)
+        cluster.wait_finished("mapped", timeout=150)
+        run = cluster.repo.get_run("mapped")
+        assert {r.status for r in cluster.repo.images(run.id)} == {"done"}
+        assert run.dataset_root == str(submitted_data)  # the run keeps what was submitted
+    finally:
+        if cluster.workers is not None:
+            cluster.stop_workers()
+        server.stop()

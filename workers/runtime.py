@@ -6,6 +6,7 @@ the run, with this worker's device and batch size) is built on first use and the
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 from scheduler.settings import Settings  # a leaf module: pydantic + storage.redact only
 from storage.database import Database
 from storage.objects import ObjectStore
+from storage.paths import PathMap
 from storage.repository import Repository
 from workers.batcher import Batcher
 from workers.detectors.base import DetectorConfig, build_detector
@@ -53,6 +55,7 @@ class WorkerRuntime:
         self.device = device or settings.device
         self.batch_size = batch_size or settings.batch_size
         self.on_category_complete = on_category_complete
+        self.path_map = PathMap(settings.path_map)
         import_plugins(settings.plugins)
         self.database = Database(settings.resolved_database_url,
                                  tls_ca_file=str(settings.database_tls_ca_file) if settings.database_tls_ca_file else None)
@@ -72,6 +75,10 @@ class WorkerRuntime:
                 run = self.repo.get_run_by_id(run_id)
                 config = detector_config_from_run(run.config["detector_config"], device=self.device,
                                                   batch_size=self.batch_size)
+                if self.path_map:  # the checkpoint and CLIP folders at this machine's mount points
+                    config = dataclasses.replace(
+                        config, checkpoint=self.path_map(config.checkpoint) if config.checkpoint else None,
+                        clip=self.path_map(config.clip) if config.clip else None)
                 key = json.dumps({"detector": run.detector, **config.public()}, sort_keys=True)
                 self._runs[run_id] = key
                 if key not in self._contexts:
@@ -83,6 +90,7 @@ class WorkerRuntime:
                         lease_seconds=self.settings.lease_seconds, max_attempts=self.settings.max_attempts,
                         device=config.device, on_category_complete=self.on_category_complete,
                         secrets=self.settings.secrets(), detect_timeout_s=float(self.settings.soft_time_limit),
+                        path_map=self.path_map,
                     )
             return self._contexts[key]
 

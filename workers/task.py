@@ -23,7 +23,7 @@ from storage.jsonvalue import json_value
 from storage.logits import encode_logits, full_resolution_logits
 from storage.models import ACTIVE_STATUSES
 from storage.objects import ObjectStore, ObjectStoreError, image_object_key
-from storage.paths import PathEscapeError, RootResolver
+from storage.paths import PathEscapeError, PathMap, RootResolver
 from storage.redact import redact_text
 from storage.repository import Claim, Completion, Repository
 from workers.batcher import Batcher
@@ -93,6 +93,8 @@ class WorkerContext:
     # Longest wait for a detection (the soft time limit): thread pools cannot interrupt a task, so the task
     # stops waiting, records a retryable failure and frees its slot.
     detect_timeout_s: float | None = None
+    # Stored dataset roots → where this machine mounts them (READAR_PATH_MAP).
+    path_map: PathMap = field(default_factory=PathMap)
     _runs: dict[int, RunInfo] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -110,7 +112,7 @@ class WorkerContext:
         if run_id not in self._runs:
             run = self.repo.get_run_by_id(run_id)
             defects = {k: tuple(v) for k, v in run.config.get("category_defects", {}).items()}
-            self._runs[run_id] = RunInfo(run_id, Path(run.dataset_root), defects)
+            self._runs[run_id] = RunInfo(run_id, self.path_map(run.dataset_root), defects)
         return self._runs[run_id]
 
 

@@ -145,9 +145,12 @@ def reconcile_command(app: AppContext, run_name: str | None) -> None:
 @click.option("--queues", default="readar.images,readar.aggregate", show_default=True,
               help="Queues to take tasks from: readar.images (one task per image) and/or readar.aggregate "
               "(category metrics; CPU work that reads the masks).")
+@click.option("--path-map", "path_map", multiple=True, metavar="OLD=NEW",
+              help="Where this machine finds a folder that runs stored under OLD (the dataset root, the checkpoint "
+              "or CLIP folder of the submitting machine); repeatable [env READAR_PATH_MAP, comma-separated].")
 @click.pass_obj
 def worker_command(app: AppContext, gpus: str | None, device: str | None, processes: int, batch_size: int | None,
-                   queues: str) -> None:
+                   queues: str, path_map: tuple[str, ...]) -> None:
     """Start workers that take image tasks from the broker (one process per GPU, model loaded once each)."""
     from workers.supervisor import plan_children, supervise
 
@@ -162,10 +165,20 @@ def worker_command(app: AppContext, gpus: str | None, device: str | None, proces
             raise click.UsageError(f"--gpus takes comma-separated integers, e.g. 0,1; got {gpus!r}") from None
     elif device is None and app.settings.device.startswith("cuda"):
         gpu_list = [int(app.settings.device.partition(":")[2] or 0)]
+    pinned = app.settings.child_environment()
+    if path_map:
+        from storage.paths import PathMap
+
+        joined = ",".join(filter(None, [app.settings.path_map, *path_map]))
+        try:
+            PathMap(joined)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--path-map") from None
+        pinned["READAR_PATH_MAP"] = joined
     specs = plan_children(
         gpus=gpu_list, processes=processes, batch_size=batch_size or app.settings.batch_size, queues=queues,
         work_dir=app.settings.work_dir.resolve(), metrics_port=app.settings.metrics_port,
-        loglevel="INFO" if app.verbose else "WARNING", settings_env=app.settings.child_environment(),
+        loglevel="INFO" if app.verbose else "WARNING", settings_env=pinned,
     )
     from workers.recovery import Recovery
 
