@@ -6,6 +6,7 @@ messages of killed processes redelivered after the visibility timeout.
 
     python bench/load_bench.py                              # 100,000 images, 10 minutes, a kill per minute
     python bench/load_bench.py --images 5000 --minutes 2    # the reduced run recorded in docs/RELIABILITY.md
+    python bench/load_bench.py --images 5000 --minutes 3 --kill-every 20 --default-limits   # unattended recovery
 
 After the timed part the kills stop and the run drains (reconciling now and then). Then it counts lost and
 duplicated images: every image must have exactly one row, in a terminal state, and done rows exactly one
@@ -21,6 +22,8 @@ import platform
 import random
 import shutil
 import signal
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,7 +67,11 @@ def main() -> int:
     parser.add_argument("--drain-minutes", type=float, default=30.0, help="longest wait for the rest after the timed part")
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--default-limits", action="store_true",
+                        help="keep READAR's default lease and visibility timeout (20 and 25 minutes) and let the "
+                        "workers recover by themselves: the bench never reconciles")
     args = parser.parse_args()
+    timings = {} if args.default_limits else TIMINGS
 
     from scheduler.dispatch import enqueue_images, reconcile_run
     from scheduler.planner import RunRequest, plan_run
@@ -84,7 +91,7 @@ def main() -> int:
     with psycopg.connect(args.pg, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{database}"')
     database_url = args.pg.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{database}"
-    env = {**os.environ, **TIMINGS, "READAR_BROKER_URL": f"redis://127.0.0.1:{port}/0",
+    env = {**os.environ, **timings, "READAR_BROKER_URL": f"redis://127.0.0.1:{port}/0",
            "READAR_DATABASE_URL": database_url, "READAR_OBJECT_STORE_URL": str(tmp / "objects"),
            "READAR_WORK_DIR": str(tmp / "work"), "READAR_MAX_ATTEMPTS": "5"}
     workers: subprocess.Popen | None = None
@@ -95,7 +102,7 @@ def main() -> int:
         make_dataset(tmp / "data", args.images, args.categories)
         settings = Settings(broker_url=env["READAR_BROKER_URL"], database_url=database_url,
                             object_store_url=env["READAR_OBJECT_STORE_URL"], work_dir=tmp / "work",
-                            **{k.removeprefix("READAR_").lower(): int(v) for k, v in TIMINGS.items()})
+                            **{k.removeprefix("READAR_").lower(): int(v) for k, v in timings.items()})
         db = Database(database_url)
         db.migrate()
         repo = Repository(db)
@@ -105,6 +112,7 @@ def main() -> int:
                              run_name="load-bench")
         run, planned = plan_run(repo, request, model_fingerprint=None, uses_ground_truth_names=False,
                                 settings_public=settings.public())
+        repo.set_run_status(run.id, "running")  # as `readar submit` does
         sent = enqueue_images(celery, repo, run.id, visibility_timeout=settings.visibility_timeout)
         figures.append(("queued", f"{sent}", f"{planned} rows, {args.categories} categories"))
         client = redis.Redis(port=port)
@@ -118,15 +126,24 @@ def main() -> int:
         end = started + 60 * args.minutes
         next_kill = started + args.kill_every
         kills = 0
+        waiting: list[tuple[float, str]] = []  # (kill time, owner) of killed processes still holding images
+        recoveries: list[float] = []  # seconds from a kill until no image is held by the dead process
+        host = socket.gethostname()
         while time.monotonic() < end:
             time.sleep(1.0)
             peak_memory = max(peak_memory, int(client.info("memory")["used_memory"]))
             if time.monotonic() >= next_kill:
                 children = _children(workers.pid)
                 if children:
-                    os.kill(rng.choice(children), signal.SIGKILL)
+                    victim = rng.choice(children)
+                    os.kill(victim, signal.SIGKILL)
+                    waiting.append((time.monotonic(), f"{host}:{victim}"))
                     kills += 1
                 next_kill += args.kill_every
+            if waiting:
+                held = set(repo.running_owners(run.id))
+                recoveries += [time.monotonic() - at for at, owner in waiting if owner not in held]
+                waiting = [(at, owner) for at, owner in waiting if owner in held]
             counts = _counts(repo, run.id)
             if counts.get("queued", 0) + counts.get("running", 0) == 0:
                 break
@@ -141,7 +158,7 @@ def main() -> int:
             counts = _counts(repo, run.id)
             if counts.get("queued", 0) + counts.get("running", 0) == 0:
                 break
-            if time.monotonic() - last_reconcile > 15:
+            if not args.default_limits and time.monotonic() - last_reconcile > 15:
                 reconcile_run(celery, repo, run.id, visibility_timeout=settings.visibility_timeout,
                               stale_aggregation_s=settings.visibility_timeout)
                 last_reconcile = time.monotonic()
@@ -184,6 +201,10 @@ def main() -> int:
             ("task latency p50 / p99", f"{1000 * p50:.0f} / {1000 * p99:.0f} ms", "finished_at − started_at (claim → "
              "commit)"),
             ("redelivered images", f"{redelivered}", "attempts > 1 (held by a killed process)"),
+            ("time to recover (median / max)",
+             f"{statistics.median(recoveries):.0f} / {max(recoveries):.0f} s" if recoveries else "—",
+             f"kill until no image is held by the dead process ({len(recoveries)} of {kills} kills, 1 s polls; "
+             + ("default limits, no reconcile by the bench" if args.default_limits else "short limits") + ")"),
             ("Redis used_memory (peak / end)", f"{peak_memory / 2**20:.1f} / "
              f"{int(client.info('memory')['used_memory']) / 2**20:.1f} MiB", "INFO memory"),
             ("database size", f"{db_size / 2**20:.1f} MiB", "pg_database_size"),

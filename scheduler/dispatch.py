@@ -19,7 +19,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -54,17 +54,24 @@ class MessageCensus:
 
     waiting: frozenset[int]
     delivered: dict[int, float]
+    # The same for aggregate_category messages, by (run id, category).
+    aggregations_waiting: frozenset[tuple[int, str]] = frozenset()
+    aggregations_delivered: dict[tuple[int, str], float] = field(default_factory=dict)
 
 
-def _image_id(payload: dict[str, Any]) -> int | None:
-    """The image id of a process_image message (kombu's stored form), or None for anything else."""
+def _task_key(payload: dict[str, Any]) -> int | tuple[int, str] | None:
+    """What a message (kombu's stored form) is for: an image id for process_image, (run id, category) for
+    aggregate_category, None for anything else."""
     try:
-        if payload["headers"]["task"] != PROCESS_IMAGE:
-            return None
+        task = payload["headers"]["task"]
         args = json.loads(base64.b64decode(payload["body"]))[0]
-        return int(args[1])
+        if task == PROCESS_IMAGE:
+            return int(args[1])
+        if task == AGGREGATE_CATEGORY:
+            return int(args[0]), str(args[1])
     except (KeyError, IndexError, TypeError, ValueError):
-        return None
+        pass
+    return None
 
 
 def message_census(celery: Celery, *, scan_limit: int = SCAN_LIMIT) -> MessageCensus | None:
@@ -75,27 +82,33 @@ def message_census(celery: Celery, *, scan_limit: int = SCAN_LIMIT) -> MessageCe
         client = connection.default_channel.client
         if int(client.llen(IMAGE_QUEUE)) > scan_limit:
             return None
-        waiting = set()
-        for start in range(0, scan_limit, 1000):
-            chunk = client.lrange(IMAGE_QUEUE, start, start + 999)
-            for raw in chunk:
-                image_id = _image_id(json.loads(raw))
-                if image_id is not None:
-                    waiting.add(image_id)
-            if len(chunk) < 1000:
-                break
+        waiting: set[Any] = set()
+        for queue in (IMAGE_QUEUE, AGGREGATE_QUEUE):
+            for start in range(0, scan_limit, 1000):
+                chunk = client.lrange(queue, start, start + 999)
+                for raw in chunk:
+                    key = _task_key(json.loads(raw))
+                    if key is not None:
+                        waiting.add(key)
+                if len(chunk) < 1000:
+                    break
         delivered_at = {tag.decode() if isinstance(tag, bytes) else tag: score
                         for tag, score in client.zrange("unacked_index", 0, -1, withscores=True)}
-        delivered = {}
+        delivered: dict[Any, float] = {}
         for tag, raw in client.hgetall("unacked").items():
             tag = tag.decode() if isinstance(tag, bytes) else tag
             try:
-                image_id = _image_id(json.loads(raw)[0])
+                key = _task_key(json.loads(raw)[0])
             except (ValueError, IndexError, TypeError):
                 continue
-            if image_id is not None:
-                delivered[image_id] = max(delivered.get(image_id, 0.0), float(delivered_at.get(tag, 0.0)))
-    return MessageCensus(frozenset(waiting), delivered)
+            if key is not None:
+                delivered[key] = max(delivered.get(key, 0.0), float(delivered_at.get(tag, 0.0)))
+    return MessageCensus(
+        frozenset(k for k in waiting if isinstance(k, int)),
+        {k: v for k, v in delivered.items() if isinstance(k, int)},
+        frozenset(k for k in waiting if isinstance(k, tuple)),
+        {k: v for k, v in delivered.items() if isinstance(k, tuple)},
+    )
 
 
 def find_lost_messages(repo: Repository, run_id: int, census: MessageCensus, *,
@@ -204,8 +217,15 @@ def reconcile_run(celery: Celery, repo: Repository, run_id: int, *, visibility_t
                                   unacked_grace_s=unacked_grace_s)
         send_images(celery, repo, run_id, lost)
     aggregations = 0
+    now = time.time()
     for record in repo.categories(run_id):
-        if repo.try_start_aggregation(run_id, record.category, stale_after_s=stale_aggregation_s):
+        key = (run_id, record.category)
+        stale_after_s = stale_aggregation_s
+        if census is not None and record.status == "aggregating" and key not in census.aggregations_waiting \
+                and now - census.aggregations_delivered.get(key, 0.0) >= unacked_grace_s:
+            # Its message is gone (the worker aggregating it was killed): take it over after the short grace.
+            stale_after_s = int(absent_grace_s)
+        if repo.try_start_aggregation(run_id, record.category, stale_after_s=stale_after_s):
             celery.send_task(AGGREGATE_CATEGORY, args=[run_id, record.category], queue=AGGREGATE_QUEUE)
             aggregations += 1
     return ReconcileReport(expired, enqueued, aggregations, len(lost))

@@ -187,3 +187,39 @@ def test_a_worker_that_cannot_load_the_detector_takes_no_tasks(cluster: Cluster,
     hidden.rename(shard)
     cluster.wait_finished("setup", timeout=150)
     assert "healthy" in cluster.readar("healthcheck")
+
+
+def test_an_aggregation_whose_worker_died_is_taken_over(redis_server: RedisServer, sqlite_url: str) -> None:
+    """A category left 'aggregating' by a killed worker (its message gone) is aggregated again within seconds,
+    not after the 25-minute staleness limit; one whose message is still waiting is left alone."""
+    from datetime import timedelta
+
+    import redis
+    from sqlalchemy import update
+
+    from scheduler.dispatch import reconcile_run
+    from storage.database import Database
+    from storage.models import Category, Image
+    from storage.repository import PlannedImage, Repository, utcnow
+
+    database = Database(sqlite_url)
+    database.migrate()
+    repo = Repository(database)
+    run = repo.create_run(name="agg", detector="noop", dataset_root="/data", config={}, code_version="test",
+                          model_fingerprint=None, identity_keys=())
+    repo.add_images(run.id, [PlannedImage(category=c, defect="good", label=0, image_path=f"{c}/test/good/0.png",
+                                          mask_path=None, height=8, width=8) for c in ("lost", "queued")])
+    with database.engine.begin() as connection:
+        connection.execute(update(Image).values(status="done"))
+        connection.execute(update(Category).values(status="aggregating", dirty=False,
+                                                   aggregating_since=utcnow() - timedelta(seconds=30)))
+    celery = _celery(redis_server.url)
+    celery.send_task("readar.aggregate_category", args=[run.id, "queued"], queue="readar.aggregate")
+    client = redis.Redis.from_url(redis_server.url)
+    assert client.llen("readar.aggregate") == 1
+    report = reconcile_run(celery, repo, run.id, visibility_timeout=1500, stale_aggregation_s=1500)
+    assert report.aggregations == 1 and client.llen("readar.aggregate") == 2
+    statuses = {c.category: c.status for c in repo.categories(run.id)}
+    assert statuses == {"lost": "aggregating", "queued": "aggregating"}
+    taken_over = {c.category: c.aggregating_since for c in repo.categories(run.id)}
+    assert taken_over["lost"] > taken_over["queued"]  # a fresh aggregation of the lost one only

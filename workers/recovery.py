@@ -164,7 +164,7 @@ class Recovery:
 
     def reconcile_all(self, *, absent_grace_s: float, unacked_grace_s: float) -> None:
         runs = [run for run in self.repo.list_runs()
-                if run.status not in ("done", "cancelled", "planned") and is_distributed(run)]
+                if run.status not in ("done", "cancelled") and is_distributed(run)]
         if not runs:
             return
         census = message_census(self.celery)
