@@ -33,13 +33,13 @@ CONTRACT_SETTINGS = frozenset({
     "READAR_BATCH_SIZE", "READAR_LEASE_SECONDS", "READAR_MAX_ATTEMPTS", "READAR_SOFT_TIME_LIMIT",
     "READAR_HARD_TIME_LIMIT", "READAR_VISIBILITY_TIMEOUT", "READAR_METRICS_PORT", "READAR_HEARTBEAT_FILE",
     "READAR_TASK_EVENTS",
-    "READAR_WORK_DIR",
+    "READAR_WORK_DIR", "READAR_PATH_MAP", "READAR_SETUP_RETRY_SECONDS",
 })
 SECRET_SETTINGS = frozenset({"READAR_BROKER_URL", "READAR_DATABASE_URL", "READAR_S3_KEY", "READAR_S3_SECRET"})
 # The sub-commands (and their options) the deployment and the guide use.
 CONTRACT_COMMANDS: dict[str, tuple[str, ...]] = {
     "run": ("--mvtec-root", "--detector", "--checkpoint", "--clip", "--device", "--batch-size", "--run-name"),
-    "worker": ("--gpus", "--device", "--batch-size", "--queues"),
+    "worker": ("--gpus", "--device", "--batch-size", "--queues", "--path-map"),
     "submit": ("--mvtec-root", "--classes", "--detector", "--checkpoint", "--clip", "--run-name"),
     "status": ("--watch",),
     "resume": (),
