@@ -7,11 +7,13 @@ messages of killed processes redelivered after the visibility timeout.
     python bench/load_bench.py                              # 100,000 images, 10 minutes, a kill per minute
     python bench/load_bench.py --images 5000 --minutes 2    # the reduced run recorded in docs/RELIABILITY.md
     python bench/load_bench.py --images 5000 --minutes 3 --kill-every 20 --default-limits   # unattended recovery
+    python bench/load_bench.py --images 5000 --minutes 3 --kill-every 20 --default-limits --broker rabbitmq
 
 After the timed part the kills stop and the run drains (reconciling now and then). Then it counts lost and
 duplicated images: every image must have exactly one row, in a terminal state, and done rows exactly one
 object at their own key; no row may be left running. Needs PostgreSQL on 127.0.0.1 (a temporary database is
-created and dropped) and redis-server on PATH (a private instance on a free port).
+created and dropped) and redis-server on PATH (a private instance on a free port), or with ``--broker rabbitmq``
+the local RabbitMQ (a temporary virtual host, made and removed with rabbitmqctl).
 """
 
 from __future__ import annotations
@@ -52,6 +54,39 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in found.split()]
 
 
+class Broker:
+    """A private redis-server on a free port, or a temporary virtual host on the local RabbitMQ."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        if kind == "redis":
+            self.port = _free_port()
+            self.process = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
+                                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+            time.sleep(0.5)
+        else:
+            self.vhost = f"readar_load_{uuid.uuid4().hex[:8]}"
+            self._ctl("add_vhost", self.vhost)
+            self._ctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+            self.url = f"amqp://guest:guest@127.0.0.1:5672/{self.vhost}"
+
+    @staticmethod
+    def _ctl(*args: str) -> None:
+        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
+
+    def memory(self) -> int:
+        """Redis's used_memory in bytes (0 for RabbitMQ, whose memory is not the bench's to read)."""
+        return int(redis.Redis(port=self.port).info("memory")["used_memory"]) if self.kind == "redis" else 0
+
+    def close(self) -> None:
+        if self.kind == "redis":
+            self.process.terminate()
+            self.process.wait()
+        else:
+            self._ctl("delete_vhost", self.vhost)
+
+
 def _counts(repo, run_id: int) -> dict[str, int]:  # noqa: ANN001
     return repo.status_totals(run_id)
 
@@ -70,6 +105,8 @@ def main() -> int:
     parser.add_argument("--default-limits", action="store_true",
                         help="keep READAR's default lease and visibility timeout (20 and 25 minutes) and let the "
                         "workers recover by themselves: the bench never reconciles")
+    parser.add_argument("--broker", choices=("redis", "rabbitmq"), default="redis",
+                        help="a private redis-server, or a temporary virtual host on the local RabbitMQ")
     args = parser.parse_args()
     timings = {} if args.default_limits else TIMINGS
 
@@ -78,6 +115,7 @@ def main() -> int:
     from scheduler.settings import Settings
     from storage.database import Database
     from storage.objects import ObjectStore, image_object_key
+    from storage.redact import redact_url
     from storage.repository import Repository
     from workers.celery_app import make_app
     from workers.detectors.base import DetectorConfig
@@ -85,20 +123,17 @@ def main() -> int:
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="readar-load-bench-"))
     database = f"readar_load_{uuid.uuid4().hex[:8]}"
-    port = _free_port()
-    redis_process = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                                      "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    broker = Broker(args.broker)
     with psycopg.connect(args.pg, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{database}"')
     database_url = args.pg.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{database}"
-    env = {**os.environ, **timings, "READAR_BROKER_URL": f"redis://127.0.0.1:{port}/0",
+    env = {**os.environ, **timings, "READAR_BROKER_URL": broker.url,
            "READAR_DATABASE_URL": database_url, "READAR_OBJECT_STORE_URL": str(tmp / "objects"),
            "READAR_WORK_DIR": str(tmp / "work"), "READAR_MAX_ATTEMPTS": "5"}
     workers: subprocess.Popen | None = None
     log = open(tmp / "workers.log", "wb")  # noqa: SIM115 - closed at the end
     figures: list[tuple[str, str, str]] = []
     try:
-        time.sleep(0.5)
         make_dataset(tmp / "data", args.images, args.categories)
         settings = Settings(broker_url=env["READAR_BROKER_URL"], database_url=database_url,
                             object_store_url=env["READAR_OBJECT_STORE_URL"], work_dir=tmp / "work",
@@ -115,8 +150,7 @@ def main() -> int:
         repo.set_run_status(run.id, "running")  # as `readar submit` does
         sent = enqueue_images(celery, repo, run.id, visibility_timeout=settings.visibility_timeout)
         figures.append(("queued", f"{sent}", f"{planned} rows, {args.categories} categories"))
-        client = redis.Redis(port=port)
-        peak_memory = int(client.info("memory")["used_memory"])
+        peak_memory = broker.memory()
 
         workers = subprocess.Popen(
             [sys.executable, "-m", "scheduler", "worker", "--device", "cpu", "--processes", str(args.workers),
@@ -131,7 +165,7 @@ def main() -> int:
         host = socket.gethostname()
         while time.monotonic() < end:
             time.sleep(1.0)
-            peak_memory = max(peak_memory, int(client.info("memory")["used_memory"]))
+            peak_memory = max(peak_memory, broker.memory())
             if time.monotonic() >= next_kill:
                 children = _children(workers.pid)
                 if children:
@@ -162,7 +196,7 @@ def main() -> int:
                 reconcile_run(celery, repo, run.id, visibility_timeout=settings.visibility_timeout,
                               stale_aggregation_s=settings.visibility_timeout)
                 last_reconcile = time.monotonic()
-            peak_memory = max(peak_memory, int(client.info("memory")["used_memory"]))
+            peak_memory = max(peak_memory, broker.memory())
             time.sleep(1.0)
         drained = time.monotonic() - started
 
@@ -205,8 +239,9 @@ def main() -> int:
              f"{statistics.median(recoveries):.0f} / {max(recoveries):.0f} s" if recoveries else "—",
              f"kill until no image is held by the dead process ({len(recoveries)} of {kills} kills, 1 s polls; "
              + ("default limits, no reconcile by the bench" if args.default_limits else "short limits") + ")"),
-            ("Redis used_memory (peak / end)", f"{peak_memory / 2**20:.1f} / "
-             f"{int(client.info('memory')['used_memory']) / 2**20:.1f} MiB", "INFO memory"),
+            *([("Redis used_memory (peak / end)", f"{peak_memory / 2**20:.1f} / "
+                f"{broker.memory() / 2**20:.1f} MiB", "INFO memory")] if args.broker == "redis" else []),
+            ("broker", redact_url(broker.url), ""),
             ("database size", f"{db_size / 2**20:.1f} MiB", "pg_database_size"),
             ("lost images", f"{lost}", "must be 0 (missing row, row not terminal, or done without object)"),
             ("duplicated images", f"{duplicated}", "must be 0 (two rows, or an object without a done row)"),
@@ -218,8 +253,7 @@ def main() -> int:
             workers.kill()
             workers.wait()
         log.close()
-        redis_process.terminate()
-        redis_process.wait()
+        broker.close()
         with psycopg.connect(args.pg, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         shutil.rmtree(tmp, ignore_errors=True)

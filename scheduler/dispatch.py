@@ -26,7 +26,7 @@ from typing import Any
 from celery import Celery
 
 from storage.repository import Repository
-from workers.queues import AGGREGATE_CATEGORY, AGGREGATE_QUEUE, IMAGE_QUEUE, PROCESS_IMAGE
+from workers.queues import AGGREGATE_CATEGORY, AGGREGATE_QUEUE, IMAGE_QUEUE, PROCESS_IMAGE, broker_kind
 from workers.task import dead_local_owners
 
 
@@ -76,7 +76,7 @@ def _task_key(payload: dict[str, Any]) -> int | tuple[int, str] | None:
 
 def message_census(celery: Celery, *, scan_limit: int = SCAN_LIMIT) -> MessageCensus | None:
     """What the Redis broker holds for image tasks; None when it is not Redis or the backlog is too long."""
-    if not str(celery.conf.broker_url or "").startswith(("redis://", "rediss://")):
+    if broker_kind(celery.conf.broker_url) != "redis":
         return None
     with celery.connection_for_write() as connection:
         client = connection.default_channel.client
@@ -137,16 +137,30 @@ def enqueue_images(celery: Celery, repo: Repository, run_id: int, *, visibility_
     new one only when the image queue is empty: a message waiting in the queue never expires, so with a
     backlog an old timestamp means "still waiting"; with none, that message is gone (a broker that lost its
     data, a retry that could not be published) and the image would otherwise never run."""
-    with celery.connection_for_write() as connection:
-        backlog = int(connection.default_channel.client.llen(IMAGE_QUEUE))
+    backlog = queue_backlog(celery, IMAGE_QUEUE)
     image_ids = repo.images_to_enqueue(run_id, stale_after_s=visibility_timeout, resend_stale=backlog == 0)
     return send_images(celery, repo, run_id, image_ids, chunk=chunk)
 
 
+def queue_backlog(celery: Celery, queue: str) -> int:
+    """Messages waiting (not yet delivered) in a queue: LLEN on Redis, a passive declare on RabbitMQ."""
+    with celery.connection_for_write() as connection:
+        channel = connection.default_channel
+        if broker_kind(celery.conf.broker_url) == "redis":
+            return int(channel.client.llen(queue))
+        declaration = celery.amqp.queues[queue]
+        connection.Producer(channel).maybe_declare(declaration)  # a queue that does not exist yet holds nothing
+        return int(declaration.bind(channel).queue_declare(passive=True).message_count)
+
+
 def send_images(celery: Celery, repo: Repository, run_id: int, image_ids: list[int], *, chunk: int = 5000) -> int:
-    """Push one task message per image (one LPUSH per chunk) and record when; returns how many were sent."""
+    """Send one task message per image and record when; returns how many were sent. On Redis one LPUSH
+    carries a chunk; on RabbitMQ a chunk is published on a channel in confirm mode and the rows are marked
+    once RabbitMQ has confirmed all of it (one wait per chunk, not one per message)."""
     if not image_ids:
         return 0
+    if broker_kind(celery.conf.broker_url) != "redis":
+        return _publish_images(celery, repo, run_id, image_ids, chunk=chunk)
     with celery.connection_for_write() as connection:
         channel = connection.default_channel
         # Declared once (kombu records the queue's binding), as Celery's own publish would on its first send.
@@ -155,9 +169,55 @@ def send_images(celery: Celery, repo: Repository, run_id: int, image_ids: list[i
         for start in range(0, len(image_ids), chunk):
             batch = image_ids[start : start + chunk]
             now = time.time()
-            # One LPUSH carries the whole chunk; the rows are marked as enqueued only after Redis took it.
             channel.client.lpush(messages.queue, *(messages.encode([run_id, image_id, now]) for image_id in batch))
-            repo.mark_enqueued(batch)
+            repo.mark_enqueued(batch)  # only after Redis took the chunk
+    return len(image_ids)
+
+
+# Longest wait for RabbitMQ to confirm a chunk of messages.
+CONFIRM_TIMEOUT_S = 60.0
+
+
+def _publish_images(celery: Celery, repo: Repository, run_id: int, image_ids: list[int], *, chunk: int) -> int:
+    declaration = celery.amqp.queues[IMAGE_QUEUE]
+    messages = TaskMessages(PROCESS_IMAGE, IMAGE_QUEUE)
+    # A connection whose publishes do not each wait for their own confirm (the app's setting, right for single
+    # sends, would make a bulk submit wait one round trip per image).
+    with celery.connection_for_write(transport_options={"confirm_publish": False}) as connection:
+        channel = connection.channel()
+        try:
+            producer = connection.Producer(channel)
+            producer.maybe_declare(declaration)
+            channel.confirm_select()
+            confirmed = {"tag": 0, "nacked": False}
+
+            def on_ack(tag: int, multiple: bool) -> None:
+                confirmed["tag"] = max(confirmed["tag"], tag)
+
+            def on_nack(tag: int, multiple: bool) -> None:
+                confirmed["nacked"] = True
+                on_ack(tag, multiple)
+
+            channel.events["basic_ack"].add(on_ack)
+            channel.events["basic_nack"].add(on_nack)
+            published = 0
+            for start in range(0, len(image_ids), chunk):
+                batch = image_ids[start : start + chunk]
+                now = time.time()
+                for image_id in batch:
+                    body, headers, properties = messages.parts([run_id, image_id, now])
+                    producer.publish(body, exchange=declaration.exchange, routing_key=declaration.routing_key,
+                                     headers=headers, content_type="application/json", content_encoding="utf-8",
+                                     serializer=None, **properties)
+                published += len(batch)
+                deadline = time.monotonic() + CONFIRM_TIMEOUT_S
+                while confirmed["tag"] < published:
+                    connection.drain_events(timeout=max(0.1, deadline - time.monotonic()))
+                if confirmed["nacked"]:
+                    raise OSError(f"RabbitMQ refused messages of run {run_id} (a full or unavailable queue)")
+                repo.mark_enqueued(batch)  # only after RabbitMQ confirmed the chunk
+        finally:
+            channel.close()
     return len(image_ids)
 
 
@@ -177,23 +237,31 @@ class TaskMessages:
         self.reply_to = str(uuid.uuid4())  # no replies are read (results are ignored); Celery sets one anyway
         self._embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
-    def encode(self, args: list[Any]) -> str:
+    def parts(self, args: list[Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """Body (JSON), headers and properties of one message, as ``send_task`` fills them."""
         task_id = str(uuid.uuid4())
         body = json.dumps([args, {}, self._embed])
+        headers = {
+            "lang": "py", "task": self.task_name, "id": task_id, "shadow": None, "eta": None,
+            "expires": None, "group": None, "group_index": None, "retries": 0, "timelimit": [None, None],
+            "root_id": task_id, "parent_id": None, "argsrepr": json.dumps(args), "kwargsrepr": "{}",
+            "origin": self.origin, "ignore_result": None, "replaced_task_nesting": 0,
+            "stamped_headers": None, "stamps": {},
+        }
+        properties = {"correlation_id": task_id, "reply_to": self.reply_to, "delivery_mode": 2, "priority": 0}
+        return body, headers, properties
+
+    def encode(self, args: list[Any]) -> str:
+        """One message in the form kombu's Redis transport keeps in a queue list."""
+        body, headers, properties = self.parts(args)
         return json.dumps({
             "body": base64.b64encode(body.encode()).decode(),
             "content-encoding": "utf-8",
             "content-type": "application/json",
-            "headers": {
-                "lang": "py", "task": self.task_name, "id": task_id, "shadow": None, "eta": None,
-                "expires": None, "group": None, "group_index": None, "retries": 0, "timelimit": [None, None],
-                "root_id": task_id, "parent_id": None, "argsrepr": json.dumps(args), "kwargsrepr": "{}",
-                "origin": self.origin, "ignore_result": None, "replaced_task_nesting": 0,
-                "stamped_headers": None, "stamps": {},
-            },
+            "headers": headers,
             "properties": {
-                "correlation_id": task_id, "reply_to": self.reply_to, "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": self.queue}, "priority": 0,
+                **properties,
+                "delivery_info": {"exchange": "", "routing_key": self.queue},
                 "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
             },
         })

@@ -68,10 +68,11 @@ class Settings(BaseSettings):
         None, description="CA bundle: PostgreSQL over TLS with the server certificate verified (verify-full)."
     )
     broker_tls_ca_file: Path | None = Field(
-        None, description="CA bundle: Redis over TLS (use a rediss:// broker URL) with the certificate verified."
+        None, description="CA bundle: the broker over TLS (a rediss:// or amqps:// broker URL) with its certificate "
+        "verified."
     )
-    broker_tls_cert_file: Path | None = Field(None, description="Client certificate for Redis TLS (optional).")
-    broker_tls_key_file: Path | None = Field(None, description="Client key for Redis TLS (optional).")
+    broker_tls_cert_file: Path | None = Field(None, description="Client certificate for broker TLS (optional).")
+    broker_tls_key_file: Path | None = Field(None, description="Client key for broker TLS (optional).")
 
     @field_validator("path_map")
     @classmethod
@@ -128,18 +129,21 @@ class Settings(BaseSettings):
         return env
 
     def broker_ssl(self) -> dict[str, Any] | None:
-        """Celery ``broker_use_ssl`` for a TLS broker; None for plain connections."""
+        """Celery ``broker_use_ssl`` for a TLS broker (the key names of redis-py or of py-amqp); None for plain
+        connections."""
         import ssl
 
-        if not self.broker_tls_ca_file and not (self.broker_url or "").startswith("rediss://"):
+        from workers.queues import broker_kind
+
+        url = self.broker_url or ""
+        if not self.broker_tls_ca_file and not url.startswith(("rediss://", "amqps://")):
             return None
-        options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
-        if self.broker_tls_ca_file:
-            options["ssl_ca_certs"] = str(self.broker_tls_ca_file)
-        if self.broker_tls_cert_file:
-            options["ssl_certfile"] = str(self.broker_tls_cert_file)
-        if self.broker_tls_key_file:
-            options["ssl_keyfile"] = str(self.broker_tls_key_file)
+        prefix = "ssl_" if broker_kind(url) == "redis" else ""
+        options: dict[str, Any] = {f"{prefix}cert_reqs": ssl.CERT_REQUIRED}
+        for key, path in (("ca_certs", self.broker_tls_ca_file), ("certfile", self.broker_tls_cert_file),
+                          ("keyfile", self.broker_tls_key_file)):
+            if path:
+                options[f"{prefix}{key}"] = str(path)
         return options
 
     def storage_options(self) -> dict[str, Any]:

@@ -19,6 +19,8 @@ import pytest
 
 PG_ADMIN_URL = os.environ.get("READAR_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("READAR_TEST_REDIS", "redis://127.0.0.1:6379/15")
+# RabbitMQ for the AMQP tests: each test gets a virtual host of its own (made and removed with rabbitmqctl).
+AMQP_URL = os.environ.get("READAR_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672")
 
 
 def _free_port() -> int:
@@ -158,3 +160,46 @@ def s3_settings_env(seaweed: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("READAR_S3_KEY", seaweed.access_key)
     monkeypatch.setenv("READAR_S3_SECRET", seaweed.secret_key)
     return f"s3://{bucket}/{uuid.uuid4().hex[:10]}"
+
+
+class RabbitVhost:
+    """A fresh virtual host on the local RabbitMQ: a broker of its own for one test, removed afterwards."""
+
+    def __init__(self) -> None:
+        if shutil.which("rabbitmqctl") is None:
+            pytest.fail("rabbitmqctl is missing: the RabbitMQ tests need a local RabbitMQ (tests/services.sh "
+                        "starts Debian's rabbitmq-server)")
+        self.name = f"readar_test_{uuid.uuid4().hex[:10]}"
+        self._ctl("add_vhost", self.name)
+        user = AMQP_URL.split("://", 1)[1].split(":", 1)[0]
+        self._ctl("set_permissions", "-p", self.name, user, ".*", ".*", ".*")
+        self.url = f"{AMQP_URL}/{self.name}"
+
+    @staticmethod
+    def _ctl(*args: str) -> None:
+        result = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            pytest.fail(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip() or result.stdout.strip()}")
+
+    def queue_length(self, queue: str = "readar.images") -> int:
+        """Messages waiting in a queue (0 when it does not exist yet)."""
+        import amqp
+
+        host = AMQP_URL.split("@", 1)[1]
+        userid, password = AMQP_URL.split("://", 1)[1].split("@", 1)[0].split(":", 1)
+        with amqp.Connection(host, userid=userid, password=password, virtual_host=self.name) as connection:
+            channel = connection.channel()
+            try:
+                return int(channel.queue_declare(queue, passive=True).message_count)
+            except amqp.exceptions.NotFound:
+                return 0
+
+    def remove(self) -> None:
+        self._ctl("delete_vhost", self.name)
+
+
+@pytest.fixture
+def rabbitmq() -> Iterator[RabbitVhost]:
+    vhost = RabbitVhost()
+    yield vhost
+    vhost.remove()

@@ -16,6 +16,21 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
 fi
 redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null || { echo "Redis is not reachable on 127.0.0.1:6379" >&2; exit 1; }
 
+# RabbitMQ, for the AMQP broker tests (each test makes a virtual host of its own with rabbitmqctl).
+rabbit_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+if ! rabbit_up; then
+    if ! command -v rabbitmq-server >/dev/null 2>&1; then
+        echo "installing Debian's rabbitmq-server for the RabbitMQ broker tests"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null) \
+            || { echo "could not install rabbitmq-server (apt-get install rabbitmq-server)" >&2; exit 1; }
+    fi
+    echo "starting RabbitMQ"
+    rabbitmq-server -detached
+    for _ in $(seq 90); do rabbit_up && break; sleep 1; done
+    rabbitmqctl -q await_startup >/dev/null 2>&1 || true
+fi
+rabbit_up || { echo "RabbitMQ is not reachable on 127.0.0.1:5672" >&2; exit 1; }
+
 # Debian's Chromium renders the HTML report in tests/test_report.py.
 if ! command -v chromium >/dev/null 2>&1; then
     echo "installing Debian's chromium for the report screenshot test"

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import pytest
 import redis
+from conftest import REDIS_URL
 
 from scheduler.settings import Settings
 from workers.broker import TRANSPORT_PATH, Channel
 from workers.celery_app import celery_config, make_app
 
-URL = "redis://127.0.0.1:6379/12"
+URL = REDIS_URL
 
 
 def test_selected_for_redis_urls_only() -> None:
     assert celery_config(Settings(broker_url=URL))["broker_transport"] == TRANSPORT_PATH
     assert celery_config(Settings(broker_url="rediss://127.0.0.1:6380/0"))["broker_transport"] == TRANSPORT_PATH
-    assert celery_config(Settings(broker_url="amqp://guest@127.0.0.1//"))["broker_transport"] is None
+    assert celery_config(Settings(broker_url="amqp://guest@127.0.0.1//")).get("broker_transport") is None
 
 
 @pytest.mark.services
@@ -80,11 +81,11 @@ def test_task_events_reach_a_monitor_in_batches(tmp_path) -> None:  # noqa: ANN0
     import time
     from pathlib import Path
 
-    url = "redis://127.0.0.1:6379/11"
+    url = REDIS_URL
     plain = redis.Redis.from_url(url)
     plain.flushdb()
     monitor = plain.pubsub()
-    monitor.psubscribe("/11.celeryev/task.*")  # kombu's fanout channels for the celeryev exchange
+    monitor.psubscribe(f"/{url.rsplit('/', 1)[1]}.celeryev/task.*")  # kombu's fanout channels for the celeryev exchange
     env = {**os.environ, "READAR_WORK_DIR": str(tmp_path / "work"), "READAR_BROKER_URL": url}
     worker = subprocess.Popen([sys.executable, "-c", _EVENT_WORKER, url], env=env,
                               cwd=Path(__file__).resolve().parent.parent)

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 import redis
+from conftest import REDIS_URL
 
 from scheduler.dispatch import TaskMessages
 from scheduler.settings import Settings
@@ -33,7 +34,7 @@ def _strip(message: dict) -> dict:
 
 
 def test_bulk_messages_equal_send_task_messages() -> None:
-    url = "redis://127.0.0.1:6379/11"
+    url = REDIS_URL
     client = redis.Redis.from_url(url)
     client.delete(IMAGE_QUEUE)
     celery = make_app(Settings(broker_url=url))
@@ -65,7 +66,7 @@ def test_old_messages_are_resent_only_once_the_queue_is_empty(tmp_path) -> None:
     from storage.database import Database
     from storage.repository import PlannedImage, Repository
 
-    url = "redis://127.0.0.1:6379/11"
+    url = REDIS_URL
     client = redis.Redis.from_url(url)
     client.delete(IMAGE_QUEUE)
     database = Database(f"sqlite:///{tmp_path / 'r.sqlite'}")

@@ -77,6 +77,8 @@ def test_tls_options_reach_the_broker_and_database_clients(tmp_path: Path, monke
     assert secured["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": str(ca),
                                          "ssl_certfile": str(tmp_path / "c.pem"),
                                          "ssl_keyfile": str(tmp_path / "k.pem")}
+    rabbit = celery_config(Settings(broker_url="amqps://u:p@127.0.0.1:5671/readar", broker_tls_ca_file=ca))
+    assert rabbit["broker_use_ssl"] == {"cert_reqs": ssl.CERT_REQUIRED, "ca_certs": str(ca)}  # py-amqp's names
     database = Database("postgresql+psycopg://readar@db.invalid/readar", tls_ca_file=str(ca))
     captured: dict = {}
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import REDIS_URL
 from tests.reliability_helpers import (
     PrivatePostgres,
     PrivateRedis,
@@ -590,7 +591,7 @@ def test_lost_results_found_by_the_aggregate_task_are_sent_again(sqlite_url: str
     repo, store, run_id = _plan_brick(sqlite_url, sample_root, tmp_path)
     _process_without_aggregating(repo, store, run_id)
     lost = _lose_two_results(repo, store, run_id, tmp_path)
-    broker = "redis://127.0.0.1:6379/13"
+    broker = REDIS_URL
     redis.Redis.from_url(broker).flushdb()
     settings = Settings(broker_url=broker, database_url=sqlite_url, object_store_url=str(tmp_path / "objects"),
                         work_dir=tmp_path / "work")

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from celery import Celery
 from celery.signals import worker_ready
+from kombu import Exchange, Queue
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from scheduler.settings import Settings
@@ -27,7 +28,14 @@ from workers.broker import TRANSPORT_PATH
 from workers.consumer import CONSUMER_PATH
 from workers.detectors.base import SetupError, check_device
 from workers.monitoring import IMAGES, QUEUE_WAIT, Heartbeat, start_metrics_server
-from workers.queues import AGGREGATE_CATEGORY, AGGREGATE_QUEUE, IMAGE_QUEUE, PROCESS_IMAGE
+from workers.queues import (
+    AGGREGATE_CATEGORY,
+    AGGREGATE_QUEUE,
+    IMAGE_QUEUE,
+    PROCESS_IMAGE,
+    broker_kind,
+    task_args_problem,
+)
 from workers.runtime import WorkerRuntime
 from workers.task import process_image, worker_identity
 
@@ -38,23 +46,10 @@ log = logging.getLogger(__name__)
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration every client (worker, scheduler, Flower) must share."""
     broker_url = settings.broker_url or "redis://127.0.0.1:6379/0"
-    return {
-        "broker_url": broker_url,
-        # kombu's Redis transport, reusing one command client per channel (workers/broker.py).
-        "broker_transport": TRANSPORT_PATH if broker_url.startswith(("redis://", "rediss://")) else None,
-        "broker_transport_options": {
-            "visibility_timeout": settings.visibility_timeout,
-            # Sweep for messages of dead workers often enough that redelivery follows the visibility timeout
-            # closely (kombu's default sweep is every ~100 s).
-            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
-            "unacked_restore_throttle": 1,
-            # The restore sweep holds a mutex in Redis; a worker killed while holding it must not block every
-            # other worker's sweep for kombu's default 300 s.
-            "unacked_mutex_expire": max(5, min(300, settings.visibility_timeout // 4)),
-            # A broker that vanishes without closing the connection must not hang publishes forever.
-            "socket_timeout": 30,
-            "socket_connect_timeout": 10,
-        },
+    kind = broker_kind(broker_url)
+    config: dict[str, Any] = {"broker_url": broker_url, **(_redis_options(settings) if kind == "redis" else {}),
+                              **(_rabbitmq_options() if kind == "amqp" else {})}
+    config.update({
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "task_serializer": "json",
@@ -76,6 +71,45 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_routes": {PROCESS_IMAGE: {"queue": IMAGE_QUEUE}, AGGREGATE_CATEGORY: {"queue": AGGREGATE_QUEUE}},
         "worker_hijack_root_logger": False,
         "broker_use_ssl": settings.broker_ssl(),
+    })
+    return config
+
+
+def _redis_options(settings: Settings) -> dict[str, Any]:
+    return {
+        # kombu's Redis transport, reusing one command client per channel (workers/broker.py).
+        "broker_transport": TRANSPORT_PATH,
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout,
+            # Sweep for messages of dead workers often enough that redelivery follows the visibility timeout
+            # closely (kombu's default sweep is every ~100 s).
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
+            "unacked_restore_throttle": 1,
+            # The restore sweep holds a mutex in Redis; a worker killed while holding it must not block every
+            # other worker's sweep for kombu's default 300 s.
+            "unacked_mutex_expire": max(5, min(300, settings.visibility_timeout // 4)),
+            # A broker that vanishes without closing the connection must not hang publishes forever.
+            "socket_timeout": 30,
+            "socket_connect_timeout": 10,
+        },
+    }
+
+
+def _rabbitmq_options() -> dict[str, Any]:
+    """RabbitMQ: durable quorum queues (replicated, and a dead consumer's unacknowledged messages return to
+    the queue as soon as its connection closes), bound to a topic exchange so that retries with a countdown
+    wait in RabbitMQ's delay queues (Celery's native delayed delivery) instead of in a worker's prefetch."""
+    exchange = Exchange("readar", type="topic", durable=True)
+    return {
+        "task_queues": [Queue(name, exchange, routing_key=name, durable=True,
+                              queue_arguments={"x-queue-type": "quorum"})
+                        for name in (IMAGE_QUEUE, AGGREGATE_QUEUE)],
+        "task_default_exchange": exchange.name,
+        "task_default_exchange_type": exchange.type,
+        "task_default_queue_type": "quorum",
+        "broker_native_delayed_delivery_queue_type": "quorum",
+        "worker_detect_quorum_queues": True,  # per-consumer prefetch: quorum queues have no global QoS
+        "broker_transport_options": {"confirm_publish": True},  # a publish returns once RabbitMQ holds it
     }
 
 
@@ -99,7 +133,7 @@ def runtime() -> WorkerRuntime:
     with _runtime_lock:
         if _runtime is None:
             _heartbeat = Heartbeat(_settings.heartbeat_file)
-            start_metrics_server(_settings.metrics_port)
+            start_metrics_server(_settings.metrics_port, _settings.metrics_host)
             _runtime = WorkerRuntime(_settings, on_category_complete=enqueue_aggregation)
             # Once per process, at the default log level: which broker, database and bucket this worker really uses.
             log.warning("worker %s uses broker %s, database %s, objects %s", worker_identity(),
@@ -123,7 +157,14 @@ def _backoff(retries: int) -> int:
 @app.task(name=PROCESS_IMAGE, bind=True, max_retries=10)
 def process_image_task(self: Any, run_id: int, image_id: int, enqueued_at: float | None = None) -> str:
     """Ids in, one call, status out. Transient storage errors retry with backoff; everything else is recorded
-    in SQL by :func:`workers.task.process_image`."""
+    in SQL by :func:`workers.task.process_image`. Arguments that cannot name a row are dropped, never retried
+    (the consumer drops such messages before they get here; this covers a call that did not come through it)."""
+    problem = task_args_problem(PROCESS_IMAGE, [run_id, image_id] + ([enqueued_at] if enqueued_at is not None
+                                                                         else []), {})
+    if problem is not None:
+        log.error("dropped a %s call with arguments %.80r: %s", PROCESS_IMAGE, (run_id, image_id), problem)
+        IMAGES.labels("rejected").inc()
+        return "rejected"
     if enqueued_at is not None and self.request.retries == 0:
         QUEUE_WAIT.observe(max(time.time() - float(enqueued_at), 0.0))
     if _heartbeat is not None:
@@ -167,6 +208,10 @@ def _lease_wait(state: WorkerRuntime, image_id: int) -> float:
 @app.task(name=AGGREGATE_CATEGORY, bind=True, max_retries=5)
 def aggregate_category_task(self: Any, run_id: int, category: str) -> int:
     """Compute a category's metric rows; on failure the category becomes due again and the task retries."""
+    problem = task_args_problem(AGGREGATE_CATEGORY, [run_id, category], {})
+    if problem is not None:
+        log.error("dropped a %s call with arguments %.80r: %s", AGGREGATE_CATEGORY, (run_id, category), problem)
+        return 0
     from metrics.aggregator import LostResultsError, aggregate_category
     from scheduler.dispatch import enqueue_images
 
