@@ -14,7 +14,11 @@ from typing import Any
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from storage.redact import redact_url
+from storage.redact import redact_text, redact_url
+
+# Upper bounds of the durations: far above any sensible value, far below what datetime arithmetic overflows on.
+DAY_S = 86_400
+WEEK_S = 7 * DAY_S
 
 
 class Settings(BaseSettings):
@@ -39,14 +43,14 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="cpu, cuda or cuda:N.")
     batch_size: int = Field(4, ge=1, le=1024, description="Images per batched forward.")
     lease_seconds: int = Field(
-        1200, ge=2, description="How long a claimed image is owned before another worker may retry it; above the "
+        1200, ge=2, le=WEEK_S, description="How long a claimed image is owned before another worker may retry it; above the "
         "hard time limit, at most the visibility timeout."
     )
     max_attempts: int = Field(3, ge=1, le=100, description="Attempts before an image is quarantined as failed.")
-    soft_time_limit: int = Field(600, ge=1, description="Seconds before a task is asked to stop (Celery).")
-    hard_time_limit: int = Field(900, ge=1, description="Seconds before a task is killed (Celery).")
+    soft_time_limit: int = Field(600, ge=1, le=WEEK_S, description="Seconds before a task is asked to stop (Celery).")
+    hard_time_limit: int = Field(900, ge=1, le=WEEK_S, description="Seconds before a task is killed (Celery).")
     visibility_timeout: int = Field(
-        1500, ge=1, description="Redis redelivery timeout for unacknowledged tasks; above the lease. Use the same "
+        1500, ge=1, le=WEEK_S, description="Redis redelivery timeout for unacknowledged tasks; above the lease. Use the same "
         "value on every client (workers, scheduler, monitoring)."
     )
     task_events: bool = Field(
@@ -58,10 +62,18 @@ class Settings(BaseSettings):
         "(absolute paths on the submitting machine) when it mounts them elsewhere."
     )
     setup_retry_seconds: int = Field(
-        60, ge=1, description="How long a worker process that cannot run the detector on its machine (weights "
+        60, ge=1, le=DAY_S, description="How long a worker process that cannot run the detector on its machine (weights "
         "missing, no GPU) stays stopped before it tries again; meanwhile `readar healthcheck` reports unhealthy."
     )
+    max_image_pixels: int = Field(
+        4 * 1024 * 1024, ge=1, le=2**31 - 1, description="Largest image (width × height) READAR decodes: checked at "
+        "indexing from the file header and again at decode; a larger image is failed with the reason. Default: "
+        "four times the largest MVTec AD image (1024 × 1024)."
+    )
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus port of a worker (unset: off).")
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address the Prometheus endpoint binds (0.0.0.0 to let other hosts scrape it)."
+    )
     heartbeat_file: Path | None = Field(None, description="File a worker touches on progress (liveness probes).")
     plugins: str = Field("", description="Comma-separated modules imported at start (they register detectors).")
     database_tls_ca_file: Path | None = Field(
@@ -80,6 +92,15 @@ class Settings(BaseSettings):
         from storage.paths import PathMap
 
         PathMap(value)  # raises ValueError naming the bad entry
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str | None) -> str | None:
+        # kombu cannot take a password as a query parameter (it fails with a TypeError on the first connection).
+        if value and re.search(r"[?&;](password|passwd|pwd)=", value, re.IGNORECASE):
+            raise ValueError("put the broker's password in the URL before the host (redis://:PASSWORD@host:6379/0 "
+                             "or amqp://USER:PASSWORD@host:5672/vhost), not in a ?password= parameter")
         return value
 
     @field_validator("device")
@@ -175,3 +196,15 @@ class Settings(BaseSettings):
             "hard_time_limit": self.hard_time_limit,
             "visibility_timeout": self.visibility_timeout,
         }
+
+
+def settings_error_line(exc: Any) -> str:
+    """A pydantic ``ValidationError`` of :class:`Settings` as one line per problem, naming the environment
+    variable and never echoing the value (it may be a URL with a password)."""
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error.get("loc", ())) or "settings"
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        problems.append(f"READAR_{field.upper()}: {redact_text(message)}" if field != "settings" else message)
+    return "; ".join(problems)
+

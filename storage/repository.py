@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, delete, exists, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, case, delete, exists, func, insert, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from storage.database import Database
@@ -103,7 +103,8 @@ def _hot_statements() -> dict[str, Any]:
     give_up = images.c.attempts >= bindparam("max_attempts")
     claim = (
         update(images)
-        .where(_locked_in_id_order(images.c.id.in_(bindparam("ids", expanding=True))),
+        .where(_locked_in_id_order(images.c.id.in_(bindparam("ids", expanding=True)),
+                                   tuple_(images.c.run_id, images.c.id).in_(bindparam("pairs", expanding=True))),
                or_(images.c.status == "queued",
                    and_(images.c.status == "running", images.c.lease_expires_at < now)))
         .values(
@@ -173,7 +174,8 @@ _PG_HOT = {
     "claim": """
 WITH locked AS (
     SELECT id FROM images
-    WHERE id = ANY(%(ids)s::integer[])
+    WHERE id = ANY(%(ids)s::bigint[])
+      AND (run_id, id) IN (SELECT * FROM unnest(%(runs)s::bigint[], %(ids)s::bigint[]))
       AND (status = 'queued' OR (status = 'running' AND lease_expires_at < %(now)s))
     ORDER BY id FOR UPDATE
 ), claimed AS (
@@ -353,20 +355,27 @@ class Repository:
 
     # ---------------------------------------------------------------- delivery protocol
     # The hot path runs on Core connections: one short transaction per step, no ORM unit of work.
-    def claim(self, image_id: int, owner: str, lease_seconds: int, *, max_attempts: int = 3) -> Claim | None:
+    def claim(self, image_id: int, owner: str, lease_seconds: int, *, max_attempts: int = 3,
+              run_id: int | None = None) -> Claim | None:
         """Claim an image if it is queued or its lease expired; None when someone else holds it or it is done.
 
         An image whose attempts are used up without a recorded failure (its worker died every time, e.g. a
         poison input that crashes the process) is quarantined as ``failed`` here instead of claimed again.
+        ``run_id`` defaults to the image's own run.
         """
-        return self.claim_many([image_id], owner, lease_seconds, max_attempts=max_attempts).get(image_id)
+        if run_id is None:
+            run_id = self.image(image_id).run_id
+        return self.claim_many([(run_id, image_id)], owner, lease_seconds, max_attempts=max_attempts).get(image_id)
 
-    def claim_many(self, image_ids: Sequence[int], owner: str, lease_seconds: int, *, max_attempts: int = 3
+    def claim_many(self, keys: Sequence[tuple[int, int]], owner: str, lease_seconds: int, *, max_attempts: int = 3
                    ) -> dict[int, Claim]:
-        """:meth:`claim` for several images in one statement; the result holds the images that were claimed."""
+        """:meth:`claim` for several ``(run id, image id)`` pairs in one statement; the result holds the images
+        that were claimed. A pair whose image belongs to another run claims nothing: a message names its run, and
+        the dataset root, object key and aggregation it leads to all come from that run."""
         now = utcnow()
         parameters = {
-            "ids": list(image_ids), "now": now, "owner": owner, "max_attempts": max_attempts,
+            "ids": [image_id for _, image_id in keys], "runs": [run_id for run_id, _ in keys],
+            "pairs": [tuple(key) for key in keys], "now": now, "owner": owner, "max_attempts": max_attempts,
             "expires": now + timedelta(seconds=lease_seconds),
             "quarantine_note": f"quarantined: {max_attempts} attempts ended without a result (the worker "
                                "died or timed out each time)",

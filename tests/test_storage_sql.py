@@ -91,7 +91,7 @@ def test_batched_claim_and_complete_keep_each_rows_fence(database_url: str) -> N
     held = repo.claim(ids[0], "other", lease_seconds=60)
     exhausted = repo.claim(ids[1], "dead", lease_seconds=60, max_attempts=1)
     repo.release_expired_or_orphaned(run_id, ["dead"])  # its worker died; its one attempt is used up
-    claims = repo.claim_many(ids, "w", lease_seconds=60, max_attempts=1)
+    claims = repo.claim_many([(run_id, i) for i in ids], "w", lease_seconds=60, max_attempts=1)
     assert sorted(claims) == ids[2:]  # the held row is skipped, the exhausted one quarantined
     assert held is not None and exhausted is not None
     assert repo.image(ids[1]).status == "failed" and "quarantined" in repo.image(ids[1]).error
@@ -273,7 +273,7 @@ def test_bulk_marks_and_batched_claims_never_deadlock(postgres_url: str) -> None
         try:
             while time.monotonic() < stop:
                 batch = rng.sample(ids, 8)
-                claims = repo.claim_many(batch, f"w{seed}", lease_seconds=60)
+                claims = repo.claim_many([(run_id, i) for i in batch], f"w{seed}", lease_seconds=60)
                 repo.complete_many([Completion(c, "k", 0.0, {}, {}, "cpu") for c in claims.values()])
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
@@ -313,3 +313,20 @@ def test_protocol_statements_run_in_autocommit_with_generic_plans(postgres_url: 
         assert connection.connection.driver_connection.autocommit is True
     with repo.db.engine.connect() as connection:  # every other query keeps PostgreSQL's own choice
         assert connection.exec_driver_sql("SHOW plan_cache_mode").scalar() == "auto"
+
+
+def test_a_claim_names_its_run_and_never_takes_another_runs_image(database_url: str) -> None:
+    """A message [run 1, image of run 2] must leave run 2's image untouched (it used to be claimed by id alone
+    and then failed, or scored on run 1's files and stored under run 1)."""
+    repo = _repo(database_url)
+    first, second = _run(repo, name="one"), _run(repo, name="two")
+    repo.add_images(first, _planned(2))
+    repo.add_images(second, _planned(2))
+    theirs = repo.pending_image_ids(second)[0]
+    before = repo.image(theirs)
+    assert repo.claim_many([(first, theirs)], "w", lease_seconds=60) == {}
+    after = repo.image(theirs)
+    assert (after.status, after.attempts, after.fence, after.lease_owner) == \
+        (before.status, before.attempts, before.fence, before.lease_owner) == ("queued", 0, 0, None)
+    claims = repo.claim_many([(second, theirs)], "w", lease_seconds=60)
+    assert list(claims) == [theirs] and claims[theirs].run_id == second

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import Counter, Histogram, start_http_server
 
@@ -20,9 +21,12 @@ def record_batch(size: int, seconds: float) -> None:
     MODEL_SECONDS.observe(seconds / max(size, 1))
 
 
-def start_metrics_server(port: int | None) -> None:
-    if port:
-        start_http_server(port, addr="0.0.0.0")
+def start_metrics_server(port: int | None, host: str = "127.0.0.1") -> Any:
+    """Serve the Prometheus metrics on ``host:port`` (loopback unless told otherwise); None when off."""
+    if not port:
+        return None
+    server, _thread = start_http_server(port, addr=host)
+    return server
 
 
 class Heartbeat:

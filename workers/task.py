@@ -99,14 +99,15 @@ class WorkerContext:
 
     def __post_init__(self) -> None:
         # Concurrent tasks of this process share their claim, commit and completion-check statements.
-        self.claims: GroupCommit[int, Claim | None] = GroupCommit(first_per_key(self._claim_rows))
+        self.claims: GroupCommit[tuple[int, int], Claim | None] = GroupCommit(first_per_key(self._claim_rows))
         self.completions: GroupCommit[Completion, bool] = GroupCommit(self.repo.complete_many)
         self.aggregation_checks: GroupCommit[tuple[int, str], bool | None] = GroupCommit(
             first_per_key(self.repo.try_start_aggregations))
 
-    def _claim_rows(self, image_ids: list[int]) -> list[Claim | None]:
-        claims = self.repo.claim_many(image_ids, self.owner, self.lease_seconds, max_attempts=self.max_attempts)
-        return [claims.get(image_id) for image_id in image_ids]
+    def _claim_rows(self, keys: list[tuple[int, int]]) -> list[Claim | None]:
+        """Claims of ``(run id, image id)`` pairs; an image that is not in the named run is never claimed."""
+        claims = self.repo.claim_many(keys, self.owner, self.lease_seconds, max_attempts=self.max_attempts)
+        return [claims.get(image_id) for _, image_id in keys]
 
     def run_info(self, run_id: int) -> RunInfo:
         if run_id not in self._runs:
@@ -152,15 +153,22 @@ def image_score(detection: Detection) -> tuple[float, np.ndarray]:
 
 
 def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> str:
-    """Run one image end to end. Returns the outcome: done, failed, retry, transient, stale, held or
-    not-claimed.
+    """Run one image end to end. Returns the outcome: done, failed, retry, transient, stale, held, not-claimed
+    or rejected (the message names an image that is not in its run: nothing is touched).
 
     Transient errors (object store) leave the row queued for another attempt; permanent input errors fail it
     at once; other detector errors are retried until ``max_attempts`` and then quarantined.
     """
-    claim = ctx.claims(image_id)
+    claim = ctx.claims((run_id, image_id))
     if claim is None:
-        current = ctx.repo.image(image_id)
+        try:
+            current = ctx.repo.image(image_id)
+        except LookupError:
+            current = None
+        if current is None or current.run_id != run_id:
+            log.error("dropped a message for image %d of run %d: %s", image_id, run_id,
+                      "no such image" if current is None else f"that image belongs to run {current.run_id}")
+            return "rejected"
         if current.status in ACTIVE_STATUSES:
             # running: another claim holds a live lease (a duplicate delivery, or a redelivery that arrived
             # before the dead owner's lease ran out). queued: the row was running when the claim looked and has
