@@ -19,6 +19,12 @@ Decisions:
 - ``max_per_class`` applies after ``exclude_defects``: the first N rows of each category in index order.
 - Nothing may resolve outside the root: files or folders reached through a symlink whose target lies outside
   the root are ``failed``; :func:`resolve_inside` refuses ``..``, absolute paths and escaping links.
+- A path the workers' resolver would refuse (a backslash in a file or folder name: it could name another file)
+  fails its row here, with the reason, rather than when a worker reaches it.
+- Pixel budget: an image whose header declares more than ``max_image_pixels`` pixels (READAR_MAX_IMAGE_PIXELS) is
+  ``failed``; decoding it would cost gigabytes (workers check again when they decode).
+- ``<category>/train/good`` (the reference images of reference-based detectors) that is a symlink loop or leads out
+  of the root is reported in ``warnings``; :meth:`DatasetIndex.train_dir` refuses it.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
 
-from storage.paths import PathEscapeError, resolve_inside
+from scheduler.settings import Settings
+from storage.paths import PathEscapeError, name_problem, resolve_inside
 
 __all__ = ["PathEscapeError", "resolve_inside"]
 
@@ -44,6 +51,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 GOOD = "good"
 MASK_SUFFIX = "_mask.png"
 STATUSES = ("ok", "skipped", "failed")
+# READAR_MAX_IMAGE_PIXELS unless the caller passes its settings' value.
+DEFAULT_MAX_IMAGE_PIXELS: int = Settings.model_fields["max_image_pixels"].default
 
 # Pillow modes whose pixels reduce to "defect where any colour channel > 0" (workers.images.load_mask).
 MASK_MODES = frozenset(
@@ -135,11 +144,11 @@ class DatasetIndex:
         return table
 
     def train_dir(self, category: str) -> Path | None:
-        """``<root>/<category>/train/good`` when it exists inside the root (reference-based detectors), else None."""
-        try:
-            folder = resolve_inside(self.root, f"{category}/train/{GOOD}")
-        except PathEscapeError:
-            return None
+        """``<root>/<category>/train/good`` resolved (reference-based detectors), None when the category has none.
+
+        Raises :class:`PathEscapeError` when it is a symlink loop or leads out of the root: a broken reference
+        must not pass for a missing one, or a detector would silently score each image against itself."""
+        folder = resolve_inside(self.root, f"{category}/train/{GOOD}")
         return folder if folder.is_dir() else None
 
     def image_file(self, entry: DatasetEntry) -> Path:
@@ -169,6 +178,17 @@ def _sorted_children(folder: Path) -> list[Path]:
 
 def _fmt_size(height: int, width: int) -> str:
     return f"{height}×{width}"
+
+
+def _over_budget(kind: str, relative: str, size: tuple[int, int], max_pixels: int) -> str | None:
+    """A reason when an image of ``size`` (height, width) has more pixels than ``max_pixels``, else None."""
+    pixels = size[0] * size[1]
+    if pixels <= max_pixels:
+        return None
+    return (
+        f"{kind} {relative} is {_fmt_size(*size)} = {pixels:,} pixels, more than the limit of {max_pixels:,} "
+        "(READAR_MAX_IMAGE_PIXELS); shrink the image or raise the limit"
+    )
 
 
 def _find_categories(root: Path) -> list[str]:
@@ -233,7 +253,9 @@ def _read_header(path: Path) -> tuple[tuple[int, int] | None, str | None, str | 
             return (int(height), int(width)), image.mode, None
     except UnidentifiedImageError:
         return None, None, "the file is not in an image format Pillow recognises"
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        return None, None, f"it declares more pixels than Pillow opens ({exc})"
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         return None, None, f"its header cannot be read ({exc})"
 
 
@@ -268,13 +290,15 @@ def _check_image(
     image: Path,
     masks: dict[str, tuple[Path, bool]],
     *,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     needs_resolve: bool = True,
     masks_need_resolve: bool = True,
 ) -> DatasetEntry:
     """Build one row, recording the first problem found as its status and reason.
 
-    ``needs_resolve`` / ``masks_need_resolve``: False when the image's (masks') folder is known to lie inside
-    the root; files that are symlinks are resolved anyway."""
+    ``max_pixels``: the pixel budget of the image (its mask must match it). ``needs_resolve`` /
+    ``masks_need_resolve``: False when the image's (masks') folder is known to lie inside the root; files that are
+    symlinks are resolved anyway."""
     label = 0 if defect == GOOD else 1
     image_rel = f"{category}/test/{defect}/{image.name}"
     expected_mask_rel = f"{category}/ground_truth/{defect}/{image.stem}{MASK_SUFFIX}"
@@ -286,12 +310,18 @@ def _check_image(
         height, width = size if size is not None else (None, None)
         return DatasetEntry(category, defect, label, image_rel, mask_rel, height, width, status, reason)
 
+    problem = name_problem(image_rel)
+    if problem is not None:
+        return row("failed", f"image {image_rel}: {problem}", None)
     escaped = _escape_reason("image", image_rel, image, root_resolved) if needs_resolve else None
     if escaped:
         return row("failed", escaped, None)
     size, _, error = _read_header(image)
     if size is None:
         return row("failed", f"image {image_rel}: {error}; replace or remove the file", None)
+    too_large = _over_budget("image", image_rel, size, max_pixels)
+    if too_large:
+        return row("failed", too_large, size)
     if label == 0:
         return row("ok", None, size)
     if mask is None or mask_rel is None:
@@ -301,6 +331,9 @@ def _check_image(
             "add the mask or exclude this defect type",
             size,
         )
+    problem = name_problem(mask_rel)
+    if problem is not None:
+        return row("failed", f"mask {mask_rel}: {problem}", size)
     escaped = (_escape_reason("mask", mask_rel, mask, root_resolved)
                if masks_need_resolve or mask_is_link else None)
     if escaped:
@@ -375,6 +408,7 @@ def index_dataset(
     classes: Sequence[str] | None = None,
     max_per_class: int = -1,
     exclude_defects: Sequence[str] = (),
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> DatasetIndex:
     """Parse an MVTec-AD-format folder into a :class:`DatasetIndex`.
 
@@ -382,6 +416,8 @@ def index_dataset(
     max_per_class: keep the first N images of each category in index order (after exclusions); -1 keeps all.
     exclude_defects: defect folder names to leave out everywhere (e.g. ``("color", "combined")``); names absent
         from a category are ignored. ``good`` cannot be excluded.
+    max_image_pixels: the pixel budget (``Settings.max_image_pixels``): larger images are ``failed`` from their
+        header, before any worker decodes them.
     """
     root = Path(root)
     if not root.exists():
@@ -392,6 +428,8 @@ def index_dataset(
         raise DatasetError(f"max_per_class must be an integer (-1 for all images); got {max_per_class!r}")
     if max_per_class == 0 or max_per_class < -1:
         raise DatasetError(f"max_per_class must be -1 (all images) or a positive number; got {max_per_class}")
+    if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1:
+        raise DatasetError(f"max_image_pixels must be a positive number of pixels; got {max_image_pixels!r}")
     if isinstance(exclude_defects, str):
         raise DatasetError(
             f"exclude_defects must be a list of defect names, not the string {exclude_defects!r}"
@@ -418,6 +456,13 @@ def index_dataset(
                 f"{category}/test holds {len(stray)} image(s) outside a defect folder (e.g. {stray[0]}); "
                 "they were ignored: move them into test/<defect>/"
             )
+        try:
+            resolve_inside(root_resolved, f"{category}/train/{GOOD}")
+        except PathEscapeError as exc:
+            notes.append(
+                f"the reference images {category}/train/{GOOD} cannot be used ({exc}); reference-based detectors "
+                "(baseline) fail this category's images until it is fixed"
+            )
         rows: list[DatasetEntry] = []
         for defect_dir in defect_dirs:
             # Symlinks are kept even when broken or pointing elsewhere: the row then records why it failed.
@@ -435,7 +480,7 @@ def index_dataset(
             masks_inside = bool(masks) and _inside(mask_dir, root_resolved)
             rows.extend(
                 _check_image(root_resolved, category, defect_dir.name, defect_dir / entry.name, masks,
-                             needs_resolve=not folder_inside or entry.is_symlink(),
+                             max_pixels=max_image_pixels, needs_resolve=not folder_inside or entry.is_symlink(),
                              masks_need_resolve=not masks_inside)
                 for entry in images
             )

@@ -142,6 +142,8 @@ def plan_run(
     index = index_dataset(
         request.mvtec_root, classes=classes, max_per_class=request.max_per_class,
         exclude_defects=list(request.exclude_defects),
+        # The run's pixel budget: the indexing checks headers against it, the workers check decodes against it.
+        **({"max_image_pixels": settings_public["max_image_pixels"]} if "max_image_pixels" in settings_public else {}),
     )
     config = {
         **request.identity(),

@@ -25,6 +25,7 @@ from rich.progress import (
 )
 
 from metrics.aggregator import LostResultsError, aggregate_category, refresh_summary
+from metrics.report import shown
 from storage.models import Run
 from storage.objects import ObjectStore
 from storage.repository import Repository
@@ -79,7 +80,7 @@ def execute_run(
             try:
                 aggregate_category(repo, store, run_id, category)
             except LostResultsError as exc:  # those images are queued again; this run computes them below
-                console.print(f"[yellow]{exc}")
+                console.print(f"[yellow]{shown(exc)}")
 
     batcher = Batcher(detector.detect, max_batch=batch_size)
     ctx = WorkerContext(
@@ -118,7 +119,7 @@ def execute_run(
                         for future in as_completed(futures):
                             outcome = future.result()
                             outcomes[outcome] = outcomes.get(outcome, 0) + 1
-                            if outcome not in ("retry", "transient"):
+                            if not outcome.queued_again:
                                 progress.advance(bar)
                                 finished_this_pass += 1
                     except KeyboardInterrupt:
@@ -137,10 +138,10 @@ def execute_run(
         console.print(f"[yellow]interrupted; finished images are kept. Resume with: {resume}")
     except SetupError as exc:
         interrupted, exit_code = True, 1
-        console.print(f"[red]{exc}[/]\nNo image was charged for this. Fix it, then run: {resume}")
+        console.print(f"[red]{shown(exc)}[/]\nNo image was charged for this. Fix it, then run: {resume}")
     except StorageUnavailable as exc:
         interrupted, exit_code = True, 1
-        console.print(f"[red]no progress after repeated retries: {exc}\nFinished images are kept; fix the cause "
+        console.print(f"[red]no progress after repeated retries: {shown(exc)}\nFinished images are kept; fix the cause "
                       f"(e.g. free disk space, bring the object store back) and run: {resume}")
     finally:
         batcher.close()

@@ -195,6 +195,7 @@ class Settings(BaseSettings):
             "soft_time_limit": self.soft_time_limit,
             "hard_time_limit": self.hard_time_limit,
             "visibility_timeout": self.visibility_timeout,
+            "max_image_pixels": self.max_image_pixels,
         }
 
 

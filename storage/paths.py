@@ -7,31 +7,71 @@ from pathlib import Path, PurePosixPath
 
 
 class PathEscapeError(ValueError):
-    """A relative path is empty, absolute, has ``..`` or resolves (through a symlink) outside its root."""
+    """A relative path is empty, absolute, has ``..`` or a backslash, or resolves (through a symlink or a symlink
+    loop) outside its root or nowhere."""
+
+
+def name_problem(relative: str | PurePosixPath) -> str | None:
+    """Why :func:`resolve_inside` refuses ``relative``, judged from the text alone; None when the text is fine.
+
+    The dataset index asks this of every path it stores, so that a name the resolver refuses fails its own row
+    when the run is planned instead of when a worker reaches it."""
+    text = str(relative)
+    if not text:
+        return "it is empty"
+    if "\x00" in text:
+        return "it contains a NUL character"
+    if "\\" in text:
+        # Read as a separator, `crack/sub\000.png` would name the different file `crack/sub/000.png`.
+        return (
+            "it contains a backslash, which READAR refuses in names (Windows reads it as a folder separator, so it "
+            "could name another file); rename the file or folder without it"
+        )
+    if PurePosixPath(text).is_absolute() or Path(text).is_absolute():
+        return "it is absolute; paths must be relative to the dataset root"
+    if ".." in PurePosixPath(text).parts:
+        return "'..' components are not allowed under the dataset root"
+    return None
 
 
 def resolve_inside(root: Path | str, relative: str | PurePosixPath) -> Path:
     """Resolve ``relative`` (a POSIX path, e.g. from an SQL row) under ``root``; refuse anything that escapes.
 
-    Raises :class:`PathEscapeError` for empty or absolute paths, ``..`` components (backslashes count as
-    separators), NUL characters, and symlinks whose target lies outside the root. The file need not exist.
+    Raises :class:`PathEscapeError` for empty or absolute paths, ``..`` components, NUL characters, backslashes
+    (see :func:`name_problem`), symlink loops and symlinks whose target lies outside the root. The file need not
+    exist.
     """
     text = str(relative)
-    if not text or "\x00" in text:
-        raise PathEscapeError(f"refusing path {text!r}: it is empty or contains a NUL character")
-    parts = PurePosixPath(text.replace("\\", "/"))
-    if parts.is_absolute() or Path(text).is_absolute():
-        raise PathEscapeError(f"refusing absolute path {text!r}; paths must be relative to the dataset root")
-    if ".." in parts.parts:
-        raise PathEscapeError(f"refusing path {text!r}: '..' components are not allowed under the dataset root")
+    problem = name_problem(text)
+    if problem is not None:
+        raise PathEscapeError(f"refusing path {text!r}: {problem}")
     root_resolved = Path(root).resolve()
-    candidate = (root_resolved / Path(*parts.parts)).resolve()
+    try:
+        candidate = (root_resolved / Path(*PurePosixPath(text).parts)).resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise PathEscapeError(
+            f"path {text!r} under {root_resolved} cannot be resolved ({exc}); fix or remove the symlink"
+        ) from None
     if not candidate.is_relative_to(root_resolved):
         raise PathEscapeError(
             f"path {text!r} resolves to {candidate}, outside the dataset root {root_resolved}; "
             "replace the symlink with the file itself"
         )
     return candidate
+
+
+def reference_folder(root: Path | str, category: str) -> Path | None:
+    """``<root>/<category>/train/good`` for reference-based detectors, or None when the dataset has none there.
+
+    Only a folder that is plainly absent gives None (the detector then says it works without a reference). A
+    symlink loop or a link out of the root still gives the folder, so that the detector reading it refuses it
+    with the reason instead of silently working without its reference; detectors that need none never look."""
+    folder = Path(root) / category / "train" / "good"
+    try:
+        inside = resolve_inside(root, f"{category}/train/good")
+    except PathEscapeError:
+        return folder
+    return folder if inside.is_dir() else None
 
 
 class RootResolver:
@@ -47,8 +87,8 @@ class RootResolver:
 
     def __call__(self, relative: str | PurePosixPath) -> Path:
         text = str(relative)
-        directory_text, _, name = text.replace("\\", "/").rpartition("/")
-        if not directory_text or name in ("", ".", "..") or "\x00" in text:
+        directory_text, _, name = text.rpartition("/")
+        if not directory_text or name in ("", ".", "..") or "\x00" in text or "\\" in text:
             return resolve_inside(self.root, text)  # the general path, with its errors
         directory = self._directories.get(directory_text)
         if directory is None:

@@ -37,7 +37,7 @@ from workers.queues import (
     task_args_problem,
 )
 from workers.runtime import WorkerRuntime
-from workers.task import process_image, worker_identity
+from workers.task import Outcome, process_image, worker_identity
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,8 @@ def process_image_task(self: Any, run_id: int, image_id: int, enqueued_at: float
                                                                          else []), {})
     if problem is not None:
         log.error("dropped a %s call with arguments %.80r: %s", PROCESS_IMAGE, (run_id, image_id), problem)
-        IMAGES.labels("rejected").inc()
-        return "rejected"
+        IMAGES.labels(Outcome.REJECTED).inc()
+        return Outcome.REJECTED
     if enqueued_at is not None and self.request.retries == 0:
         QUEUE_WAIT.observe(max(time.time() - float(enqueued_at), 0.0))
     if _heartbeat is not None:
@@ -185,9 +185,9 @@ def process_image_task(self: Any, run_id: int, image_id: int, enqueued_at: float
         if _heartbeat is not None:
             _heartbeat.task_finished()
     IMAGES.labels(outcome).inc()
-    if outcome in ("retry", "transient"):  # the row is queued again: send it again after a pause
+    if outcome.queued_again:  # send it again after a pause
         raise self.retry(countdown=_backoff(self.request.retries))
-    if outcome == "held":  # a live lease elsewhere, or a row given back meanwhile: look again later
+    if outcome is Outcome.HELD:  # a live lease elsewhere, or a row given back meanwhile: look again later
         raise self.retry(countdown=_lease_wait(state, image_id), max_retries=None)
     return outcome
 

@@ -13,6 +13,10 @@ Conversion rules (MVTec AD mixes RGB and single-channel PNGs; other MVTec-format
 - other modes (``CMYK``, ``YCbCr``, ``LAB``, ``HSV``) → Pillow's conversion to RGB.
 EXIF orientation is deliberately not applied: MVTec masks are aligned with the stored pixel grid.
 Multi-frame files (GIF, TIFF) use their first frame.
+
+Pixel budget: an image with more than the process's limit of pixels (:func:`set_max_image_pixels`, from
+``Settings.max_image_pixels`` / READAR_MAX_IMAGE_PIXELS) is refused from its header, before its pixels are
+decoded: a 97 KB PNG may declare 10000×10000 pixels and cost gigabytes of memory.
 """
 
 from __future__ import annotations
@@ -22,26 +26,50 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from scheduler.settings import Settings  # a leaf module: pydantic + storage.redact only
+
 # Modes whose integer samples span 16 bits (Pillow opens 16-bit grayscale PNGs as ``I;16`` or ``I``).
 _WIDE_INTEGER_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 _GRAYSCALE_MODES = ("L", "1", "LA", "La")
 _PALETTE_MODES = ("P", "PA")
 
+DEFAULT_MAX_IMAGE_PIXELS: int = Settings.model_fields["max_image_pixels"].default
+_max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+
 
 class ImageLoadError(RuntimeError):
     """A file could not be decoded as an image; ``path`` names it and ``reason`` says what went wrong."""
 
-    def __init__(self, path: Path | str, reason: str) -> None:
+    def __init__(self, path: Path | str, reason: str, advice: str | None = None) -> None:
         self.path = Path(path)
         self.reason = reason
-        super().__init__(
-            f"cannot load image {self.path}: {reason}. Replace the file with a valid PNG or JPEG, then run "
-            "`readar retry RUN`"
-        )
+        advice = advice or "Replace the file with a valid PNG or JPEG"
+        super().__init__(f"cannot load image {self.path}: {reason}. {advice}, then run `readar retry RUN`")
 
 
-def _open_fully(path: Path) -> Image.Image:
-    """Open and fully decode ``path`` (first frame), turning every failure into :class:`ImageLoadError`."""
+def set_max_image_pixels(limit: int) -> None:
+    """Set this process's pixel budget (``Settings.max_image_pixels``); workers call it once at start.
+
+    Pillow's own decompression-bomb limit is raised to the budget when it is lower, so that Pillow does not
+    refuse images the budget allows; it is never lowered (other code in the process may open larger images)."""
+    global _max_image_pixels
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"the pixel budget must be a positive number of pixels; got {limit!r}")
+    _max_image_pixels = limit
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def max_image_pixels() -> int:
+    """This process's pixel budget (see :func:`set_max_image_pixels`)."""
+    return _max_image_pixels
+
+
+def _open_fully(path: Path, max_pixels: int | None) -> Image.Image:
+    """Open and fully decode ``path`` (first frame), turning every failure into :class:`ImageLoadError`.
+
+    ``max_pixels`` (None: the process's budget) is checked from the header, before the pixels are decoded."""
+    limit = _max_image_pixels if max_pixels is None else max_pixels
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -55,13 +83,21 @@ def _open_fully(path: Path) -> Image.Image:
     try:
         # Pillow's LOAD_TRUNCATED_IMAGES stays False (its default): a short file must fail, not come back grey.
         with Image.open(path) as opened:
+            width, height = opened.size
+            if width * height > limit:
+                raise ImageLoadError(
+                    path, f"the image is {height}×{width} = {width * height:,} pixels, more than the limit of "
+                    f"{limit:,} (READAR_MAX_IMAGE_PIXELS)", "Shrink the image or raise READAR_MAX_IMAGE_PIXELS",
+                )
             opened.load()
             # ``load`` decodes the pixels; copying detaches them from the file handle.
             return opened.copy()
     except UnidentifiedImageError:
         raise ImageLoadError(path, "the file is not in an image format Pillow recognises") from None
     except Image.DecompressionBombError as exc:
-        raise ImageLoadError(path, f"the image is implausibly large ({exc})") from None
+        raise ImageLoadError(
+            path, f"the image is implausibly large ({exc})", "Shrink the image or raise READAR_MAX_IMAGE_PIXELS"
+        ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         # Truncated data raises OSError ("image file is truncated"), broken chunks raise SyntaxError/ValueError.
         raise ImageLoadError(path, f"the image data is corrupt or truncated ({exc})") from None
@@ -103,13 +139,14 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.uint8)
 
 
-def load_rgb(path: Path) -> np.ndarray:
+def load_rgb(path: Path, *, max_pixels: int | None = None) -> np.ndarray:
     """Fully decode the image at ``path`` into a uint8 RGB array (H, W, 3).
 
-    Raises :class:`ImageLoadError` for missing, empty, truncated, corrupt and non-image files.
+    Raises :class:`ImageLoadError` for missing, empty, truncated, corrupt and non-image files, and for images
+    with more than ``max_pixels`` pixels (None: the process's budget, :func:`set_max_image_pixels`).
     """
     path = Path(path)
-    image = _open_fully(path)
+    image = _open_fully(path, max_pixels)
     try:
         array = _to_rgb_array(image)
     except (OSError, ValueError) as exc:
@@ -119,15 +156,15 @@ def load_rgb(path: Path) -> np.ndarray:
     return array
 
 
-def load_mask(path: Path) -> np.ndarray:
+def load_mask(path: Path, *, max_pixels: int | None = None) -> np.ndarray:
     """Fully decode a ground-truth mask into a boolean array (H, W); True marks defect pixels.
 
     Rule (DatasetIndex accepts masks by the same rule): a pixel is defect when any colour channel of its stored
     value is > 0, whatever the bit depth (0/255 8-bit, 0/65535 16-bit, RGB or palette masks all work). Alpha is
-    ignored. Palette masks are judged by their palette colours.
+    ignored. Palette masks are judged by their palette colours. ``max_pixels`` as for :func:`load_rgb`.
     """
     path = Path(path)
-    image = _open_fully(path)
+    image = _open_fully(path, max_pixels)
     mode = image.mode
     if mode in _PALETTE_MODES:
         image = image.convert("RGBA")

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from storage.jsonvalue import json_value
 from storage.logits import encode_logits, full_resolution_logits
 from storage.models import ACTIVE_STATUSES
 from storage.objects import ObjectStore, ObjectStoreError, image_object_key
-from storage.paths import PathEscapeError, PathMap, RootResolver
+from storage.paths import PathEscapeError, PathMap, RootResolver, reference_folder
 from storage.redact import redact_text
 from storage.repository import Claim, Completion, Repository
 from workers.batcher import Batcher
@@ -31,6 +32,25 @@ from workers.detectors.base import Detection, Detector, ImageSample, SetupError
 from workers.groupcommit import GroupCommit, first_per_key
 
 log = logging.getLogger(__name__)
+
+
+class Outcome(StrEnum):
+    """What :func:`process_image` did with one delivery (strings, so logs, metrics labels and counts read them
+    as they are)."""
+
+    DONE = "done"  # the result is committed
+    FAILED = "failed"  # the image is failed for good (bad input, or attempts used up)
+    RETRY = "retry"  # the detector failed; the row is queued for another attempt
+    TRANSIENT = "transient"  # storage, not the image, failed; the row is queued without spending an attempt
+    STALE = "stale"  # a newer claim owns the row; this result was dropped
+    HELD = "held"  # another live claim holds the row (or it was just given back): look again later
+    NOT_CLAIMED = "not-claimed"  # the row is finished already
+    REJECTED = "rejected"  # the message names an image that is not in its run: nothing was touched
+
+    @property
+    def queued_again(self) -> bool:
+        """The row waits for another delivery of this image."""
+        return self in (Outcome.RETRY, Outcome.TRANSIENT)
 
 
 def worker_identity() -> str:
@@ -62,6 +82,7 @@ class RunInfo:
     run_id: int
     dataset_root: Path
     category_defects: dict[str, tuple[str, ...]]
+    max_image_pixels: int | None = None  # the run's pixel budget (None: this process's)
     resolve: RootResolver = field(init=False)  # image paths under the dataset root, each directory resolved once
     train_dirs: dict[str, Path | None] = field(default_factory=dict)  # per category, looked up once
 
@@ -69,9 +90,10 @@ class RunInfo:
         object.__setattr__(self, "resolve", RootResolver(self.dataset_root))
 
     def train_dir(self, category: str) -> Path | None:
+        """``train/good`` of a category; None only when there is none. A loop or a link out of the dataset root
+        comes back as the folder, so that the detector refuses it with the reason instead of doing without."""
         if category not in self.train_dirs:
-            folder = self.dataset_root / category / "train" / "good"
-            self.train_dirs[category] = folder if folder.is_dir() else None
+            self.train_dirs[category] = reference_folder(self.dataset_root, category)
         return self.train_dirs[category]
 
 
@@ -113,7 +135,8 @@ class WorkerContext:
         if run_id not in self._runs:
             run = self.repo.get_run_by_id(run_id)
             defects = {k: tuple(v) for k, v in run.config.get("category_defects", {}).items()}
-            self._runs[run_id] = RunInfo(run_id, self.path_map(run.dataset_root), defects)
+            budget = (run.config.get("settings") or {}).get("max_image_pixels")
+            self._runs[run_id] = RunInfo(run_id, self.path_map(run.dataset_root), defects, budget)
         return self._runs[run_id]
 
 
@@ -130,7 +153,7 @@ def _load_sample(info: RunInfo, row: Any) -> ImageSample:
 
     try:
         path = info.resolve(row.image_path)
-        image = load_rgb(path)
+        image = load_rgb(path, max_pixels=info.max_image_pixels)
     except (PathEscapeError, ImageLoadError) as exc:
         raise PermanentImageError(str(exc)) from exc
     if row.height and row.width and image.shape[:2] != (row.height, row.width):
@@ -152,9 +175,8 @@ def image_score(detection: Detection) -> tuple[float, np.ndarray]:
     return 1.0 / (1.0 + math.exp(-top)) if top > -700 else 0.0, logits
 
 
-def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> str:
-    """Run one image end to end. Returns the outcome: done, failed, retry, transient, stale, held, not-claimed
-    or rejected (the message names an image that is not in its run: nothing is touched).
+def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> Outcome:
+    """Run one image end to end and say what happened (:class:`Outcome`).
 
     Transient errors (object store) leave the row queued for another attempt; permanent input errors fail it
     at once; other detector errors are retried until ``max_attempts`` and then quarantined.
@@ -168,15 +190,15 @@ def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> str:
         if current is None or current.run_id != run_id:
             log.error("dropped a message for image %d of run %d: %s", image_id, run_id,
                       "no such image" if current is None else f"that image belongs to run {current.run_id}")
-            return "rejected"
+            return Outcome.REJECTED
         if current.status in ACTIVE_STATUSES:
             # running: another claim holds a live lease (a duplicate delivery, or a redelivery that arrived
             # before the dead owner's lease ran out). queued: the row was running when the claim looked and has
             # been given back since (another attempt's failure committed in between). Either way this message
             # may be the image's only one: the caller retries it later instead of dropping it.
-            return "held"
+            return Outcome.HELD
         _maybe_aggregate(ctx, run_id, current.category)  # a quarantine may have completed the category
-        return "not-claimed"
+        return Outcome.NOT_CLAIMED
     row = claim  # the claim carries the row's category, defect, paths and size
     info = ctx.run_info(run_id)
     timings: dict[str, float] = {}
@@ -210,7 +232,7 @@ def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> str:
         # spending an attempt; the caller retries after a pause.
         log.warning("object store error on %s: %s", row.image_path, exc)
         ctx.repo.release(claim, error=redact_text(f"retrying: {exc}", ctx.secrets))
-        return "transient"
+        return Outcome.TRANSIENT
     except SetupError as exc:
         # The machine, not the image, cannot run the detector (weights missing, no GPU): give the image back
         # untouched; the caller stops (embedded run) or the worker stops taking tasks until the setup is fixed.
@@ -225,20 +247,20 @@ def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> str:
     ))
     if not committed:
         log.info("stale result for %s dropped: a newer claim owns the row", row.image_path)
-        return "stale"
+        return Outcome.STALE
     _maybe_aggregate(ctx, run_id, row.category)
-    return "done"
+    return Outcome.DONE
 
 
 def _record_failure(ctx: WorkerContext, claim: Claim, run_id: int, category: str, error: str, *, permanent: bool
-                    ) -> str:
+                    ) -> Outcome:
     error = redact_text(error, ctx.secrets)
     status = ctx.repo.fail(claim, error, max_attempts=ctx.max_attempts, permanent=permanent)
     if status == "failed":
         log.warning("image %d failed: %s", claim.image_id, error)
         _maybe_aggregate(ctx, run_id, category)
-        return "failed"
-    return "retry" if status == "queued" else "stale"
+        return Outcome.FAILED
+    return Outcome.RETRY if status == "queued" else Outcome.STALE
 
 
 def _maybe_aggregate(ctx: WorkerContext, run_id: int, category: str) -> None:

@@ -10,7 +10,9 @@ turn sensor noise into certainty.
 
 Without training images it falls back to the image itself: the distance from a median-filtered copy, scaled by
 the image's median absolute deviation ("reference": "self_median" in the diagnostics). Useful only for small,
-high-contrast defects; it says so rather than failing.
+high-contrast defects; it says so rather than failing. Only a ``train/good`` that is absent counts as "without":
+one that is a symlink loop, or a training file that leads out of the dataset root (checked per file, like test
+images), fails the category's images with the reason instead of falling back silently.
 
 Config (``DetectorConfig.extra``, all optional): ``baseline_max_train`` (default 64 training images),
 ``baseline_max_side`` (512), ``baseline_sigma`` (smoothing, in grid pixels; default grid side / 256, at least 1),
@@ -19,6 +21,7 @@ Config (``DetectorConfig.extra``, all optional): ``baseline_max_train`` (default
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from storage.logits import StoredLogits
+from storage.paths import PathEscapeError, resolve_inside
 from workers.detectors.base import (
     Detection,
     Detector,
@@ -99,15 +103,33 @@ def _grid_for(height: int, width: int, max_side: int) -> tuple[int, int]:
 
 
 def _train_files(train_dir: Path, limit: int) -> list[Path]:
-    files = sorted(
-        (
-            p
-            for p in train_dir.iterdir()
-            if p.suffix.lower() in TRAIN_EXTENSIONS and not p.name.startswith(".")
-        ),
-        key=lambda p: p.name,
-    )
-    return files[:limit]
+    """The first ``limit`` training images of ``train_dir`` (by name), each resolved inside the dataset root.
+
+    ``train_dir`` is ``<root>/<category>/train/good`` (:class:`ImageSample`), so the root is its third parent
+    (the highest one of a shorter path). An empty list when the folder is absent; :class:`DetectorError` when
+    the folder or one of the files is a symlink loop or leads out of the root: reading it would mean a reference
+    from outside the dataset, and ignoring it would silently change what the category is scored against."""
+    folder = train_dir.absolute()
+    depth = min(3, len(folder.parents))
+    root, relative = folder.parents[depth - 1], "/".join(folder.parts[-depth:])
+    try:
+        resolved = resolve_inside(root, relative)
+    except PathEscapeError as exc:
+        raise DetectorError(f"the training folder {relative} cannot be used: {exc}") from None
+    if not resolved.is_dir():
+        return []
+    with os.scandir(resolved) as listing:
+        names = sorted(
+            entry.name for entry in listing
+            if entry.name.lower().endswith(TRAIN_EXTENSIONS) and not entry.name.startswith(".")
+        )
+    files = []
+    for name in names[:limit]:
+        try:
+            files.append(resolve_inside(root, f"{relative}/{name}"))
+        except PathEscapeError as exc:
+            raise DetectorError(f"training image {relative}/{name} cannot be used: {exc}") from None
+    return files
 
 
 def learn_statistics(train_files: Sequence[Path], max_side: int) -> ReferenceStatistics:
@@ -185,6 +207,8 @@ class BaselineDetector(Detector):
         self._lock = threading.Lock()
         self._category_locks: dict[tuple[str, str], threading.Lock] = {}
         self._statistics: dict[tuple[str, str], ReferenceStatistics | None] = {}
+        # A category whose reference cannot be used fails every image with the same error, learnt once.
+        self._errors: dict[tuple[str, str], str] = {}
 
     def fingerprint(self) -> str:
         return (
@@ -192,20 +216,38 @@ class BaselineDetector(Detector):
             f"offset={self.offset},scale={self.scale})"
         )
 
+    def _cached(self, cache_key: tuple[str, str]) -> tuple[bool, ReferenceStatistics | None]:
+        """(found, statistics) from the cache; raises the category's cached reference error. Call with the lock."""
+        if cache_key in self._errors:
+            raise DetectorError(self._errors[cache_key])
+        if cache_key in self._statistics:
+            return True, self._statistics[cache_key]
+        return False, None
+
     def statistics_for(self, category: str, train_dir: Path | None) -> ReferenceStatistics | None:
-        """The category's statistics, learnt on first use (one thread learns, the others wait); None without data."""
-        if train_dir is None or not train_dir.is_dir():
+        """The category's statistics, learnt on first use (one thread learns, the others wait); None without data.
+
+        Raises :class:`DetectorError` when ``train_dir`` is a symlink loop or it or a training image leads out
+        of the dataset root (see :func:`_train_files`)."""
+        if train_dir is None:
             return None
         cache_key = (category, str(train_dir))
         with self._lock:
-            if cache_key in self._statistics:
-                return self._statistics[cache_key]
+            found, statistics = self._cached(cache_key)
+            if found:
+                return statistics
             category_lock = self._category_locks.setdefault(cache_key, threading.Lock())
         with category_lock:
             with self._lock:
-                if cache_key in self._statistics:
-                    return self._statistics[cache_key]
-            files = _train_files(train_dir, self.max_train)
+                found, statistics = self._cached(cache_key)
+                if found:
+                    return statistics
+            try:
+                files = _train_files(train_dir, self.max_train)
+            except DetectorError as exc:
+                with self._lock:
+                    self._errors[cache_key] = str(exc)
+                raise
             statistics = learn_statistics(files, self.max_side) if files else None
             with self._lock:
                 self._statistics[cache_key] = statistics
