@@ -2,7 +2,9 @@
 
 Each category is accumulated on its own (float32 bins, one image in memory at a time), turned into its rows,
 and folded into the ``overall`` state; categories can run in parallel worker processes. Unusable images are
-skipped with a reason (:class:`~metrics.legacy.Skip`), never silently.
+skipped with a reason (:class:`~metrics.legacy.Skip`), never silently: an unreadable or hostile folder (see
+:mod:`metrics.legacy`), several folders claiming one image, or a category missing from the MVTec root is a
+skip, and the other images are still evaluated.
 """
 
 from __future__ import annotations
@@ -53,9 +55,16 @@ def evaluate_category(
     for image in images:
         try:
             logits, mask = load_prediction(image)
-            accumulator.add(image.category, image.defect, logits, mask)
-        except (LegacyInputError, MetricInputError) as exc:
+        except LegacyInputError as exc:
             skips.append(Skip(str(image.folder), category, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - one unreadable folder must not end the whole evaluation
+            skips.append(Skip(str(image.folder), category,
+                              f"{image.folder} could not be read ({type(exc).__name__}: {exc})"))
+        else:
+            try:
+                accumulator.add(image.category, image.defect, logits, mask)
+            except MetricInputError as exc:
+                skips.append(Skip(str(image.folder), category, str(exc)))
         if on_image is not None:
             on_image(category)
     rows = accumulator.category_rows(category, pro_hard=pro_hard) if accumulator.categories() else []

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from metrics.errors import LegacyInputError
 from metrics.legacy_evaluation import evaluate_legacy
-from metrics.report import metrics_table, write_metrics_csv
+from metrics.report import metrics_table, shown, visible, write_metrics_csv
 
 
 def _parse_classes(value: str | None) -> list[str] | None:
@@ -30,7 +30,7 @@ def _skip_table(skips) -> Table:
     table.add_column("folder", overflow="fold")
     table.add_column("reason", overflow="fold")
     for skip in skips:
-        table.add_row(skip.category or "?", Path(skip.folder).name, skip.reason)
+        table.add_row(shown(skip.category or "?"), shown(Path(skip.folder).name), shown(skip.reason))
     return table
 
 
@@ -52,7 +52,12 @@ def eval_command(pred_root: Path, mvtec_root: Path, out_csv: Path, pro_hard: boo
     """Compute iAUROC, pAUROC, PRO, PRO_hard and F1_max per category, defect type, overall and mean.
 
     Logits are read one image at a time; memory does not grow with the number of images. Unusable images
-    are skipped with a printed reason (--strict turns any skip into an error).
+    are skipped with a printed reason (--strict turns any skip into an error), and the others are evaluated:
+    an unreadable, oversized or non-regular file (FIFO, device), a metadata.json over 1 MiB or nested too
+    deeply, an .npy whose header does not fit its mask or a sane size, a mask beyond Pillow's
+    decompression-bomb limit or linked out of --mvtec-root, a category that is not under --mvtec-root, and
+    every folder of an image that several folders claim (the reason names them all). Names are printed with
+    control characters escaped.
     """
     class_names = _parse_classes(classes)
     out = Console()
@@ -66,27 +71,30 @@ def eval_command(pred_root: Path, mvtec_root: Path, out_csv: Path, pro_hard: boo
             progress.update(task, total=total)
 
         def advanced(category: str) -> None:
-            progress.update(task, advance=1, description=f"evaluating {category}")
+            progress.update(task, advance=1, description=f"evaluating {shown(category)}")
 
         try:
             result = evaluate_legacy(pred_root, mvtec_root, classes=class_names, pro_hard=pro_hard,
                                      workers=workers, on_image=advanced, on_start=started)
         except LegacyInputError as exc:
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(visible(exc)) from exc
     if class_names:
         found = {row["category"] for row in result.rows}
         for name in class_names:
             if name not in found:
-                err.print(f"[yellow]warning:[/] no prediction of category {name!r} was evaluated")
+                err.print(f"[yellow]warning:[/] no prediction of category {shown(repr(name))} was evaluated")
     if result.skips:
         err.print(_skip_table(result.skips))
     if strict and result.skips:
         raise click.ClickException(f"{len(result.skips)} image(s) skipped and --strict is set; no CSV written")
     if not result.rows:
-        raise click.ClickException(f"no usable prediction under {pred_root}; nothing to write")
-    write_metrics_csv(result.rows, out_csv)
+        raise click.ClickException(f"no usable prediction under {visible(pred_root)}; nothing to write")
+    try:
+        write_metrics_csv(result.rows, out_csv)
+    except OSError as exc:
+        raise click.ClickException(visible(exc)) from exc
     out.print(metrics_table(result.rows))
-    err.print(f"{result.num_evaluated} image(s) evaluated, {len(result.skips)} skipped; wrote {out_csv}")
+    err.print(f"{result.num_evaluated} image(s) evaluated, {len(result.skips)} skipped; wrote {shown(out_csv)}")
 
 
 if __name__ == "__main__":  # `python -m scheduler.commands.eval ...` (the benchmark runs it this way)
