@@ -10,7 +10,7 @@ import click
 from pydantic import ValidationError
 
 from scheduler.context import AppContext, configure_logging
-from scheduler.settings import Settings
+from scheduler.settings import Settings, settings_error_line
 
 # Commands that only make sense on runs that exist: with the default SQLite database, a work folder without one
 # is a mistake (a typo in --work-dir), not a reason to create an empty database.
@@ -21,12 +21,20 @@ COMMANDS_ON_EXISTING_RUNS = frozenset({
 
 
 class ReadarGroup(click.Group):
-    """Connection and URL failures end as one line naming what failed and what to do (``-v``: traceback)."""
+    """Connection and URL failures end as one line naming what failed and what to do (``-v``: traceback).
+
+    Error messages quote names from folders, files and the database: the characters a terminal would act on
+    (escape sequences, ...) are shown as escapes instead."""
 
     def invoke(self, ctx: click.Context) -> object:
+        from metrics.report import visible
+
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
+        except click.ClickException as exc:
+            exc.message = visible(exc.message, keep_newlines=True)
+            raise
+        except (click.exceptions.Exit, click.Abort):
             raise
         except Exception as exc:
             from scheduler.failures import describe_failure
@@ -42,7 +50,7 @@ class ReadarGroup(click.Group):
                 raise
             if app is not None and app.verbose:
                 traceback.print_exc()
-            raise click.ClickException(message) from exc
+            raise click.ClickException(visible(message)) from exc
 
 
 @click.group(cls=ReadarGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -64,7 +72,7 @@ def cli(ctx: click.Context, work_dir: Path | None, database_url: str | None, obj
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        raise click.UsageError(f"invalid setting: {exc}") from exc
+        raise click.UsageError(f"invalid setting: {settings_error_line(exc)}") from exc
     configure_logging(verbose)
     ctx.obj = AppContext(settings=settings, verbose=verbose,
                          needs_existing_database=ctx.invoked_subcommand in COMMANDS_ON_EXISTING_RUNS)

@@ -55,6 +55,15 @@ class AppContext:
         return ObjectStore(self.settings.resolved_object_store_url, self.settings.storage_options())
 
 
+class VisibleFormatter(logging.Formatter):
+    """Log lines quote file and category names: the characters a terminal would act on are shown as escapes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from metrics.report import visible
+
+        return visible(super().format(record), keep_newlines=True)
+
+
 def configure_logging(verbose: bool) -> None:
     """Rich log lines on a terminal; plain, unwrapped lines (one record, one line) into files and pipes."""
     from rich.logging import RichHandler
@@ -67,7 +76,7 @@ def configure_logging(verbose: bool) -> None:
     else:
         handler = logging.StreamHandler()
         log_format = "%(asctime)s %(levelname)s %(message)s"
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format=log_format,
-                        handlers=[handler], force=True)
+    handler.setFormatter(VisibleFormatter(log_format))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler], force=True)
     for noisy in ("alembic", "botocore", "s3fs", "aiobotocore", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)

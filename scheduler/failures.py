@@ -26,12 +26,14 @@ def _first_line(exc: BaseException) -> str:
 
 
 def describe_failure(exc: BaseException, *, database_url: str | None, broker_url: str | None) -> str | None:
-    """One line for a failure to reach the database, broker or object store; None for anything else."""
+    """One line for a failure to reach the database, broker or object store, or to write an output file; None
+    for anything else."""
     from kombu.exceptions import OperationalError as BrokerError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
     from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
+    from metrics.report import OutputError
     from storage.database import DatabaseError
     from storage.objects import ObjectStoreError
 
@@ -50,6 +52,6 @@ def describe_failure(exc: BaseException, *, database_url: str | None, broker_url
         if isinstance(cause, ObjectStoreError):
             return f"object store: {_first_line(cause)}; check READAR_OBJECT_STORE_URL and the S3 settings"
     for cause in _chain(exc):
-        if isinstance(cause, DatabaseError):
+        if isinstance(cause, DatabaseError | OutputError):
             return _first_line(cause)
     return None

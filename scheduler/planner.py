@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,29 @@ IDENTITY_KEYS = ("classes", "max_per_class", "exclude_defects", "detector_config
 EXECUTION_SETTINGS = ("device", "batch_size")
 # The command-line option behind a stored setting, for messages (detector_config keys map to --key-name).
 _OPTION_NAMES = {"dataset_root": "--mvtec-root", "dtype": "the model dtype"}
+# Run names are identifiers: they name files (<work-dir>/results/<run>.csv), appear in commands and tables.
+RUN_NAME_MAX = 100
+RUN_NAME_RULE = (f"letters A-Z a-z, digits, '.', '_' and '-', starting with a letter or a digit, at most "
+                 f"{RUN_NAME_MAX} characters")
+_RUN_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{RUN_NAME_MAX - 1}}}")
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class RunNameError(ValueError):
+    """A new run's name breaks :data:`RUN_NAME_RULE`; the message names the rule."""
+
+
+def valid_run_name(name: str) -> bool:
+    """Whether ``name`` follows :data:`RUN_NAME_RULE`."""
+    return _RUN_NAME.fullmatch(name) is not None
+
+
+def check_run_name(name: str) -> str:
+    """``name`` when it follows :data:`RUN_NAME_RULE`, else :class:`RunNameError` naming the rule."""
+    if not valid_run_name(name):
+        quoted = repr(name if len(name) <= RUN_NAME_MAX + 20 else name[:RUN_NAME_MAX] + "...")
+        raise RunNameError(f"run name {quoted} is not allowed: use {RUN_NAME_RULE}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -51,16 +75,26 @@ class RunRequest:
 
     def default_name(self) -> str:
         """``<detector>-<dataset folder>-<hash of the result settings>``: a rerun that changes only execution
-        settings (device, batch size) finds the same run."""
-        return self._named(self.result_settings())
+        settings (device, batch size) finds the same run. Characters outside :data:`RUN_NAME_RULE` become
+        ``_`` and long parts are shortened, so the name follows the rule."""
+        detector, folder, digest = self._name_parts(self.result_settings())
+        detector = _NAME_UNSAFE.sub("_", detector).lstrip("._-")[:40] or "run"
+        folder = _NAME_UNSAFE.sub("_", folder)[: RUN_NAME_MAX - len(detector) - len(digest) - 2]
+        return f"{detector}-{folder}-{digest}"
+
+    def unchecked_default_name(self) -> str:
+        """The default name as versions before :data:`RUN_NAME_RULE` derived it (folder name as it is)."""
+        return "-".join(self._name_parts(self.result_settings()))
 
     def legacy_default_name(self) -> str:
         """The default name older versions derived, hashing the execution settings too."""
-        return self._named({"root": str(self.mvtec_root.resolve()), "detector": self.detector, **self.identity()})
+        return "-".join(self._name_parts(
+            {"root": str(self.mvtec_root.resolve()), "detector": self.detector, **self.identity()}
+        ))
 
-    def _named(self, settings: dict[str, Any]) -> str:
+    def _name_parts(self, settings: dict[str, Any]) -> tuple[str, str, str]:
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-        return f"{self.detector}-{self.mvtec_root.resolve().name}-{digest}"
+        return self.detector, self.mvtec_root.resolve().name, digest
 
 
 def _result_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +164,8 @@ def plan_run(
     """Index the dataset and create the run with one row per image (idempotent). Returns (run, new rows).
 
     A run of that name that exists already is continued when its result settings match (:func:`check_rerun`);
-    it keeps its stored execution settings, while this invocation runs with the requested ones."""
+    it keeps its stored execution settings, while this invocation runs with the requested ones. A new run's
+    name must follow :data:`RUN_NAME_RULE` (:class:`RunNameError`)."""
     from scheduler.dataset import check_exclusions, index_dataset
 
     classes = list(request.classes) if request.classes else None
@@ -139,6 +174,8 @@ def plan_run(
     existing = repo.find_run(name)
     if existing is not None:
         check_rerun(existing, request)
+    else:
+        check_run_name(name)  # runs named before the rule existed continue under their names
     index = index_dataset(
         request.mvtec_root, classes=classes, max_per_class=request.max_per_class,
         exclude_defects=list(request.exclude_defects),
@@ -177,9 +214,9 @@ def _default_name(repo: Repository, request: RunRequest) -> str:
     name."""
     name = request.default_name()
     if repo.find_run(name) is None:
-        legacy = request.legacy_default_name()
-        if repo.find_run(legacy) is not None:
-            return legacy
+        for older in dict.fromkeys((request.unchecked_default_name(), request.legacy_default_name())):
+            if repo.find_run(older) is not None:
+                return older
     return name
 
 

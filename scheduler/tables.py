@@ -2,11 +2,17 @@
 
 Printed tables fit an 80-column terminal: no outer or vertical borders, short headers, numbers that never
 wrap, and text cells that wrap (fold) instead of being cut with an ellipsis.
+
+Names (runs, categories, defect types, file paths) and error texts come from folders, files and the database
+and may hold anything: every one printed through rich goes through :func:`shown` (markup escaped, terminal
+controls made visible), every one printed without markup through :func:`visible`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from metrics.published import oracle_note, published_setting_note
-from metrics.report import write_metrics_csv
+from metrics.report import OutputError, shown, visible, write_metrics_csv
 from storage.models import MetricRow, Run
 from storage.repository import Repository
 
@@ -23,6 +29,7 @@ CSV_COLUMNS = ("scope", "category", "iAUROC", "pAUROC", "PRO", "PRO_hard", "F1_m
                "num_anom_images")
 EXTRA_COLUMNS = ("defect_type", "num_skipped", "num_failed")
 _SCOPE_ORDER = {"mean": 0, "overall": 1, "category": 2, "defect": 3}
+_FILE_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def metric_dicts(repo: Repository, run_id: int) -> list[dict[str, Any]]:
@@ -49,6 +56,26 @@ def _nan(value: float | None) -> float:
 
 def write_run_csv(repo: Repository, run_id: int, path: Path) -> Path:
     return write_metrics_csv(metric_dicts(repo, run_id), path, columns=(*CSV_COLUMNS, *EXTRA_COLUMNS))
+
+
+def run_csv_path(work_dir: Path, run_name: str) -> Path:
+    """``<work_dir>/results/<run>.csv``, always inside ``<work_dir>/results``.
+
+    A run name that is not a plain file name (runs made before names were checked may hold ``/``, ``..``,
+    anything) becomes one: unsafe characters replaced by ``_`` plus a hash of the whole name, so that two such
+    names never share a file."""
+    from scheduler.planner import valid_run_name
+
+    stem = run_name
+    if not valid_run_name(run_name):
+        digest = hashlib.sha256(run_name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        stem = f"{_FILE_NAME_UNSAFE.sub('_', run_name).strip('._-')[:80] or 'run'}-{digest}"
+    folder = (work_dir / "results").resolve()
+    path = (folder / f"{stem}.csv").resolve()
+    if path.parent != folder:  # e.g. a symlink planted at that name
+        raise OutputError(f"the CSV of run {visible(run_name)} would be written to {visible(path)}, outside "
+                          f"{visible(folder)}; remove the link {visible(folder / f'{stem}.csv')}")
+    return path
 
 
 def _fmt(value: Any) -> str:
@@ -86,10 +113,10 @@ def _display_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _row_name(row: dict[str, Any]) -> str:
     if row["scope"] == "defect":
-        return f"  {row['defect_type']}"  # under its category's row
+        return f"  {shown(row['defect_type'])}"  # under its category's row
     if row["scope"] == "category":
-        return str(row["category"])
-    return str(row["scope"])  # mean, overall
+        return shown(row["category"])
+    return shown(row["scope"])  # mean, overall
 
 
 def print_metrics(console: Console, repo: Repository, run: Run, *, include_defects: bool = False) -> None:
@@ -98,7 +125,7 @@ def print_metrics(console: Console, repo: Repository, run: Run, *, include_defec
     One name column: ``mean``, ``overall``, each category, and (``include_defects``) its defect types indented
     under it."""
     rows = [r for r in metric_dicts(repo, run.id) if include_defects or r["scope"] != "defect"]
-    table = compact_table(f"run {run.name} — metrics (%)",
+    table = compact_table(f"run {shown(run.name)} — metrics (%)",
                           caption="mean: average of the category rows; overall: all images pooled; "
                                   "anom.: anomalous images" if rows else None)
     add_text_column(table, "category" if not include_defects else "category / defect")
@@ -113,7 +140,7 @@ def print_metrics(console: Console, repo: Repository, run: Run, *, include_defec
     if overall is not None and (overall["num_failed"] or overall["num_skipped"]):
         console.print(
             f"left out of these metrics: {overall['num_failed']} failed and {overall['num_skipped']} skipped "
-            f"image(s); `readar results {run.name} --status failed` lists the failed ones and why",
+            f"image(s); `readar results {visible(run.name)} --status failed` lists the failed ones and why",
             markup=False, highlight=False,
         )
     note = published_setting_note(run.detector, run.config.get("detector_config") or {})

@@ -106,3 +106,27 @@ def test_read_only_commands_refuse_a_work_folder_without_a_database(tmp_path: Pa
         output = _invoke(["--work-dir", str(tmp_path / "typo"), *command], exit_code=1)
         assert "no READAR database in" in output and "--work-dir" in output
     assert not (tmp_path / "typo").exists()  # nothing created
+
+
+@pytest.mark.services
+def test_a_submitted_template_run_naming_the_defect_is_flagged_like_an_embedded_one(tmp_path: Path,
+                                                                                     data: Path) -> None:
+    """`submit` used to decide the oracle flag itself (anomaly prompt only): a distributed template run naming
+    {anomaly_type} was stored as not using ground-truth names, without the warning."""
+    import redis
+    from conftest import REDIS_URL
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    read_dir, clip_dir = tiny_checkpoint()
+    output = _invoke([
+        "--work-dir", str(tmp_path), "--broker-url", REDIS_URL, "submit", "--mvtec-root", str(data),
+        "--max-per-class", "4", "--run-name", "sent", "--checkpoint", str(read_dir), "--clip", str(clip_dir),
+        "--detector", "read", "--prompt-mode", "template", "--prompt-template", "Find the {anomaly_type}.",
+    ])
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    with sqlite3.connect(next(tmp_path.glob("*.sqlite"))) as connection:
+        config, fingerprint = connection.execute(
+            "SELECT config, model_fingerprint FROM runs WHERE name = 'sent'").fetchone()
+    assert json.loads(config)["uses_ground_truth_names"] is True
+    assert fingerprint
+    assert "names the ground-truth defect folder" in " ".join(output.split())

@@ -8,6 +8,7 @@ row count, not on the run's size.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import math
@@ -22,6 +23,7 @@ from scipy.special import expit
 
 from metrics.errors import GroundTruthError, MetricInputError, StateFormatError
 from metrics.groundtruth import load_mask
+from metrics.report import make_folder
 from metrics.reporting import curves as curve_points
 from metrics.reporting.content import CategorySection, ImageOutcome, PanelRef, ReportContent
 from metrics.reporting.failures import FailureEvidence, class_order, classify_failure, mask_iou
@@ -40,6 +42,7 @@ from storage.repository import Repository
 log = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_LARGEST_ID = 2**63 - 1  # SQL BIGINT; a larger number is no image's id
 
 
 class ReportError(LookupError):
@@ -193,8 +196,8 @@ def build_report(
     """
     options = options or ReportOptions()
     out = Path(out_dir)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-    (out / "panels").mkdir(parents=True, exist_ok=True)
+    make_folder(out / "plots")
+    make_folder(out / "panels")
     names = sorted({c.category for c in repo.categories(run.id)} | set(repo.status_counts(run.id)))
     sections: list[CategorySection] = []
     outcomes: list[ImageOutcome] = []
@@ -281,14 +284,15 @@ def build_report(
 def find_image(repo: Repository, run: Run, reference: str) -> Image:
     """The run's image row named by its numeric id or its relative path (e.g. ``brick/test/scratch/003.png``)."""
     text = reference.strip()
-    if text.isdigit():
-        try:
-            row = repo.image(int(text))
-        except LookupError:
-            row = None
+    if text.isascii() and text.isdigit():
+        row = None
+        if int(text) <= _LARGEST_ID:
+            with contextlib.suppress(LookupError):
+                row = repo.image(int(text))
         if row is not None and row.run_id == run.id:
             return row
-        raise ReportError(f"run {run.name!r} has no image with id {text}; "
+        shown_id = text if len(text) <= 24 else f"{text[:20]}... ({len(text)} digits)"
+        raise ReportError(f"run {run.name!r} has no image with id {shown_id}; "
                           f"`readar results {run.name}` lists its images with their ids and paths")
     category = text.split("/", 1)[0]
     rows = repo.images(run.id, category=category)

@@ -8,6 +8,7 @@ points (positive, negative, neutral) on the image.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image as PILImage
 
+from metrics.report import visible, write_output
 from metrics.reporting.failures import crop_window, similarity_peak
 
 DISPLAY_SIDE = 320  # longest displayed side; bigger images are subsampled for drawing only
@@ -142,9 +144,21 @@ def render_panel(data: PanelData, path: str | Path, *, dpi: int = 72) -> Path:
         view.set_ylim(height, 0)
         view.set_xticks([])
         view.set_yticks([])
-    figure.suptitle(data.title, fontsize=10, x=0.01, ha="left")
+    literal_title(figure, data.title)
     figure.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.84, wspace=0.04)
+    return save_figure(figure, path, dpi=dpi)
+
+
+def literal_title(figure: Figure, title: str) -> None:
+    """The figure's one-line title, drawn as written: names with ``$`` are not math, and no LaTeX runs."""
+    figure.suptitle(visible(title), fontsize=10, x=0.01, ha="left", usetex=False, parse_math=False)
+
+
+def save_figure(figure: Figure, path: str | Path, *, dpi: int) -> Path:
+    """Render ``figure`` (PNG, or the format its suffix names) and write it to ``path``; a file that cannot be
+    written (full disk, unusable path) raises :class:`~metrics.report.OutputError`."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, dpi=dpi)
-    return target
+    suffix = target.suffix.lstrip(".").lower()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=suffix if suffix in figure.canvas.get_supported_filetypes() else "png", dpi=dpi)
+    return write_output(target, buffer.getvalue())

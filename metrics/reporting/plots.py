@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 
 from metrics.curves import FPR_LIMIT
 from metrics.reporting.curves import Curve
+from metrics.reporting.panels import literal_title, save_figure
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,6 @@ def render_curves(curves: ScopeCurves, path: str | Path, *, dpi: int = 72) -> Pa
         axes.tick_params(labelsize=7)
         axes.xaxis.label.set_size(8)
         axes.yaxis.label.set_size(8)
-    figure.suptitle(curves.title, fontsize=10, x=0.01, ha="left")
+    literal_title(figure, curves.title)
     figure.subplots_adjust(left=0.05, right=0.99, bottom=0.16, top=0.86, wspace=0.22)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, dpi=dpi)
-    return target
+    return save_figure(figure, path, dpi=dpi)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from scheduler.context import AppContext
+from scheduler.tables import shown
 
 
 @click.command("make-sample-data")
@@ -22,7 +23,7 @@ def make_sample_data_command(app: AppContext, directory: Path, size: int, per_cl
     from scheduler.sample_data import make_sample_data
 
     summary = make_sample_data(directory, size=size, per_class=per_class, seed=seed)
-    app.console.print(f"sample dataset written to [bold]{directory}[/]: {summary}")
+    app.console.print(f"sample dataset written to [bold]{shown(directory)}[/]: {shown(summary)}")
 
 
 @click.command("make-tiny-checkpoint")
@@ -38,8 +39,10 @@ def make_tiny_checkpoint_command(app: AppContext, directory: Path, seed: int) ->
     from workers.read.tiny import make_tiny_checkpoint
 
     checkpoint, clip = make_tiny_checkpoint(directory, seed=seed)
-    app.console.print(f"tiny READ checkpoint: [bold]{checkpoint}[/]\ntiny CLIP folder:     [bold]{clip}[/]")
-    app.console.print(f"use: readar run --detector read --checkpoint {checkpoint} --clip {clip} --mvtec-root DIR")
+    app.console.print(f"tiny READ checkpoint: [bold]{shown(checkpoint)}[/]\n"
+                      f"tiny CLIP folder:     [bold]{shown(clip)}[/]")
+    app.console.print(f"use: readar run --detector read --checkpoint {shown(checkpoint)} --clip {shown(clip)} "
+                      "--mvtec-root DIR")
 
 
 COMMANDS = (make_sample_data_command, make_tiny_checkpoint_command)

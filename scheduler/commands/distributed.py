@@ -11,9 +11,10 @@ import click
 
 from scheduler.commands.run import _request, detector_config, resume_hint, run_options
 from scheduler.context import AppContext
-from scheduler.planner import plan_run
+from scheduler.planner import RunNameError, plan_run
+from scheduler.tables import shown, visible
 from storage.redact import redact_url
-from workers.detectors.base import DETECTOR_DEFAULTS, DetectorError, build_detector
+from workers.detectors.base import DetectorError, build_detector
 
 
 def celery_for(app: AppContext):  # noqa: ANN201 - celery.Celery
@@ -46,16 +47,11 @@ def submit_command(app: AppContext, **options: Any) -> None:
         detector.preflight()
     except DetectorError as exc:
         raise click.ClickException(str(exc)) from exc
-    # As the READ detectors decide it: the anomaly prompt, or a template naming {anomaly_type}.
-    uses_names = "prompt_mode" in DETECTOR_DEFAULTS.get(request.detector, {}) and (
-        config.prompt_mode == "anomaly"
-        or (config.prompt_mode == "template" and "{anomaly_type}" in (config.prompt_template or ""))
-    )
-    try:
+    try:  # the detector decides whether its prompts read ground-truth names, as in `readar run`
         run, new_rows = plan_run(app.repo, request, model_fingerprint=detector.fingerprint(),
-                                 uses_ground_truth_names=uses_names,
+                                 uses_ground_truth_names=detector.uses_ground_truth_names,
                                  settings_public=app.settings.public())
-    except (DatasetError, RunConflictError) as exc:
+    except (DatasetError, RunConflictError, RunNameError) as exc:
         raise click.ClickException(str(exc)) from exc
     if run.status in ("cancelled", "done", "planned"):
         app.repo.set_run_status(run.id, "running" if run.status != "done" else "done")
@@ -72,9 +68,14 @@ def submit_command(app: AppContext, **options: Any) -> None:
             f"{message}. Run {run.name} is planned ({new_rows} new image row(s)); once the broker is up, "
             f"`{resume_hint(app, run.name)}` sends its images"
         ) from exc
-    app.console.print(f"run [bold]{run.name}[/]: {new_rows} new image row(s), {sent} task(s) enqueued on "
-                      f"{redact_url(app.settings.broker_url)}")
-    app.console.print(f"watch it with: readar status {run.name} --watch")
+    app.console.print(f"run [bold]{shown(run.name)}[/]: {new_rows} new image row(s), {sent} task(s) enqueued on "
+                      f"{shown(redact_url(app.settings.broker_url))}")
+    app.console.print(f"watch it with: readar status {shown(run.name)} --watch")
+    if detector.uses_ground_truth_names:  # said now, not only once the metrics are in
+        from metrics.published import oracle_note
+
+        app.err.print(f"note: {oracle_note(request.detector_config)}.", style="yellow", markup=False,
+                      highlight=False)
 
 
 @click.command("cancel")
@@ -85,7 +86,7 @@ def cancel_command(app: AppContext, run_name: str) -> None:
     run = app.run(run_name)
     app.repo.set_run_status(run.id, "cancelled")
     app.repo.clear_enqueued(run.id)
-    app.console.print(f"run {run.name} cancelled; images already done are kept")
+    app.console.print(f"run {shown(run.name)} cancelled; images already done are kept")
 
 
 @click.command("aggregate")
@@ -104,12 +105,12 @@ def aggregate_command(app: AppContext, run_name: str, category: str | None) -> N
     counts = app.repo.status_counts(run.id)
     for name in [category] if category else categories:
         if any(counts.get(name, {}).get(s, 0) for s in ("queued", "running")):
-            app.err.print(f"[yellow]{name}: images still pending; aggregating what is done so far")
+            app.err.print(f"[yellow]{shown(name)}: images still pending; aggregating what is done so far")
         try:
             aggregate_category(app.repo, app.store, run.id, name)
         except LostResultsError as exc:
-            app.err.print(f"[yellow]{exc}: `readar resume {run.name}` computes them here, or `readar reconcile "
-                          f"{run.name}` sends them to the workers")
+            app.err.print(f"[yellow]{shown(exc)}: `readar resume {shown(run.name)}` computes them here, or `readar "
+                          f"reconcile {shown(run.name)}` sends them to the workers")
     if all(c.status == "done" for c in app.repo.categories(run.id)):
         refresh_summary(app.repo, app.store, run.id)
     summarise(app, run.id, run.name)
@@ -131,7 +132,8 @@ def reconcile_command(app: AppContext, run_name: str | None) -> None:
     for run in runs:
         report = reconcile_run(celery, app.repo, run.id, visibility_timeout=app.settings.visibility_timeout,
                                stale_aggregation_s=app.settings.visibility_timeout)
-        app.console.print(f"{run.name}: {report.leases_expired} expired lease(s) requeued, {report.enqueued} task(s) "
+        app.console.print(f"{shown(run.name)}: {report.leases_expired} expired lease(s) requeued, {report.enqueued} "
+                          "task(s) "
                           f"enqueued, {report.lost} lost message(s) sent again, {report.aggregations} "
                           "aggregation(s) triggered")
 
@@ -183,7 +185,7 @@ def worker_command(app: AppContext, gpus: str | None, device: str | None, proces
     from workers.recovery import Recovery
 
     recovery = Recovery(celery, app.repo, visibility_timeout=app.settings.visibility_timeout)
-    app.err.print(f"starting {len(specs)} worker process(es) on {redact_url(app.settings.broker_url)}")
+    app.err.print(f"starting {len(specs)} worker process(es) on {shown(redact_url(app.settings.broker_url))}")
     sys.exit(supervise(specs, hard_time_limit=app.settings.hard_time_limit,
                        heartbeat_file=app.settings.heartbeat_file, recovery=recovery,
                        setup_retry_s=app.settings.setup_retry_seconds))
@@ -205,7 +207,7 @@ def healthcheck_command(app: AppContext, max_idle: int, heartbeat_file: Path | N
 
     marker = unhealthy_marker(Path(path))
     if marker.is_file():
-        click.echo(f"unhealthy: {marker.read_text(encoding='utf-8').strip()}", err=True)
+        click.echo(f"unhealthy: {visible(marker.read_text(encoding='utf-8').strip(), keep_newlines=True)}", err=True)
         sys.exit(1)
     age = heartbeat_age(path)
     if age > max_idle:

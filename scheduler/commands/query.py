@@ -14,8 +14,9 @@ import click
 import numpy as np
 from rich.table import Table
 
+from metrics.report import csv_cell
 from scheduler.context import AppContext
-from scheduler.tables import add_number_column, add_text_column, compact_table
+from scheduler.tables import add_number_column, add_text_column, compact_table, shown, visible
 from storage.logits import decode_logits, full_resolution_logits
 from storage.models import IMAGE_STATUSES, Image
 from storage.paths import resolve_inside
@@ -50,7 +51,8 @@ def runs_command(app: AppContext) -> None:
         add_number_column(table, header)
     for run in app.repo.list_runs():
         totals = app.repo.status_totals(run.id)
-        table.add_row(run.name, shown_status(run), run.detector, f"{run.created_at:%Y-%m-%d %H:%M}",
+        table.add_row(shown(run.name), shown(shown_status(run)), shown(run.detector),
+                      f"{run.created_at:%Y-%m-%d %H:%M}",
                       str(sum(totals.values())), str(totals.get("done", 0)), str(totals.get("failed", 0)),
                       str(totals.get("skipped", 0)))
     app.console.print(table)
@@ -140,7 +142,7 @@ def _status_table(app: AppContext, run: Any) -> Table:
                                     last_finished=last_finished, remaining=remaining)
     status = shown_status(run)
     moving = status == "running" and last_finished is not None and (now - last_finished).total_seconds() < 120
-    table = compact_table(f"run {run.name} ({status}) — {_throughput_text(throughput, moving=moving)}")
+    table = compact_table(f"run {shown(run.name)} ({shown(status)}) — {_throughput_text(throughput, moving=moving)}")
     for header in ("category", "progress"):
         add_text_column(table, header)
     for status in IMAGE_STATUSES:
@@ -152,8 +154,8 @@ def _status_table(app: AppContext, run: Any) -> Table:
         done = total - per_status.get("queued", 0) - per_status.get("running", 0)
         filled = int(10 * done / total) if total else 10
         bar = "█" * filled + "░" * (10 - filled) + f" {int(100 * done / total) if total else 100:>3}%"
-        aggregated = f"v{record.version} {record.status}" if record else "—"
-        table.add_row(category, bar, *(str(per_status.get(s, 0)) for s in IMAGE_STATUSES), aggregated)
+        aggregated = f"v{record.version} {shown(record.status)}" if record else "—"
+        table.add_row(shown(category), bar, *(str(per_status.get(s, 0)) for s in IMAGE_STATUSES), aggregated)
     return table
 
 
@@ -174,8 +176,8 @@ def status_command(app: AppContext, run_name: str, watch: bool, interval: float)
     if shown_status(run) == "interrupted":
         from scheduler.commands.run import resume_hint
 
-        app.console.print(f"run {run.name} was interrupted; finished images are kept. Resume with: "
-                          f"{resume_hint(app, run.name)}", markup=False, highlight=False)
+        app.console.print(f"run {visible(run.name)} was interrupted; finished images are kept. Resume with: "
+                          f"{visible(resume_hint(app, run.name))}", markup=False, highlight=False)
     if not watch:
         app.console.print(_status_table(app, run))
     else:
@@ -197,18 +199,18 @@ def status_command(app: AppContext, run_name: str, watch: bool, interval: float)
                 time.sleep(interval)
     failed = app.repo.images(run.id, status="failed")
     for row in failed[:20]:
-        app.console.print(f"[red]failed[/] {row.image_path}: {row.error}")
+        app.console.print(f"[red]failed[/] {shown(row.image_path)}: {shown(row.error)}")
     if len(failed) > 20:
-        app.console.print(f"and {len(failed) - 20} more failed image(s): `readar results {run.name} --status "
+        app.console.print(f"and {len(failed) - 20} more failed image(s): `readar results {visible(run.name)} --status "
                           "failed` lists them all", markup=False, highlight=False)
     if failed:
         app.console.print(
-            f"once the cause is fixed (a file replaced, a checkpoint copied), `readar retry {run.name}` gives the "
-            "failed images a fresh start and recomputes the metrics",
+            f"once the cause is fixed (a file replaced, a checkpoint copied), `readar retry {visible(run.name)}` gives "
+            "the failed images a fresh start and recomputes the metrics",
             markup=False, highlight=False,
         )
     for row in [r for r in app.repo.images(run.id, status="queued") if r.error][:20]:
-        app.console.print(f"[yellow]queued again[/] {row.image_path}: {row.error}")
+        app.console.print(f"[yellow]queued again[/] {shown(row.image_path)}: {shown(row.error)}")
     if watch and app.repo.metric_rows(run.id):
         from scheduler.commands.run import summarise
 
@@ -223,12 +225,12 @@ def status_command(app: AppContext, run_name: str, watch: bool, interval: float)
 @click.pass_obj
 def metrics_command(app: AppContext, run_name: str, out_csv: Path | None, defects: bool) -> None:
     """Print a run's stored metrics and write its CSV (no recomputation)."""
-    from scheduler.tables import print_metrics, write_run_csv
+    from scheduler.tables import print_metrics, run_csv_path, write_run_csv
 
     run = app.run(run_name)
-    path = write_run_csv(app.repo, run.id, out_csv or app.settings.work_dir / "results" / f"{run.name}.csv")
+    path = write_run_csv(app.repo, run.id, out_csv or run_csv_path(app.settings.work_dir, run.name))
     print_metrics(app.console, app.repo, run, include_defects=defects)
-    app.console.print(f"metrics CSV: {path}")
+    app.console.print(f"metrics CSV: {shown(path)}")
 
 
 @click.command("results")
@@ -256,13 +258,14 @@ def results_command(app: AppContext, run_name: str, category: str | None, status
     if output_format == "json":
         click.echo(json.dumps(rows, indent=1))
     elif output_format == "csv":
+        # Cells a spreadsheet would run are neutralised; terminal controls in names are shown as escapes.
         writer = csv.DictWriter(sys.stdout, fieldnames=list(RESULT_COLUMNS))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({column: _csv_text(value) for column, value in row.items()} for row in rows)
     else:
         # The image path names the category and the defect type (<category>/test/<defect>/<file>); errors are
         # listed under the table, where they have the whole width.
-        table = compact_table(f"run {run.name}: {len(rows)} image(s)")
+        table = compact_table(f"run {shown(run.name)}: {len(rows)} image(s)")
         add_number_column(table, "id")
         add_text_column(table, "image")
         add_number_column(table, "label")
@@ -271,11 +274,16 @@ def results_command(app: AppContext, run_name: str, category: str | None, status
             add_number_column(table, header)
         for row in rows:
             score = "" if row["image_score"] is None else f"{row['image_score']:.4f}"
-            table.add_row(str(row["id"]), row["image_path"], str(row["label"]), row["status"], score,
+            table.add_row(str(row["id"]), shown(row["image_path"]), str(row["label"]), shown(row["status"]), score,
                           str(row["attempts"]))
         app.console.print(table)
         for row in (r for r in rows if r["error"]):
-            app.console.print(f"{row['id']} ({row['status']}): {row['error']}", markup=False, highlight=False)
+            app.console.print(f"{row['id']} ({visible(row['status'])}): {visible(row['error'])}", markup=False,
+                              highlight=False)
+
+
+def _csv_text(value: Any) -> Any:
+    return csv_cell(visible(value)) if isinstance(value, str) else value
 
 
 @click.command("export")
@@ -300,7 +308,7 @@ def export_command(app: AppContext, run_name: str, directory: Path, layout: str)
         }
         (folder / "metadata.json").write_text(json.dumps(metadata, indent=1))
         np.save(folder / "pred_logits_0.npy", full_resolution_logits(stored).astype(np.float32))
-    app.console.print(f"exported {len(rows)} image folder(s) to {directory} ({layout} layout)")
+    app.console.print(f"exported {len(rows)} image folder(s) to {shown(directory)} ({layout} layout)")
 
 
 COMMANDS = (runs_command, status_command, metrics_command, results_command, export_command)

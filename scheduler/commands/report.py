@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from scheduler.context import AppContext
+from scheduler.tables import shown
 
 
 @click.command("report")
@@ -34,8 +35,8 @@ def report_command(app: AppContext, run_name: str, out_dir: Path, best: int, wor
     run = app.run(run_name)
     rows = metric_dicts(app.repo, run.id)
     if not rows:
-        app.err.print(f"[yellow]run {run.name} has no metric rows yet; the report shows per-image results only "
-                      f"(`readar aggregate {run.name}` computes the metrics)[/]")
+        app.err.print(f"[yellow]run {shown(run.name)} has no metric rows yet; the report shows per-image results "
+                      f"only (`readar aggregate {shown(run.name)}` computes the metrics)[/]")
     categories = len(app.repo.status_counts(run.id))
     options = ReportOptions(best=best, worst=worst, examples=examples)
     with Progress(console=app.err, transient=True) as progress:
@@ -45,7 +46,7 @@ def report_command(app: AppContext, run_name: str, out_dir: Path, best: int, wor
                                 progress=lambda _category: progress.advance(task))
         except ReportError as exc:
             raise click.ClickException(str(exc)) from exc
-    app.console.print(f"report: {page} (open it in a browser; it needs no server)")
+    app.console.print(f"report: {shown(page)} (open it in a browser; it needs no server)")
 
 
 @click.command("show")
@@ -67,7 +68,7 @@ def show_command(app: AppContext, run_name: str, image: str, out_file: Path) -> 
         path = render_image(app.repo, app.store, run, image, out_file)
     except ReportError as exc:
         raise click.ClickException(str(exc)) from exc
-    app.console.print(f"panel: {path}")
+    app.console.print(f"panel: {shown(path)}")
 
 
 COMMANDS = (report_command, show_command)

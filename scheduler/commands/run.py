@@ -11,8 +11,8 @@ from typing import Any
 import click
 
 from scheduler.context import AppContext
-from scheduler.planner import RunRequest, parse_list, plan_run
-from scheduler.tables import print_metrics, write_run_csv
+from scheduler.planner import RUN_NAME_RULE, RunNameError, RunRequest, check_run_name, parse_list, plan_run
+from scheduler.tables import print_metrics, run_csv_path, shown, visible, write_run_csv
 from storage.redact import redact_text
 from workers.detectors.base import (
     CONVERSATIONS,
@@ -39,6 +39,16 @@ def _check_detector(ctx: click.Context, _param: click.Parameter, name: str) -> s
     if name not in DETECTOR_REGISTRY:
         raise click.BadParameter(f"unknown detector {name!r}; available: {', '.join(sorted(DETECTOR_REGISTRY))}")
     return name
+
+
+def _check_run_name(_ctx: click.Context, _param: click.Parameter, name: str | None) -> str | None:
+    """A new run's name follows the rule (an older run with another name continues with ``readar resume``)."""
+    if name is None:
+        return None
+    try:
+        return check_run_name(name)
+    except RunNameError as exc:
+        raise click.BadParameter(f"{exc} (a run named before this rule goes on with `readar resume NAME`)") from None
 
 
 def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -78,7 +88,8 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      f"[default: {MAX_NEW_TOKENS}; {MAX_NEW_TOKENS_CAP} for read_as_published]"),
         click.option("--device", help="cpu, cuda or cuda:N [env READAR_DEVICE; cpu]."),
         click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward [env READAR_BATCH_SIZE; 4]."),
-        click.option("--run-name", help="Name of the run (default: derived from the dataset and options)."),
+        click.option("--run-name", callback=_check_run_name,
+                     help=f"Name of the run: {RUN_NAME_RULE} (default: derived from the dataset and options)."),
     ]
     return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
 
@@ -143,15 +154,15 @@ def execute(app: AppContext, detector_name: str, config: DetectorConfig, request
                 repo, request, model_fingerprint=detector.fingerprint(),
                 uses_ground_truth_names=detector.uses_ground_truth_names, settings_public=app.settings.public(),
             )
-        except (DatasetError, RunConflictError) as exc:
+        except (DatasetError, RunConflictError, RunNameError) as exc:
             raise click.ClickException(str(exc)) from exc
-        app.err.print(f"run [bold]{run.name}[/]: {new_rows} new image row(s) planned")
+        app.err.print(f"run [bold]{shown(run.name)}[/]: {new_rows} new image row(s) planned")
     else:
         run = repo.get_run(run_name or "")
     outcome = execute_run(
         repo, app.store, run, detector, batch_size=config.batch_size, lease_seconds=app.settings.lease_seconds,
         max_attempts=app.settings.max_attempts, device=config.device, console=app.err,
-        secrets=app.settings.secrets(), resume=resume_hint(app, run.name),
+        secrets=app.settings.secrets(), resume=shown(resume_hint(app, run.name)),  # the runner prints markup
     )
     if outcome.interrupted:
         raise SystemExit(outcome.exit_code)
@@ -167,14 +178,14 @@ def resume_hint(app: AppContext, run_name: str) -> str:
 
 def summarise(app: AppContext, run_id: int, run_name: str) -> Path:
     """Print the metrics table and where everything lives; returns the CSV path."""
-    csv_path = write_run_csv(app.repo, run_id, app.settings.work_dir / "results" / f"{run_name}.csv")
+    csv_path = write_run_csv(app.repo, run_id, run_csv_path(app.settings.work_dir, run_name))
     run = app.repo.get_run_by_id(run_id)
     print_metrics(app.console, app.repo, run)
     totals = app.repo.status_totals(run_id)
-    app.console.print("images: " + ", ".join(f"{n} {s}" for s, n in sorted(totals.items())))
-    app.console.print(f"metrics CSV:  {csv_path}")
-    app.console.print(f"database:     {redact_text(app.settings.resolved_database_url)}")
-    app.console.print(f"logits:       {app.store.describe()}/runs/{run_id}/images/")
+    app.console.print("images: " + ", ".join(f"{n} {shown(s)}" for s, n in sorted(totals.items())))
+    app.console.print(f"metrics CSV:  {shown(csv_path)}")
+    app.console.print(f"database:     {shown(redact_text(app.settings.resolved_database_url))}")
+    app.console.print(f"logits:       {shown(app.store.describe())}/runs/{run_id}/images/")
     return csv_path
 
 
@@ -216,7 +227,7 @@ def retry_command(app: AppContext, run_name: str, category: str | None, device: 
         raise click.BadParameter(f"run {run.name} has no category {category!r}; it has: {known}",
                                  param_hint="--category")
     count = app.repo.requeue_failed(run.id, category=category)
-    app.console.print(f"run {run.name}: {count} failed image(s) queued again")
+    app.console.print(f"run {shown(run.name)}: {count} failed image(s) queued again")
     _continue(app, app.repo.get_run_by_id(run.id), device=device, batch_size=batch_size, verb="retried")
 
 
@@ -229,7 +240,7 @@ def _continue(app: AppContext, run: Any, *, device: str | None, batch_size: int 
         app.repo.set_run_status(run.id, "running")
         report = reconcile_run(celery_for(app), app.repo, run.id, visibility_timeout=app.settings.visibility_timeout,
                                stale_aggregation_s=app.settings.visibility_timeout)
-        app.console.print(f"run {run.name} {verb}: {report.enqueued + report.lost} task(s) enqueued, "
+        app.console.print(f"run {shown(run.name)} {verb}: {report.enqueued + report.lost} task(s) enqueued, "
                           f"{report.leases_expired} expired lease(s) requeued, {report.aggregations} aggregation(s) "
                           "triggered")
         return
@@ -248,12 +259,12 @@ def delete_command(app: AppContext, run_name: str, yes: bool) -> None:
     run = app.run(run_name)
     images = sum(app.repo.status_totals(run.id).values())
     if not yes:
-        click.confirm(f"delete run {run.name} ({images} images) and its stored logits?", abort=True)
+        click.confirm(f"delete run {visible(run.name)} ({images} images) and its stored logits?", abort=True)
     keys = app.store.list(f"runs/{run.id}")
     for key in keys:
         app.store.delete(key)
     app.repo.delete_run(run.id)
-    app.console.print(f"run {run.name} deleted: {images} image row(s), {len(keys)} object(s)")
+    app.console.print(f"run {shown(run.name)} deleted: {images} image row(s), {len(keys)} object(s)")
 
 
 @click.command("demo")
@@ -268,7 +279,7 @@ def demo_command(app: AppContext, detector: str) -> None:
     data_dir = work / "sample-data"
     if not data_dir.exists():
         make_sample_data(data_dir)
-        app.err.print(f"sample dataset written to {data_dir}")
+        app.err.print(f"sample dataset written to {shown(data_dir)}")
     options: dict[str, Any] = {
         "mvtec_root": data_dir, "detector": detector, "max_per_class": -1, "decode_mode": "generate",
         "run_name": f"demo-{detector}",
