@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import string
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from scheduler.settings import Settings
 from storage.redact import MASK, SECRET_PARAMETERS, redact_text, redact_url
@@ -75,5 +77,7 @@ def test_forms_found_leaking() -> None:
 
 def test_stored_and_printed_settings_hide_query_passwords() -> None:
     public = Settings(database_url="postgresql+psycopg://u@db/x?password=hunter2",
-                      broker_url="redis://cache:6379/0?password=hunter3").public()
+                      broker_url="rediss://:hunter3@cache:6380/0").public()
     assert "hunter2" not in str(public) and "hunter3" not in str(public)
+    with pytest.raises(ValidationError, match="put the broker's password in the URL before the host"):
+        Settings(broker_url="redis://cache:6379/0?password=hunter4")  # kombu cannot take it there
