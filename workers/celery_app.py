@@ -109,7 +109,9 @@ def _rabbitmq_options() -> dict[str, Any]:
         "task_default_queue_type": "quorum",
         "broker_native_delayed_delivery_queue_type": "quorum",
         "worker_detect_quorum_queues": True,  # per-consumer prefetch: quorum queues have no global QoS
-        "broker_transport_options": {"confirm_publish": True},  # a publish returns once RabbitMQ holds it
+        # No confirm_publish here: Celery publishes task events from the worker's event loop, and a confirm wait
+        # there (RabbitMQ applies flow control under load) stalls the loop past the AMQP heartbeat, so RabbitMQ
+        # closes the consumer's connection. Bulk submits confirm on a channel of their own (scheduler/dispatch.py).
     }
 
 
