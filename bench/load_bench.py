@@ -110,15 +110,15 @@ def main() -> int:
     args = parser.parse_args()
     timings = {} if args.default_limits else TIMINGS
 
-    from scheduler.dispatch import enqueue_images, reconcile_run
     from scheduler.planner import RunRequest, plan_run
-    from scheduler.settings import Settings
     from storage.database import Database
     from storage.objects import ObjectStore, image_object_key
     from storage.redact import redact_url
     from storage.repository import Repository
+    from storage.settings import Settings
     from workers.celery_app import make_app
     from workers.detectors.base import DetectorConfig
+    from workers.dispatch import enqueue_images, reconcile_run
 
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="readar-load-bench-"))

@@ -95,13 +95,13 @@ def main() -> int:
     args = parser.parse_args()
 
     from scheduler.dataset import index_dataset
-    from scheduler.dispatch import enqueue_images
     from scheduler.planner import RunRequest, plan_run
-    from scheduler.settings import Settings
     from storage.database import Database
     from storage.repository import Repository
+    from storage.settings import Settings
     from workers.celery_app import make_app
     from workers.detectors.base import DetectorConfig
+    from workers.dispatch import enqueue_images
 
     tmp = Path(tempfile.mkdtemp(prefix="readar-queue-bench-"))
     database = f"readar_bench_{uuid.uuid4().hex[:8]}"

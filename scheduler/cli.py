@@ -10,7 +10,7 @@ import click
 from pydantic import ValidationError
 
 from scheduler.context import AppContext, configure_logging
-from scheduler.settings import Settings, settings_error_line
+from storage.settings import Settings, settings_error_line
 
 # Commands that only make sense on runs that exist: with the default SQLite database, a work folder without one
 # is a mistake (a typo in --work-dir), not a reason to create an empty database.

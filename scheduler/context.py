@@ -9,11 +9,11 @@ from functools import cached_property
 import click
 from rich.console import Console
 
-from scheduler.settings import Settings
 from storage.database import Database
 from storage.models import Run
 from storage.objects import ObjectStore
 from storage.repository import Repository, RunNotFoundError
+from storage.settings import Settings
 
 
 @dataclass

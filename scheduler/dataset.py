@@ -40,8 +40,8 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
 
-from scheduler.settings import Settings
 from storage.paths import PathEscapeError, name_problem, resolve_inside
+from storage.settings import Settings
 
 __all__ = ["PathEscapeError", "resolve_inside"]
 

@@ -221,9 +221,9 @@ def busy_child(cluster: Cluster, run_id: int, timeout: float = 30) -> int:
 
 def assert_run_integrity(cluster: Cluster, run_name: str, store_url: str, *, expected_rows: int) -> None:
     """Every image exactly once, in a terminal state, done rows with one readable object at their own key."""
-    from scheduler.settings import Settings
     from storage.logits import decode_logits
     from storage.objects import ObjectStore, image_object_key
+    from storage.settings import Settings
 
     run = cluster.repo.get_run(run_name)
     rows = cluster.repo.images(run.id)

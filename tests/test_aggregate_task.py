@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scheduler.settings import Settings
 from storage.repository import PlannedImage
+from storage.settings import Settings
 from workers.celery_app import _still_aggregating
 from workers.runtime import WorkerRuntime
 

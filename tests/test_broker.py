@@ -6,7 +6,7 @@ import pytest
 import redis
 from conftest import REDIS_URL
 
-from scheduler.settings import Settings
+from storage.settings import Settings
 from workers.broker import TRANSPORT_PATH, Channel
 from workers.celery_app import celery_config, make_app
 
@@ -52,7 +52,7 @@ def test_task_events_follow_the_setting() -> None:
 
 _EVENT_WORKER = """
 import sys
-from scheduler.settings import Settings
+from storage.settings import Settings
 from workers.celery_app import make_app
 
 app = make_app(Settings(broker_url=sys.argv[1]))

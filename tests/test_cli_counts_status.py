@@ -17,9 +17,9 @@ from scheduler.cli import cli
 from scheduler.commands.query import Throughput, measure_throughput, status_command
 from scheduler.context import AppContext
 from scheduler.sample_data import make_sample_data
-from scheduler.settings import Settings
 from storage.models import Image
 from storage.repository import PlannedImage
+from storage.settings import Settings
 
 
 def _invoke(args: list[str]) -> str:

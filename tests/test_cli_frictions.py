@@ -14,7 +14,7 @@ from rich.console import Console
 from scheduler.cli import cli
 from scheduler.context import AppContext
 from scheduler.sample_data import make_sample_data
-from scheduler.settings import Settings
+from storage.settings import Settings
 
 
 def _invoke(args: list[str]) -> Result:

@@ -26,7 +26,7 @@ K8S = DEPLOY / "k8s"
 SECRET_TEMPLATE = K8S / "secret.example.yaml"
 KUSTOMIZATION = K8S / "kustomization.yaml"
 
-# The settings the deployment relies on (the team's contract); each must be a field of scheduler.settings.
+# The settings the deployment relies on (the team's contract); each must be a field of storage.settings.
 CONTRACT_SETTINGS = frozenset({
     "READAR_BROKER_URL", "READAR_DATABASE_URL", "READAR_OBJECT_STORE_URL", "READAR_S3_ENDPOINT_URL",
     "READAR_S3_KEY", "READAR_S3_SECRET", "READAR_CHECKPOINT", "READAR_CLIP", "READAR_DEVICE",
@@ -471,11 +471,11 @@ def test_dockerignore_example_keeps_credentials_out() -> None:
 
 
 def test_contract_settings_exist_in_settings() -> None:
-    from scheduler.settings import Settings
+    from storage.settings import Settings
 
     fields = {f"READAR_{name.upper()}" for name in Settings.model_fields}
     missing = sorted(CONTRACT_SETTINGS - fields)
-    assert not missing, f"scheduler.settings.Settings lacks the fields for {missing}"
+    assert not missing, f"storage.settings.Settings lacks the fields for {missing}"
 
 
 def test_deploy_files_reference_only_contract_settings() -> None:
@@ -507,7 +507,7 @@ def test_time_limits_are_ordered(source: str) -> None:
 
 @pytest.mark.parametrize("source", [".env.example", "k8s"])
 def test_settings_accept_the_configured_values(source: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from scheduler.settings import Settings
+    from storage.settings import Settings
 
     if source == ".env.example":
         values = env_example()

@@ -10,9 +10,9 @@ import pytest
 import redis
 from conftest import REDIS_URL
 
-from scheduler.dispatch import TaskMessages
-from scheduler.settings import Settings
+from storage.settings import Settings
 from workers.celery_app import make_app
+from workers.dispatch import TaskMessages
 from workers.queues import IMAGE_QUEUE, PROCESS_IMAGE
 
 pytestmark = pytest.mark.services
@@ -62,9 +62,9 @@ def test_each_message_gets_its_own_ids() -> None:
 
 def test_old_messages_are_resent_only_once_the_queue_is_empty(tmp_path) -> None:  # noqa: ANN001
     """A reconcile during a long backlog must not queue the backlog again (the full-size load run did)."""
-    from scheduler.dispatch import enqueue_images
     from storage.database import Database
     from storage.repository import PlannedImage, Repository
+    from workers.dispatch import enqueue_images
 
     url = REDIS_URL
     client = redis.Redis.from_url(url)

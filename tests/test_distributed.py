@@ -239,7 +239,7 @@ def test_workers_reconnect_after_redis_restarts(
 
 
 def test_celery_settings_follow_the_design(redis_server: RedisServer) -> None:
-    from scheduler.settings import Settings
+    from storage.settings import Settings
     from workers.celery_app import make_app
 
     app = make_app(Settings(broker_url=redis_server.url))

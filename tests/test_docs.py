@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.cli import cli
-from scheduler.settings import Settings
+from storage.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -47,7 +47,7 @@ def test_readme_opens_with_the_two_commands() -> None:
 
 def _code_default(variable: str) -> Any:
     name = variable.removeprefix("READAR_").lower()
-    assert name in Settings.model_fields, f"{variable} is documented but is not a setting of scheduler/settings.py"
+    assert name in Settings.model_fields, f"{variable} is documented but is not a setting of storage/settings.py"
     return Settings.model_fields[name].default
 
 
@@ -93,8 +93,8 @@ def test_readme_configuration_table_states_the_code_defaults() -> None:
             if value is not None and "<" in value:  # derived at run time (e.g. `<work dir>/objects`)
                 value = None
             if value != code:
-                wrong.append(f"{variable}: README says {value!r}, scheduler/settings.py says {code!r}")
-    assert not wrong, "README configuration table disagrees with scheduler/settings.py:\n" + "\n".join(wrong)
+                wrong.append(f"{variable}: README says {value!r}, storage/settings.py says {code!r}")
+    assert not wrong, "README configuration table disagrees with storage/settings.py:\n" + "\n".join(wrong)
 
 
 def test_the_table_parser_reads_single_and_paired_rows() -> None:
@@ -132,10 +132,10 @@ def test_stated_numbers_parser() -> None:
 
 def test_deploy_guide_states_the_code_defaults() -> None:
     stated = stated_numbers(DEPLOY_README)
-    wrong = [f"{where}: {variable} is given as {number}, scheduler/settings.py says {NUMERIC_DEFAULTS[variable]}"
+    wrong = [f"{where}: {variable} is given as {number}, storage/settings.py says {NUMERIC_DEFAULTS[variable]}"
              for where, text in (("deploy/README.md", DEPLOY_README), ("README.md", README))
              for variable, number in stated_numbers(text) if number != NUMERIC_DEFAULTS[variable]]
-    assert not wrong, "the docs disagree with scheduler/settings.py:\n" + "\n".join(wrong)
+    assert not wrong, "the docs disagree with storage/settings.py:\n" + "\n".join(wrong)
     missing = DEPLOY_MUST_STATE - {variable for variable, _ in stated}
     assert not missing, f"deploy/README.md no longer states the defaults of {sorted(missing)}"
 

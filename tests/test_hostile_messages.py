@@ -14,8 +14,8 @@ import pytest
 import redis
 from test_distributed import Cluster, RedisServer, _embedded_metrics
 
-from scheduler.dispatch import TaskMessages
 from workers.consumer import malformed_message
+from workers.dispatch import TaskMessages
 from workers.queues import AGGREGATE_CATEGORY, IMAGE_QUEUE, MAX_ID, PROCESS_IMAGE, task_args_problem
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]

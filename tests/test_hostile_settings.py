@@ -15,7 +15,7 @@ import pytest
 from annotated_types import Ge, Le
 from pydantic import ValidationError
 
-from scheduler.settings import Settings
+from storage.settings import Settings
 from workers.monitoring import start_metrics_server
 
 ROOT = Path(__file__).resolve().parent.parent

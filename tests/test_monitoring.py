@@ -65,8 +65,8 @@ def test_tls_options_reach_the_broker_and_database_clients(tmp_path: Path, monke
     import contextlib
     import ssl
 
-    from scheduler.settings import Settings
     from storage.database import Database
+    from storage.settings import Settings
     from workers.celery_app import celery_config
 
     ca = tmp_path / "ca.pem"

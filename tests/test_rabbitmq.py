@@ -14,12 +14,12 @@ import pytest
 import redis
 from conftest import AMQP_URL, REDIS_URL, RabbitVhost
 
-from scheduler.dispatch import queue_backlog, send_images
-from scheduler.settings import Settings
 from storage.database import Database
 from storage.repository import PlannedImage, Repository
+from storage.settings import Settings, broker_kind
 from workers.celery_app import celery_config, make_app
-from workers.queues import AGGREGATE_QUEUE, IMAGE_QUEUE, PROCESS_IMAGE, broker_kind
+from workers.dispatch import queue_backlog, send_images
+from workers.queues import AGGREGATE_QUEUE, IMAGE_QUEUE, PROCESS_IMAGE
 
 pytestmark = pytest.mark.services
 
@@ -95,7 +95,7 @@ def test_bulk_send_confirms_every_message_and_counts_the_backlog(rabbitmq: Rabbi
 _RETRY_WORKER = """
 import sys, time
 import redis
-from scheduler.settings import Settings
+from storage.settings import Settings
 from workers.celery_app import make_app
 
 app = make_app(Settings(broker_url=sys.argv[1]))

@@ -16,7 +16,7 @@ import pytest
 from conftest import RabbitVhost
 from test_distributed import TIMINGS, Cluster, RedisServer, _embedded_metrics
 
-from scheduler.dispatch import find_lost_messages, message_census, send_images
+from workers.dispatch import find_lost_messages, message_census, send_images
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -114,7 +114,7 @@ def test_a_message_taken_by_a_killed_worker_is_found_and_sent_again(cluster: Clu
     assert taken is not None
     from celery import Celery
 
-    from scheduler.settings import Settings
+    from storage.settings import Settings
     from workers.celery_app import celery_config
 
     celery = Celery("readar-test", set_as_current=False)
@@ -133,7 +133,7 @@ def test_a_message_taken_by_a_killed_worker_is_found_and_sent_again(cluster: Clu
 def _celery(broker_url: str):  # noqa: ANN202
     from celery import Celery
 
-    from scheduler.settings import Settings
+    from storage.settings import Settings
     from workers.celery_app import celery_config
 
     celery = Celery("readar-test", set_as_current=False)
@@ -216,10 +216,10 @@ def test_an_aggregation_whose_worker_died_is_taken_over(redis_server: RedisServe
     import redis
     from sqlalchemy import update
 
-    from scheduler.dispatch import reconcile_run
     from storage.database import Database
     from storage.models import Category, Image
     from storage.repository import PlannedImage, Repository, utcnow
+    from workers.dispatch import reconcile_run
 
     database = Database(sqlite_url)
     database.migrate()

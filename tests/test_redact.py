@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from scheduler.settings import Settings
 from storage.redact import MASK, SECRET_PARAMETERS, redact_text, redact_url
+from storage.settings import Settings
 
 SCHEMES = ["postgresql+psycopg", "postgresql", "redis", "rediss", "amqp", "amqps", "s3", "http"]
 # A password may hold anything a user can type into an environment variable, URL delimiters included.

@@ -585,7 +585,7 @@ def test_lost_results_found_by_the_aggregate_task_are_sent_again(sqlite_url: str
     import redis
 
     import workers.celery_app as celery_app
-    from scheduler.settings import Settings
+    from storage.settings import Settings
     from workers.runtime import WorkerRuntime
 
     repo, store, run_id = _plan_brick(sqlite_url, sample_root, tmp_path)

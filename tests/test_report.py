@@ -19,7 +19,7 @@ from PIL import Image
 from scheduler.cli import cli
 from scheduler.commands.report import COMMANDS
 from scheduler.context import AppContext
-from scheduler.settings import Settings
+from storage.settings import Settings
 from tests.read_fixtures import tiny_checkpoint
 
 CHROMIUM = "/usr/bin/chromium"

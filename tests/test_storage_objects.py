@@ -152,7 +152,7 @@ def test_local_store_failed_write_leaves_no_partial_object(tmp_path: Path, monke
 
 @pytest.mark.services
 def test_s3_store_against_seaweedfs(seaweed, s3_settings_env: str) -> None:  # noqa: ANN001
-    from scheduler.settings import Settings
+    from storage.settings import Settings
 
     settings = Settings(object_store_url=s3_settings_env)
     store = ObjectStore(settings.resolved_object_store_url, settings.storage_options())

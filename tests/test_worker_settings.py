@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.settings import Settings
+from storage.settings import Settings
 from workers.supervisor import plan_children
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -20,10 +20,10 @@ from celery.signals import worker_ready
 from kombu import Exchange, Queue
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from scheduler.settings import Settings
 from storage.database import DatabaseError
 from storage.objects import ObjectStoreError
 from storage.redact import redact_url
+from storage.settings import Settings, broker_kind
 from workers.broker import TRANSPORT_PATH
 from workers.consumer import CONSUMER_PATH
 from workers.detectors.base import SetupError, check_device
@@ -33,7 +33,6 @@ from workers.queues import (
     AGGREGATE_QUEUE,
     IMAGE_QUEUE,
     PROCESS_IMAGE,
-    broker_kind,
     task_args_problem,
 )
 from workers.runtime import WorkerRuntime
@@ -111,7 +110,7 @@ def _rabbitmq_options() -> dict[str, Any]:
         "worker_detect_quorum_queues": True,  # per-consumer prefetch: quorum queues have no global QoS
         # No confirm_publish here: Celery publishes task events from the worker's event loop, and a confirm wait
         # there (RabbitMQ applies flow control under load) stalls the loop past the AMQP heartbeat, so RabbitMQ
-        # closes the consumer's connection. Bulk submits confirm on a channel of their own (scheduler/dispatch.py).
+        # closes the consumer's connection. Bulk submits confirm on a channel of their own (workers/dispatch.py).
     }
 
 
@@ -215,7 +214,7 @@ def aggregate_category_task(self: Any, run_id: int, category: str) -> int:
         log.error("dropped a %s call with arguments %.80r: %s", AGGREGATE_CATEGORY, (run_id, category), problem)
         return 0
     from metrics.aggregator import LostResultsError, aggregate_category
-    from scheduler.dispatch import enqueue_images
+    from workers.dispatch import enqueue_images
 
     try:
         state = runtime()

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from scheduler.settings import Settings  # a leaf module: pydantic + storage.redact only
+from storage.settings import Settings  # a leaf module: pydantic + storage.redact only
 
 # Modes whose integer samples span 16 bits (Pillow opens 16-bit grayscale PNGs as ``I;16`` or ``I``).
 _WIDE_INTEGER_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")

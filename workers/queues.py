@@ -6,16 +6,6 @@ PROCESS_IMAGE = "readar.process_image"
 AGGREGATE_CATEGORY = "readar.aggregate_category"
 
 
-def broker_kind(url: str | None) -> str:
-    """``redis`` or ``amqp`` (RabbitMQ) by the broker URL's scheme; ``other`` for anything else Celery accepts."""
-    scheme = str(url or "").split("://", 1)[0].lower()
-    if scheme in ("redis", "rediss"):
-        return "redis"
-    if scheme in ("amqp", "amqps", "pyamqp"):
-        return "amqp"
-    return "other"
-
-
 # Row ids are 32-bit integer columns: a larger id cannot name a row.
 MAX_ID = 2**31 - 1
 

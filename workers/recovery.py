@@ -20,14 +20,14 @@ from typing import Any
 
 from celery import Celery
 
-from scheduler.dispatch import (
+from storage.repository import Repository
+from workers.dispatch import (
     ABSENT_GRACE_S,
     UNACKED_GRACE_S,
     enqueue_images,
     message_census,
     reconcile_run,
 )
-from storage.repository import Repository
 
 log = logging.getLogger(__name__)
 

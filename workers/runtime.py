@@ -15,11 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from scheduler.settings import Settings  # a leaf module: pydantic + storage.redact only
 from storage.database import Database
 from storage.objects import ObjectStore
 from storage.paths import PathMap
 from storage.repository import Repository
+from storage.settings import Settings  # a leaf module: pydantic + storage.redact only
 from workers.batcher import Batcher
 from workers.detectors.base import DetectorConfig, build_detector
 from workers.monitoring import record_batch

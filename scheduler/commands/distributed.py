@@ -36,8 +36,8 @@ def celery_for(app: AppContext):  # noqa: ANN201 - celery.Celery
 def submit_command(app: AppContext, **options: Any) -> None:
     """Plan a run and enqueue one task per unfinished image for the workers (needs READAR_BROKER_URL)."""
     from scheduler.dataset import DatasetError
-    from scheduler.dispatch import enqueue_images
     from storage.repository import RunConflictError
+    from workers.dispatch import enqueue_images
 
     celery = celery_for(app)
     config = detector_config(app, options)
@@ -121,7 +121,7 @@ def aggregate_command(app: AppContext, run_name: str, category: str | None) -> N
 @click.pass_obj
 def reconcile_command(app: AppContext, run_name: str | None) -> None:
     """Re-enqueue expired leases and lost messages; trigger missed aggregations (all unfinished runs)."""
-    from scheduler.dispatch import reconcile_run
+    from workers.dispatch import reconcile_run
 
     celery = celery_for(app)
     from workers.recovery import is_distributed

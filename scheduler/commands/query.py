@@ -185,7 +185,7 @@ def status_command(app: AppContext, run_name: str, watch: bool, interval: float)
             while True:
                 if app.settings.broker_url:
                     from scheduler.commands.distributed import celery_for
-                    from scheduler.dispatch import reconcile_run
+                    from workers.dispatch import reconcile_run
 
                     reconcile_run(celery_for(app), app.repo, run.id,
                                   visibility_timeout=app.settings.visibility_timeout,

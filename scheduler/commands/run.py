@@ -235,7 +235,7 @@ def _continue(app: AppContext, run: Any, *, device: str | None, batch_size: int 
     """Process a planned run's unfinished images: through the workers when a broker is set, else here."""
     if app.settings.broker_url:  # scale-out: hand the unfinished images back to the workers
         from scheduler.commands.distributed import celery_for
-        from scheduler.dispatch import reconcile_run
+        from workers.dispatch import reconcile_run
 
         app.repo.set_run_status(run.id, "running")
         report = reconcile_run(celery_for(app), app.repo, run.id, visibility_timeout=app.settings.visibility_timeout,

@@ -21,6 +21,16 @@ DAY_S = 86_400
 WEEK_S = 7 * DAY_S
 
 
+def broker_kind(url: str | None) -> str:
+    """``redis`` or ``amqp`` (RabbitMQ) by the broker URL's scheme; ``other`` for anything else Celery accepts."""
+    scheme = str(url or "").split("://", 1)[0].lower()
+    if scheme in ("redis", "rediss"):
+        return "redis"
+    if scheme in ("amqp", "amqps", "pyamqp"):
+        return "amqp"
+    return "other"
+
+
 class Settings(BaseSettings):
     """Every knob of READAR. Environment: ``READAR_<FIELD>`` (e.g. ``READAR_DATABASE_URL``)."""
 
@@ -153,8 +163,6 @@ class Settings(BaseSettings):
         """Celery ``broker_use_ssl`` for a TLS broker (the key names of redis-py or of py-amqp); None for plain
         connections."""
         import ssl
-
-        from workers.queues import broker_kind
 
         url = self.broker_url or ""
         if not self.broker_tls_ca_file and not url.startswith(("rediss://", "amqps://")):

@@ -26,7 +26,8 @@ from typing import Any
 from celery import Celery
 
 from storage.repository import Repository
-from workers.queues import AGGREGATE_CATEGORY, AGGREGATE_QUEUE, IMAGE_QUEUE, PROCESS_IMAGE, broker_kind
+from storage.settings import broker_kind
+from workers.queues import AGGREGATE_CATEGORY, AGGREGATE_QUEUE, IMAGE_QUEUE, PROCESS_IMAGE
 from workers.task import dead_local_owners
 
 
