@@ -54,11 +54,6 @@ def load_mask(path: str | Path, expected_shape: tuple[int, int], *, image_path: 
     return pixels > 0
 
 
-def empty_mask(shape: tuple[int, int]) -> np.ndarray:
-    """The all-normal mask of a ``good`` image: bool (H, W) of False."""
-    return np.zeros(shape, dtype=bool)
-
-
 def label_regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """8-connected components of a bool (H, W) mask → (int32 labels (H, W), 0 = background; region count)."""
     labels, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)

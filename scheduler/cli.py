@@ -83,12 +83,9 @@ def _register() -> None:
 
     for command in (*run.COMMANDS, *distributed.COMMANDS, *query.COMMANDS, *report.COMMANDS, *data.COMMANDS):
         cli.add_command(command)
-    try:
-        from scheduler.commands.eval import eval_command
-    except ImportError:  # pragma: no cover - the evaluator ships with the package
-        pass
-    else:
-        cli.add_command(eval_command, name="eval")
+    from scheduler.commands.eval import eval_command
+
+    cli.add_command(eval_command, name="eval")
 
 
 _register()
