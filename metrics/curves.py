@@ -99,19 +99,21 @@ def pro_hard(normal: np.ndarray, inverse_sizes: np.ndarray, num_regions: int) ->
     return _area_to_limit(fprs, pros, FPR_LIMIT) / FPR_LIMIT
 
 
-def pro_200(normal: np.ndarray, inverse_sizes: np.ndarray, logits: np.ndarray, num_regions: int) -> float:
-    """PRO as the original READAR evaluator defines it (DESIGN.md section 6).
+def pro_200_points(normal: np.ndarray, inverse_sizes: np.ndarray, logits: np.ndarray,
+                   num_regions: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (FPR, PRO) points of the original READAR evaluator's curve (DESIGN.md section 6); None when there
+    is no region or no normal pixel.
 
     Thresholds: 200 probabilities evenly spaced from sigmoid(max logit) down to sigmoid(min logit) (float64
     ``np.linspace``). Per threshold t: PRO = mean over regions of the region's fraction with probability >= t,
     FPR = normal pixels with probability >= t / all normal pixels. Points with FPR <= 0.3 are kept in FPR order
     (= threshold order, both only grow as t falls). The curve starts at the origin (no pixel is at or above
-    a threshold beyond the maximum), which is the point added at FPR 0 when none has FPR 0; the point at FPR
-    0.3 is interpolated linearly between its neighbours when missing. Area / 0.3.
+    a threshold beyond the maximum), which is the point added at FPR 0 when none has FPR 0. When no point has
+    FPR 0.3 exactly, the first point beyond it ends the curve, so that the point at 0.3 can be interpolated.
     """
     num_neg = int(normal.sum())
     if num_regions == 0 or num_neg == 0:
-        return NAN
+        return None
     probabilities = expit(np.asarray(logits, dtype=np.float64))
     thresholds = np.linspace(probabilities[-1], probabilities[0], PRO_THRESHOLDS)
     first_at_or_above = np.searchsorted(probabilities, thresholds, side="left")
@@ -129,4 +131,13 @@ def pro_200(normal: np.ndarray, inverse_sizes: np.ndarray, logits: np.ndarray, n
         beyond = int(np.argmax(fprs > FPR_LIMIT))  # the last threshold flags every pixel: FPR 1 exists
         curve_x = np.concatenate((curve_x, [fprs[beyond]]))
         curve_y = np.concatenate((curve_y, [pros[beyond]]))
-    return _area_to_limit(curve_x, curve_y, FPR_LIMIT) / FPR_LIMIT
+    return curve_x, curve_y
+
+
+def pro_200(normal: np.ndarray, inverse_sizes: np.ndarray, logits: np.ndarray, num_regions: int) -> float:
+    """PRO as the original READAR evaluator defines it: the area under :func:`pro_200_points` up to FPR 0.3
+    (the point at 0.3 interpolated linearly between its neighbours when missing), divided by 0.3."""
+    points = pro_200_points(normal, inverse_sizes, logits, num_regions)
+    if points is None:
+        return NAN
+    return _area_to_limit(*points, FPR_LIMIT) / FPR_LIMIT

@@ -141,7 +141,7 @@ class MetricState:
     def copy(self) -> MetricState:
         return MetricState(self.binning).merge(self)
 
-    def _occupied(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def occupied_bins(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(bin indices, all, defect, Σ 1/size) of the non-empty bins, ascending score."""
         if self._total is None:
             empty = np.zeros(0, dtype=np.int64)
@@ -162,7 +162,7 @@ class MetricState:
             "num_images": self.num_images, "num_anom_images": self.num_anomalous_images,
             "num_regions": self.num_regions,
         }
-        bins, total, defect, inverse_sizes = self._occupied()
+        bins, total, defect, inverse_sizes = self.occupied_bins()
         if bins.size == 0:
             return values
         normal = total - defect
@@ -182,7 +182,7 @@ class MetricState:
 
     def to_bytes(self) -> bytes:
         """Serialise as an ``.npz`` of plain numeric arrays (non-empty bins only); no pickle."""
-        bins, total, defect, inverse_sizes = self._occupied()
+        bins, total, defect, inverse_sizes = self.occupied_bins()
         buffer = io.BytesIO()
         np.savez(
             buffer,

@@ -13,7 +13,7 @@ import numpy as np
 from scipy.special import expit
 
 from metrics.binning import get_binning
-from metrics.curves import FPR_LIMIT, PRO_THRESHOLDS
+from metrics.curves import FPR_LIMIT, pro_200_points
 from metrics.state import MetricState
 
 MAX_PLOT_POINTS = 2000
@@ -48,7 +48,7 @@ _EMPTY = Curve(np.zeros(0), np.zeros(0))
 
 def histograms(state: MetricState) -> Histograms:
     """The state's per-score counters (the metric engine's own view of its bins)."""
-    bins, total, defect, inverse_sizes = state._occupied()  # the engine's read accessor; we only read
+    bins, total, defect, inverse_sizes = state.occupied_bins()
     logits = get_binning(state.binning).value(bins).astype(np.float64)
     if bins.size:
         # As MetricState.finalize: pin the ends to the exact extremes (float32 bins carry truncated values).
@@ -92,30 +92,15 @@ def image_roc(image_scores: np.ndarray, image_labels: np.ndarray) -> Curve:
 
 
 def pro_curve(counts: Histograms) -> Curve:
-    """The PRO curve of the original evaluator (DESIGN.md 6, ``metrics.curves.pro_200``) up to FPR 0.3.
-
-    200 probability thresholds evenly spaced from the highest to the lowest score; points with FPR <= 0.3,
-    the origin added when no point has FPR 0, and the point at FPR 0.3 interpolated when missing — so the
-    trapezoid area of the returned points divided by 0.3 is the PRO value of the metrics table.
-    """
-    num_neg = int(counts.normal.sum())
-    if counts.num_regions == 0 or num_neg == 0:
+    """The PRO curve of the metrics table (``metrics.curves.pro_200_points``) cut at FPR 0.3: the trapezoid area
+    of the returned points divided by 0.3 is the PRO value of the metrics table."""
+    points = pro_200_points(counts.normal, counts.inverse_sizes, counts.logits, counts.num_regions)
+    if points is None:
         return _EMPTY
-    probabilities = expit(counts.logits)
-    thresholds = np.linspace(probabilities[-1], probabilities[0], PRO_THRESHOLDS)
-    first_at_or_above = np.searchsorted(probabilities, thresholds, side="left")
-    normal_from = np.concatenate((np.cumsum(counts.normal[::-1])[::-1], [0]))
-    inverse_from = np.concatenate((np.cumsum(counts.inverse_sizes[::-1])[::-1], [0.0]))
-    fprs = normal_from[first_at_or_above] / num_neg
-    pros = np.minimum(inverse_from[first_at_or_above] / counts.num_regions, 1.0)
-    kept = fprs <= FPR_LIMIT
-    x, y = fprs[kept], pros[kept]
-    if x.size == 0 or x[0] > 0.0:
-        x, y = np.concatenate(([0.0], x)), np.concatenate(([0.0], y))
-    if x[-1] < FPR_LIMIT:
-        beyond = int(np.argmax(fprs > FPR_LIMIT))
-        cut = y[-1] + (pros[beyond] - y[-1]) * (FPR_LIMIT - x[-1]) / (fprs[beyond] - x[-1])
-        x, y = np.concatenate((x, [FPR_LIMIT])), np.concatenate((y, [cut]))
+    x, y = points
+    if x[-1] > FPR_LIMIT:  # the neighbour beyond the limit: replace it by the point at the limit
+        cut = y[-2] + (y[-1] - y[-2]) * (FPR_LIMIT - x[-2]) / (x[-1] - x[-2])
+        x, y = np.concatenate((x[:-1], [FPR_LIMIT])), np.concatenate((y[:-1], [cut]))
     return Curve(x, y)
 
 

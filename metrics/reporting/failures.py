@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from metrics.geometry import CLIP_SIDE, aspect_padding
+
 NO_SEG = "no_seg"
 SIMILARITY_UNSTABLE = "similarity_unstable"
 POINTS_WRONG = "points_wrong"
@@ -42,7 +44,6 @@ FAILURE_CLASSES: dict[str, str] = {
 }
 
 SUCCESS_IOU = 0.3
-CLIP_SIDE = 336  # CLIP ViT-L/14-336 input side: the similarity grid covers this centre crop
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,7 @@ def crop_window(height: int, width: int, side: int = CLIP_SIDE) -> tuple[float, 
     padded with (⌊H·side/min(H, W)⌋ − side) // 2 rows top and bottom (likewise columns) and resized to (H, W),
     so the unpadded map lands on this window — the centre crop of CLIP's preprocessing.
     """
-    short = min(height, width)
-    pad_rows = (height * side // short - side) // 2
-    pad_cols = (width * side // short - side) // 2
+    pad_rows, pad_cols = aspect_padding(side, (height, width))
     padded_h = side + 2 * pad_rows
     padded_w = side + 2 * pad_cols
     top = pad_rows * height / padded_h

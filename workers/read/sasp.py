@@ -17,9 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from metrics.geometry import CLIP_SIDE, aspect_padding
 from workers.read.errors import SimilarityError
 
-CLIP_SIDE = 336  # CLIP input side: the similarity grid covers the 336×336 centre crop
 # Step 5 weights are exp(M_p − d²) with M in [0, 1] (the softmax's normaliser cancels), so beyond 10 px a
 # pixel's weight is below e·exp(−100) ≈ 1e-43 of the centre's: a 21×21 window is exact in float32 and float64.
 REFINE_RADIUS = 10
@@ -48,17 +48,6 @@ def _grid_side(similarity: torch.Tensor, down_sample: int) -> int:
     return side
 
 
-def _aspect_padding(side: int, image_hw: tuple[int, int]) -> tuple[int, int]:
-    """Rows and columns to pad on each side of a ``side``² map to reach the image's aspect ratio.
-
-    scale = side / min(H, W); pad (⌊H·scale⌋ − side) // 2 rows and likewise columns (integer arithmetic, so the
-    short side gets exactly 0).
-    """
-    height, width = image_hw
-    short = min(height, width)
-    return (height * side // short - side) // 2, (width * side // short - side) // 2
-
-
 def full_resolution_map(similarity: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
     """Step 1, M: (N,) similarity → float32 (H, W) in [0, 1].
 
@@ -68,7 +57,7 @@ def full_resolution_map(similarity: torch.Tensor, image_hw: tuple[int, int]) -> 
     side = _grid_side(similarity, 1)
     grid = _min_max(similarity.float()).reshape(1, 1, side, side)
     crop = F.interpolate(grid, size=(CLIP_SIDE, CLIP_SIDE), mode="bilinear", align_corners=False)
-    pad_rows, pad_cols = _aspect_padding(CLIP_SIDE, image_hw)
+    pad_rows, pad_cols = aspect_padding(CLIP_SIDE, image_hw)
     padded = F.pad(crop, (pad_cols, pad_cols, pad_rows, pad_rows), value=0.0)
     return F.interpolate(padded, size=tuple(image_hw), mode="bilinear", align_corners=False)[0, 0]
 
@@ -80,7 +69,7 @@ def coarse_map(similarity: torch.Tensor, image_hw: tuple[int, int], down_sample:
     grid = similarity.float().reshape(1, 1, side, side)
     resized = F.interpolate(grid, size=(small, small), mode="bilinear", align_corners=False)
     normalised = _min_max(resized)
-    pad_rows, pad_cols = _aspect_padding(small, image_hw)
+    pad_rows, pad_cols = aspect_padding(small, image_hw)
     return F.pad(normalised, (pad_cols, pad_cols, pad_rows, pad_rows), value=-1.0)[0, 0]
 
 
