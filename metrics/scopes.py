@@ -20,21 +20,22 @@ from metrics.state import MetricState
 GOOD = "good"
 ALL = "ALL"
 METRIC_COLUMNS = ("iAUROC", "pAUROC", "PRO", "PRO_hard", "F1_max")
+# The one column list of every metrics CSV READAR writes (`readar run`, `metrics`, `eval`).
 CSV_COLUMNS = (
     "scope", "category", *METRIC_COLUMNS, "num_images", "num_anom_images",
-    "defect_type", "num_regions", "num_skipped", "f1_threshold_logit",
+    "defect_type", "num_regions", "num_skipped", "num_failed", "f1_threshold_logit",
 )
 _ACCUMULATOR_FORMAT_VERSION = 1
 
 
 def scope_row(
     scope: str, category: str, state: MetricState, *, defect_type: str = "", pro_hard: bool = True,
-    num_skipped: int = 0,
+    num_skipped: int = 0, num_failed: int = 0,
 ) -> dict[str, Any]:
     """One result row (keys: :data:`CSV_COLUMNS`) for a scope's state."""
     values = state.finalize(pro_hard=pro_hard)
     row: dict[str, Any] = {"scope": scope, "category": category, "defect_type": defect_type,
-                           "num_skipped": num_skipped}
+                           "num_skipped": num_skipped, "num_failed": num_failed}
     row.update(values)
     return {column: row[column] for column in CSV_COLUMNS}
 
@@ -49,7 +50,7 @@ def mean_row(category_rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     for column in METRIC_COLUMNS:
         values = [float(r[column]) for r in rows]
         row[column] = float(np.mean(values)) if values else math.nan
-    for column in ("num_images", "num_anom_images", "num_regions", "num_skipped"):
+    for column in ("num_images", "num_anom_images", "num_regions", "num_skipped", "num_failed"):
         row[column] = int(sum(int(r[column]) for r in rows))
     return {column: row[column] for column in CSV_COLUMNS}
 

@@ -22,12 +22,10 @@ from rich.table import Table
 
 from metrics.published import oracle_note, published_setting_note
 from metrics.report import OutputError, shown, visible, write_metrics_csv
+from metrics.scopes import METRIC_COLUMNS
 from storage.models import MetricRow, Run
 from storage.repository import Repository
 
-CSV_COLUMNS = ("scope", "category", "iAUROC", "pAUROC", "PRO", "PRO_hard", "F1_max", "num_images",
-               "num_anom_images")
-EXTRA_COLUMNS = ("defect_type", "num_skipped", "num_failed")
 _SCOPE_ORDER = {"mean": 0, "overall": 1, "category": 2, "defect": 3}
 _FILE_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -45,8 +43,9 @@ def _as_dict(row: MetricRow) -> dict[str, Any]:
         "iAUROC": _nan(row.iauroc), "pAUROC": _nan(row.pauroc), "PRO": _nan(row.pro),
         "PRO_hard": _nan(row.pro_hard), "F1_max": _nan(row.f1_max),
         "num_images": row.num_images, "num_anom_images": row.num_anom_images,
-        "defect_type": row.defect_type, "num_skipped": extra.get("num_skipped", 0),
-        "num_failed": extra.get("num_failed", 0),
+        "defect_type": row.defect_type, "num_regions": extra.get("num_regions", 0),
+        "num_skipped": extra.get("num_skipped", 0), "num_failed": extra.get("num_failed", 0),
+        "f1_threshold_logit": _nan(extra.get("f1_threshold_logit")),
     }
 
 
@@ -55,7 +54,7 @@ def _nan(value: float | None) -> float:
 
 
 def write_run_csv(repo: Repository, run_id: int, path: Path) -> Path:
-    return write_metrics_csv(metric_dicts(repo, run_id), path, columns=(*CSV_COLUMNS, *EXTRA_COLUMNS))
+    return write_metrics_csv(metric_dicts(repo, run_id), path)
 
 
 def run_csv_path(work_dir: Path, run_name: str) -> Path:
@@ -129,10 +128,10 @@ def print_metrics(console: Console, repo: Repository, run: Run, *, include_defec
                           caption="mean: average of the category rows; overall: all images pooled; "
                                   "anom.: anomalous images" if rows else None)
     add_text_column(table, "category" if not include_defects else "category / defect")
-    for header in (*CSV_COLUMNS[2:7], "images", "anom."):
+    for header in (*METRIC_COLUMNS, "images", "anom."):
         add_number_column(table, header)
     for row in _display_order(rows):
-        table.add_row(_row_name(row), *(_fmt(row[c]) for c in CSV_COLUMNS[2:]),
+        table.add_row(_row_name(row), *(_fmt(row[c]) for c in (*METRIC_COLUMNS, "num_images", "num_anom_images")),
                       style="bold" if row["scope"] in ("mean", "overall") else None,
                       end_section=row["scope"] == "overall")
     console.print(table)
