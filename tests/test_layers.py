@@ -70,3 +70,16 @@ def test_no_import_cycles_at_module_level() -> None:
         if module not in state:
             visit(module, [])
     assert not cycles, "modules importing each other:\n" + "\n".join(cycles)
+
+
+def test_command_modules_share_through_common_only() -> None:
+    """`readar` command modules (run, distributed, query, ...) never import one another, even inside a function:
+    what several need lives in scheduler/commands/common.py."""
+    modules = _modules()
+    commands = {name for name in modules if name.startswith("scheduler.commands.")}
+    crossing = []
+    for name in sorted(commands):
+        for imported, line in _imports(ast.parse(modules[name].read_text()), modules):
+            if imported in commands and imported not in (name, "scheduler.commands.common"):
+                crossing.append(f"{modules[name].relative_to(ROOT)}:{line} imports {imported}")
+    assert not crossing, "command modules importing each other:\n" + "\n".join(crossing)

@@ -9,25 +9,12 @@ from typing import Any
 
 import click
 
-from scheduler.commands.run import _request, detector_config, resume_hint, run_options
+from scheduler.commands.common import celery_for, detector_config, resume_hint, run_options, run_request
 from scheduler.context import AppContext
 from scheduler.planner import RunNameError, plan_run
 from scheduler.tables import shown, visible
 from storage.redact import redact_url
 from workers.detectors.base import DetectorError, build_detector
-
-
-def celery_for(app: AppContext):  # noqa: ANN201 - celery.Celery
-    """A Celery client with the shared configuration; refuses to run without a broker."""
-    if not app.settings.broker_url:
-        raise click.UsageError(
-            "this command needs a broker: set READAR_BROKER_URL (e.g. redis://127.0.0.1:6379/0) or pass "
-            "--broker-url; without one, `readar run` executes on this machine"
-        )
-    from workers.celery_app import make_app
-
-    return make_app(app.settings)
-
 
 
 @click.command("submit")
@@ -41,7 +28,7 @@ def submit_command(app: AppContext, **options: Any) -> None:
 
     celery = celery_for(app)
     config = detector_config(app, options)
-    request = _request(options, config)
+    request = run_request(options, config)
     try:  # the config, tokenizer and weight files here; each worker checks its own device when it starts
         detector = build_detector(request.detector, dataclasses.replace(config, device="cpu"))
         detector.preflight()
@@ -96,7 +83,7 @@ def cancel_command(app: AppContext, run_name: str) -> None:
 def aggregate_command(app: AppContext, run_name: str, category: str | None) -> None:
     """Recompute metric rows now, on this machine, from the stored logits."""
     from metrics.aggregator import LostResultsError, aggregate_category, refresh_summary
-    from scheduler.commands.run import summarise
+    from scheduler.commands.common import summarise
 
     run = app.run(run_name)
     categories = [c.category for c in app.repo.categories(run.id)]

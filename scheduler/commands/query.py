@@ -174,7 +174,7 @@ def status_command(app: AppContext, run_name: str, watch: bool, interval: float)
 
     run = app.run(run_name)
     if shown_status(run) == "interrupted":
-        from scheduler.commands.run import resume_hint
+        from scheduler.commands.common import resume_hint
 
         app.console.print(f"run {visible(run.name)} was interrupted; finished images are kept. Resume with: "
                           f"{visible(resume_hint(app, run.name))}", markup=False, highlight=False)
@@ -184,7 +184,7 @@ def status_command(app: AppContext, run_name: str, watch: bool, interval: float)
         with Live(_status_table(app, run), console=app.console, refresh_per_second=1) as live:
             while True:
                 if app.settings.broker_url:
-                    from scheduler.commands.distributed import celery_for
+                    from scheduler.commands.common import celery_for
                     from workers.dispatch import reconcile_run
 
                     reconcile_run(celery_for(app), app.repo, run.id,
@@ -212,7 +212,7 @@ def status_command(app: AppContext, run_name: str, watch: bool, interval: float)
     for row in [r for r in app.repo.images(run.id, status="queued") if r.error][:20]:
         app.console.print(f"[yellow]queued again[/] {shown(row.image_path)}: {shown(row.error)}")
     if watch and app.repo.metric_rows(run.id):
-        from scheduler.commands.run import summarise
+        from scheduler.commands.common import summarise
 
         summarise(app, run.id, run.name)
 

@@ -1,0 +1,168 @@
+"""What the run commands share: the run options, the detector configuration and request they build, the
+resume hint, the summary printed at the end, and the Celery client of the distributed commands. Both
+`run.py` (this machine) and `distributed.py` (the workers) import it, and neither imports the other."""
+
+from __future__ import annotations
+
+import functools
+import shlex
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from scheduler.context import AppContext
+from scheduler.planner import RUN_NAME_RULE, RunNameError, RunRequest, check_run_name, parse_list
+from scheduler.tables import print_metrics, run_csv_path, shown, write_run_csv
+from storage.redact import redact_text
+from workers.detectors.base import (
+    CONVERSATIONS,
+    DECODE_MODES,
+    DETECTOR_DEFAULTS,
+    PROMPT_MODES,
+    DetectorConfig,
+    DetectorError,
+)
+from workers.read import MAX_NEW_TOKENS, MAX_NEW_TOKENS_CAP
+
+
+def _check_detector(ctx: click.Context, _param: click.Parameter, name: str) -> str:
+    """Unknown detector names are usage errors (exit 2) listing the registered ones."""
+    from workers.detectors.base import DETECTOR_REGISTRY, load_builtin_detectors
+    from workers.runtime import import_plugins
+
+    app = ctx.find_object(AppContext)
+    if app is not None:
+        import_plugins(app.settings.plugins)
+    if name not in DETECTOR_REGISTRY:
+        load_builtin_detectors()
+    if name not in DETECTOR_REGISTRY:
+        raise click.BadParameter(f"unknown detector {name!r}; available: {', '.join(sorted(DETECTOR_REGISTRY))}")
+    return name
+
+
+def _check_run_name(_ctx: click.Context, _param: click.Parameter, name: str | None) -> str | None:
+    """A new run's name follows the rule (an older run with another name continues with ``readar resume``)."""
+    if name is None:
+        return None
+    try:
+        return check_run_name(name)
+    except RunNameError as exc:
+        raise click.BadParameter(f"{exc} (a run named before this rule goes on with `readar resume NAME`)") from None
+
+
+def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The dataset and detector options shared by ``run`` (and ``submit``)."""
+    options = [
+        click.option("--mvtec-root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="Dataset root: <root>/<category>/test/<defect>/<image>."),
+        click.option("--classes", help="Comma-separated categories (default: all)."),
+        click.option("--max-per-class", default=-1, show_default=True, type=click.IntRange(min=-1),
+                     help="First N images per category in sorted order (-1 = all)."),
+        click.option("--exclude-defects", help="Comma-separated defect types to leave out, e.g. color,combined."),
+        click.option("--detector", default="baseline", show_default=True, callback=_check_detector,
+                     help="baseline (weight-free statistics), read (READ's own inference: SasP points + [SEG] "
+                     "to SAM), lisa (the [SEG] token alone), read_as_published (the setting of the published "
+                     "READAR numbers: [SEG] + one not-a-point padding point, vicuna_v1, anomaly prompt, up to "
+                     "2,048 new tokens), noop, or one a plug-in registers."),
+        click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="Released READ checkpoint folder [env READAR_CHECKPOINT]."),
+        click.option("--clip", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="CLIP ViT-L/14-336 folder [env READAR_CLIP]."),
+        click.option("--prompt-mode", type=click.Choice(PROMPT_MODES),
+                     help="The question per image. generic: 'Segment any anomaly on the {class}.'; binary: 'Is "
+                     "there any anomaly in the image?'; template: --prompt-template; all_types: one query per "
+                     "defect type of the category, maps combined by max; anomaly: names the ground-truth defect "
+                     "folder, an ORACLE setting. Only anomaly leaks labels. [default: generic; anomaly for "
+                     "read_as_published]"),
+        click.option("--prompt-template", help="User template for --prompt-mode template ({class_name}, "
+                     "{anomaly_type})."),
+        click.option("--decode-mode", type=click.Choice(DECODE_MODES), default="generate", show_default=True,
+                     help="generate: greedy decoding, [SEG] state from the step that emits it (as READ); "
+                     "teacher_forced: one forward pass over the answer 'Sure, [SEG].' (faster, approximate)."),
+        click.option("--conversation", type=click.Choice(CONVERSATIONS),
+                     help="LLaVA template: llava_v1 (READ's training template) or vicuna_v1 (the wording of the "
+                     "original READAR scripts). [default: llava_v1; vicuna_v1 for read_as_published]"),
+        click.option("--max-new-tokens", type=click.IntRange(1, MAX_NEW_TOKENS_CAP),
+                     help=f"READ detectors: most tokens generated per question (1-{MAX_NEW_TOKENS_CAP}). "
+                     f"[default: {MAX_NEW_TOKENS}; {MAX_NEW_TOKENS_CAP} for read_as_published]"),
+        click.option("--device", help="cpu, cuda or cuda:N [env READAR_DEVICE; cpu]."),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward [env READAR_BATCH_SIZE; 4]."),
+        click.option("--run-name", callback=_check_run_name,
+                     help=f"Name of the run: {RUN_NAME_RULE} (default: derived from the dataset and options)."),
+    ]
+    return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+
+
+def _absolute(path: Path | None) -> Path | None:
+    return Path(path).expanduser().resolve() if path else None
+
+
+def detector_config(app: AppContext, options: dict[str, Any]) -> DetectorConfig:
+    """The detector configuration of ``options``; options left out take the detector's defaults."""
+    settings = app.settings
+    defaults = DETECTOR_DEFAULTS.get(options["detector"], {})
+    extra: dict[str, Any] = {}
+    if "max_new_tokens" in defaults:
+        extra["max_new_tokens"] = options.get("max_new_tokens") or defaults["max_new_tokens"]
+    elif options.get("max_new_tokens") is not None:
+        raise click.UsageError(
+            f"--max-new-tokens applies to the READ detectors (read, lisa, read_as_published); "
+            f"{options['detector']} generates no text"
+        )
+    try:
+        return DetectorConfig(
+            # Stored absolute: `resume` from another folder and workers elsewhere must find the same folders.
+            checkpoint=_absolute(options.get("checkpoint") or settings.checkpoint),
+            clip=_absolute(options.get("clip") or settings.clip),
+            device=options.get("device") or settings.device,
+            prompt_mode=options.get("prompt_mode") or defaults.get("prompt_mode", "generic"),
+            prompt_template=options.get("prompt_template"),
+            decode_mode=options["decode_mode"],
+            conversation=options.get("conversation") or defaults.get("conversation", "llava_v1"),
+            batch_size=options.get("batch_size") or settings.batch_size,
+            extra=extra,
+        )
+    except DetectorError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def run_request(options: dict[str, Any], config: DetectorConfig) -> RunRequest:
+    return RunRequest(
+        mvtec_root=options["mvtec_root"], detector=options["detector"], detector_config=config.public(),
+        classes=parse_list(options.get("classes")), max_per_class=options["max_per_class"],
+        exclude_defects=parse_list(options.get("exclude_defects")) or (), run_name=options.get("run_name"),
+    )
+
+
+def resume_hint(app: AppContext, run_name: str) -> str:
+    """The command that continues ``run_name`` from any folder (the work folder named when not the default)."""
+    work_dir = app.settings.work_dir
+    flag = "" if work_dir == Path("readar-work") else f"--work-dir {shlex.quote(str(work_dir.resolve()))} "
+    return f"readar {flag}resume {shlex.quote(run_name)}"
+
+
+def summarise(app: AppContext, run_id: int, run_name: str) -> Path:
+    """Print the metrics table and where everything lives; returns the CSV path."""
+    csv_path = write_run_csv(app.repo, run_id, run_csv_path(app.settings.work_dir, run_name))
+    run = app.repo.get_run_by_id(run_id)
+    print_metrics(app.console, app.repo, run)
+    totals = app.repo.status_totals(run_id)
+    app.console.print("images: " + ", ".join(f"{n} {shown(s)}" for s, n in sorted(totals.items())))
+    app.console.print(f"metrics CSV:  {shown(csv_path)}")
+    app.console.print(f"database:     {shown(redact_text(app.settings.resolved_database_url))}")
+    app.console.print(f"logits:       {shown(app.store.describe())}/runs/{run_id}/images/")
+    return csv_path
+
+
+def celery_for(app: AppContext):  # noqa: ANN201 - celery.Celery
+    """A Celery client with the shared configuration; refuses to run without a broker."""
+    if not app.settings.broker_url:
+        raise click.UsageError(
+            "this command needs a broker: set READAR_BROKER_URL (e.g. redis://127.0.0.1:6379/0) or pass "
+            "--broker-url; without one, `readar run` executes on this machine"
+        )
+    from workers.celery_app import make_app
+
+    return make_app(app.settings)
