@@ -8,6 +8,7 @@ evaluation, Bergmann et al. 2021, section 4.2): regions never span images.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -33,25 +34,42 @@ def load_mask(path: str | Path, expected_shape: tuple[int, int], *, image_path: 
     mask_path = Path(path)
     try:
         with Image.open(mask_path) as image:
-            # Same reading as the dataset index: palette masks by their colours, alpha ignored.
-            if image.mode in ("P", "PA", "RGBA"):
-                image = image.convert("RGB")
-            elif image.mode == "LA":
-                image = image.convert("L")
-            pixels = np.asarray(image)
+            image.load()
+            pixels = defect_pixels(image)
     except FileNotFoundError:
         raise GroundTruthError(f"mask {mask_path} for image {image_path} does not exist") from None
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise GroundTruthError(f"mask {mask_path} for image {image_path} is not a readable image: {exc}") from exc
-    if pixels.ndim == 3:  # a colour or grey+alpha PNG: any channel > 0 marks a defect
-        pixels = pixels.max(axis=2)
     expected = tuple(int(v) for v in expected_shape)
     if pixels.shape != expected:
         raise MaskSizeError(
             f"mask {mask_path} is {_size_text(pixels.shape)} but image {image_path} is {_size_text(expected)} "
             "(H×W); regenerate the mask or the prediction at the image's resolution"
         )
-    return pixels > 0
+    return pixels
+
+
+def defect_pixels(image: Any) -> np.ndarray:
+    """The one rule for reading a mask (the aggregator, the report, `readar eval` and the workers all use it):
+    bool (H, W), True where any colour channel of the stored value is > 0, whatever the bit depth (0/255, 0/65535,
+    RGB). Alpha is ignored; palette masks are judged by their palette colours. ValueError for a mode that does not
+    decode to one value per pixel."""
+    mode = image.mode
+    if mode in ("P", "PA"):
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("LA", "La"):
+        values = np.asarray(image)[..., 0]
+    elif mode in ("RGBA", "RGBa"):
+        values = np.asarray(image)[..., :3]
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        values = np.asarray(image.convert("RGB"))
+    else:
+        values = np.asarray(image)
+    if values.ndim == 3:
+        return np.ascontiguousarray((values > 0).any(axis=2))
+    if values.ndim == 2:
+        return np.ascontiguousarray(values > 0)
+    raise ValueError(f"mask mode {image.mode!r} decodes to shape {values.shape}, not (H, W)")
 
 
 def label_regions(mask: np.ndarray) -> tuple[np.ndarray, int]:

@@ -167,3 +167,30 @@ def test_load_mask_of_a_broken_file_raises(tmp_path: Path) -> None:
     path.write_bytes(b"\x89PNG garbage")
     with pytest.raises(ImageLoadError):
         load_mask(path)
+
+
+def test_the_aggregator_and_the_workers_read_masks_by_one_rule(tmp_path: Path) -> None:
+    """metrics.groundtruth.load_mask (aggregator, report, eval) and workers.images.load_mask each had their own
+    mode rules; both use metrics.groundtruth.defect_pixels now, and agree on every mode a PNG mask can hold."""
+    from PIL import Image
+
+    from metrics.groundtruth import load_mask as ground_truth_mask
+    from scheduler.dataset import MASK_MODES
+    from workers.images import load_mask as worker_mask
+
+    rng = np.random.default_rng(3)
+    base = (rng.random((6, 7)) > 0.6).astype(np.uint8) * 255
+    rgba = np.dstack([base, base // 2, np.zeros_like(base), np.full_like(base, 255)])  # opaque alpha everywhere
+    for mode in sorted(MASK_MODES):
+        try:
+            image = Image.fromarray(rgba, "RGBA").convert(mode)
+        except ValueError:
+            continue  # Pillow cannot convert into this mode; nothing can write such a mask here
+        path = tmp_path / f"{mode.replace(';', '_')}.png"
+        try:
+            image.save(path)
+        except (OSError, KeyError):
+            continue  # PNG cannot hold this mode
+        expected = worker_mask(path)
+        assert np.array_equal(ground_truth_mask(path, expected.shape), expected), mode
+        assert expected.any() and not expected.all(), mode  # alpha (255 everywhere) did not count

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from metrics.groundtruth import defect_pixels
 from storage.settings import Settings  # a leaf module: pydantic + storage.redact only
 
 # Modes whose integer samples span 16 bits (Pillow opens 16-bit grayscale PNGs as ``I;16`` or ``I``).
@@ -159,28 +160,12 @@ def load_rgb(path: Path, *, max_pixels: int | None = None) -> np.ndarray:
 def load_mask(path: Path, *, max_pixels: int | None = None) -> np.ndarray:
     """Fully decode a ground-truth mask into a boolean array (H, W); True marks defect pixels.
 
-    Rule (DatasetIndex accepts masks by the same rule): a pixel is defect when any colour channel of its stored
-    value is > 0, whatever the bit depth (0/255 8-bit, 0/65535 16-bit, RGB or palette masks all work). Alpha is
-    ignored. Palette masks are judged by their palette colours. ``max_pixels`` as for :func:`load_rgb`.
+    The rule is :func:`metrics.groundtruth.defect_pixels` (the aggregator reads masks by it too, and the dataset
+    index accepts masks by it). ``max_pixels`` as for :func:`load_rgb`.
     """
     path = Path(path)
     image = _open_fully(path, max_pixels)
-    mode = image.mode
-    if mode in _PALETTE_MODES:
-        image = image.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("LA", "La"):
-        values = np.asarray(image)[..., 0]
-    elif mode in ("RGBA", "RGBa"):
-        values = np.asarray(image)[..., :3]
-    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-        values = np.asarray(image.convert("RGB"))
-    else:
-        values = np.asarray(image)
-    if values.ndim == 3:
-        defect = (values > 0).any(axis=2)
-    elif values.ndim == 2:
-        defect = values > 0
-    else:
-        raise ImageLoadError(path, f"mask mode {image.mode!r} decodes to shape {values.shape}, not (H, W)")
-    return np.ascontiguousarray(defect, dtype=bool)
+    try:
+        return defect_pixels(image)
+    except ValueError as exc:
+        raise ImageLoadError(path, str(exc)) from None
