@@ -29,16 +29,16 @@ from workers.read import MAX_NEW_TOKENS, MAX_NEW_TOKENS_CAP
 
 def _check_detector(ctx: click.Context, _param: click.Parameter, name: str) -> str:
     """Unknown detector names are usage errors (exit 2) listing the registered ones."""
-    from workers.detectors.base import DETECTOR_REGISTRY, load_builtin_detectors
+    from workers.detectors.base import find_detector
     from workers.runtime import import_plugins
 
     app = ctx.find_object(AppContext)
     if app is not None:
         import_plugins(app.settings.plugins)
-    if name not in DETECTOR_REGISTRY:
-        load_builtin_detectors()
-    if name not in DETECTOR_REGISTRY:
-        raise click.BadParameter(f"unknown detector {name!r}; available: {', '.join(sorted(DETECTOR_REGISTRY))}")
+    try:
+        find_detector(name)
+    except DetectorError as exc:
+        raise click.BadParameter(str(exc)) from None
     return name
 
 

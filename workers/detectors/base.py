@@ -211,11 +211,17 @@ def available_detectors() -> list[str]:
     return sorted(DETECTOR_REGISTRY)
 
 
-def build_detector(name: str, config: DetectorConfig) -> Detector:
-    """Build a registered detector by name; unknown names list the available ones."""
-    load_builtin_detectors()
+def find_detector(name: str) -> DetectorFactory:
+    """The factory registered under ``name`` (built-ins loaded first); DetectorError listing the available ones
+    otherwise."""
+    if name not in DETECTOR_REGISTRY:
+        load_builtin_detectors()
     try:
-        factory = DETECTOR_REGISTRY[name]
+        return DETECTOR_REGISTRY[name]
     except KeyError:
         raise DetectorError(f"unknown detector {name!r}; available: {', '.join(sorted(DETECTOR_REGISTRY))}") from None
-    return factory(config)
+
+
+def build_detector(name: str, config: DetectorConfig) -> Detector:
+    """Build a registered detector by name; unknown names list the available ones."""
+    return find_detector(name)(config)
