@@ -41,7 +41,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image, UnidentifiedImageError
 
 from storage.paths import PathEscapeError, name_problem, resolve_inside
-from storage.settings import Settings
+from workers.images import DEFAULT_MAX_IMAGE_PIXELS
 
 __all__ = ["PathEscapeError", "resolve_inside"]
 
@@ -52,7 +52,6 @@ GOOD = "good"
 MASK_SUFFIX = "_mask.png"
 STATUSES = ("ok", "skipped", "failed")
 # READAR_MAX_IMAGE_PIXELS unless the caller passes its settings' value.
-DEFAULT_MAX_IMAGE_PIXELS: int = Settings.model_fields["max_image_pixels"].default
 
 # Pillow modes whose pixels reduce to "defect where any colour channel > 0" (workers.images.load_mask).
 MASK_MODES = frozenset(

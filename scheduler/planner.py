@@ -166,7 +166,7 @@ def plan_run(
     A run of that name that exists already is continued when its result settings match (:func:`check_rerun`);
     it keeps its stored execution settings, while this invocation runs with the requested ones. A new run's
     name must follow :data:`RUN_NAME_RULE` (:class:`RunNameError`)."""
-    from scheduler.dataset import check_exclusions, index_dataset
+    from scheduler.dataset import DEFAULT_MAX_IMAGE_PIXELS, check_exclusions, index_dataset
 
     classes = list(request.classes) if request.classes else None
     check_exclusions(request.mvtec_root, request.exclude_defects, classes=classes)
@@ -180,7 +180,7 @@ def plan_run(
         request.mvtec_root, classes=classes, max_per_class=request.max_per_class,
         exclude_defects=list(request.exclude_defects),
         # The run's pixel budget: the indexing checks headers against it, the workers check decodes against it.
-        **({"max_image_pixels": settings_public["max_image_pixels"]} if "max_image_pixels" in settings_public else {}),
+        max_image_pixels=settings_public.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
     )
     config = {
         **request.identity(),
