@@ -28,6 +28,7 @@ def _first_line(exc: BaseException) -> str:
 def describe_failure(exc: BaseException, *, database_url: str | None, broker_url: str | None) -> str | None:
     """One line for a failure to reach the database, broker or object store, or to write an output file; None
     for anything else."""
+    from amqp.exceptions import AccessRefused, NotAllowed
     from kombu.exceptions import OperationalError as BrokerError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -46,6 +47,9 @@ def describe_failure(exc: BaseException, *, database_url: str | None, broker_url
         if isinstance(cause, DBAPIError):
             return (f"cannot use the database {database}: {_first_line(cause)}; check READAR_DATABASE_URL or "
                     "--database-url, that the server runs, and that the role and database exist")
+        if isinstance(cause, AccessRefused | NotAllowed):  # RabbitMQ: wrong user or password, unknown vhost
+            return (f"the broker {broker} refused the connection: {_first_line(cause)}; check the user, password "
+                    "and virtual host in READAR_BROKER_URL or --broker-url")
         if isinstance(cause, BrokerError | RedisConnectionError | RedisTimeoutError):
             return (f"cannot reach the broker {broker}: {_first_line(cause)}; start it, or fix READAR_BROKER_URL "
                     "or --broker-url")

@@ -66,3 +66,17 @@ def test_submit_with_the_broker_down_says_how_to_finish(tmp_path: Path) -> None:
         assert "4 task(s) enqueued" in result.stdout and server.queue_length() == 4
     finally:
         server.stop()
+
+
+def test_rabbitmq_wrong_password_and_unknown_vhost_are_one_line(tmp_path: Path) -> None:
+    from conftest import AMQP_URL
+
+    from scheduler.sample_data import make_sample_data
+
+    make_sample_data(tmp_path / "data", categories=("brick",), size=64, per_class=4, train_per_class=2)
+    host = AMQP_URL.split("@", 1)[1]
+    for url, expected in ((f"amqp://guest:not-the-password@{host}//", "ACCESS_REFUSED"),
+                          (f"{AMQP_URL}/readar_no_such_vhost", "vhost readar_no_such_vhost not found")):
+        line = _one_line_error(_readar(tmp_path, "--broker-url", url, "submit", "--mvtec-root",
+                                       str(tmp_path / "data"), "--run-name", "refused"))
+        assert "refused the connection" in line and expected in line and "not-the-password" not in line
