@@ -12,6 +12,7 @@ Tables (DESIGN.md section 4):
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -28,8 +29,35 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-IMAGE_STATUSES = ("queued", "running", "done", "failed", "skipped")
-ACTIVE_STATUSES = ("queued", "running")
+class ImageStatus(StrEnum):
+    """Where an image row is in the delivery protocol (DESIGN.md section 2)."""
+
+    QUEUED = "queued"  # waiting for a worker (a message is out, or will be sent)
+    RUNNING = "running"  # claimed under a lease
+    DONE = "done"  # result committed
+    FAILED = "failed"  # quarantined: bad input, or the attempts are used up
+    SKIPPED = "skipped"  # left out on purpose (e.g. a defect image without a mask)
+
+
+class CategoryStatus(StrEnum):
+    """A category's aggregation state: the compare-and-set moves it open → aggregating → done (or open again
+    when results arrived meanwhile)."""
+
+    OPEN = "open"
+    AGGREGATING = "aggregating"
+    DONE = "done"
+
+
+class RunStatus(StrEnum):
+    PLANNED = "planned"
+    RUNNING = "running"
+    INTERRUPTED = "interrupted"  # an embedded run's process stopped; `readar resume` goes on
+    CANCELLED = "cancelled"
+    DONE = "done"
+
+
+IMAGE_STATUSES = tuple(status.value for status in ImageStatus)  # plain strings: click choices, table columns
+ACTIVE_STATUSES = (ImageStatus.QUEUED, ImageStatus.RUNNING)
 
 
 class Base(DeclarativeBase):
