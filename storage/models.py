@@ -11,7 +11,7 @@ Tables (DESIGN.md section 4):
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -28,6 +28,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
 
 class ImageStatus(StrEnum):
     """Where an image row is in the delivery protocol (DESIGN.md section 2)."""
@@ -58,6 +59,10 @@ class RunStatus(StrEnum):
 
 IMAGE_STATUSES = tuple(status.value for status in ImageStatus)  # plain strings: click choices, table columns
 ACTIVE_STATUSES = (ImageStatus.QUEUED, ImageStatus.RUNNING)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):

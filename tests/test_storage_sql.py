@@ -11,7 +11,8 @@ from sqlalchemy import inspect
 from storage.database import Database
 from storage.repository import Completion, PlannedImage, Repository, RunConflictError, RunNotFoundError
 
-pytestmark = pytest.mark.services  # the PostgreSQL half of each parametrised test needs the server
+# The SQLite half of each test runs without servers; the PostgreSQL half (and the PostgreSQL-only tests) carry
+# the `services` marker (tests/conftest.py database_url).
 
 
 def _repo(url: str) -> Repository:
@@ -245,6 +246,7 @@ def test_old_messages_are_resent_only_when_asked(database_url: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.services
 def test_bulk_marks_and_batched_claims_never_deadlock(postgres_url: str) -> None:
     """The full-size load run hit a deadlock: a 5,000-row enqueue mark against workers' batched claims, each
     locking rows in its own scan order. Both now lock in id order; here they race on a scrambled table."""
@@ -305,6 +307,7 @@ def test_lost_results_go_back_to_the_queue_under_a_new_fence(database_url: str) 
     assert repo.images_to_enqueue(run_id, stale_after_s=600, resend_stale=False) == [done]
 
 
+@pytest.mark.services
 def test_protocol_statements_run_in_autocommit_with_generic_plans(postgres_url: str) -> None:
     repo = _repo(postgres_url)
     with repo.db.protocol.connect() as connection:
@@ -330,3 +333,55 @@ def test_a_claim_names_its_run_and_never_takes_another_runs_image(database_url: 
         (before.status, before.attempts, before.fence, before.lease_owner) == ("queued", 0, 0, None)
     claims = repo.claim_many([(second, theirs)], "w", lease_seconds=60)
     assert list(claims) == [theirs] and claims[theirs].run_id == second
+
+
+def test_results_travel_as_json_unchanged(database_url: str) -> None:
+    """A batch of results is one JSON parameter: quotes, backslashes, non-ASCII text, nesting and nulls in the
+    diagnostics, and a missing device, come back exactly as written on both dialects."""
+    repo = _repo(database_url)
+    run_id = _run(repo)
+    repo.add_images(run_id, _planned(2))
+    ids = repo.pending_image_ids(run_id)
+    claims = repo.claim_many([(run_id, i) for i in ids], "w", lease_seconds=60)
+    tricky = {"text": 'a "quoted" \\ path\nß 漢字 ✓', "nested": {"list": [1, 2.5, None, True]}, "empty": {}}
+    completions = [Completion(claims[ids[0]], "k'0", 0.25, tricky, {"ms": 1.5}, None),
+                   Completion(claims[ids[1]], "k1", 1.0, {}, {}, "cuda:0")]
+    assert repo.complete_many(completions) == [True, True]
+    first, second = repo.image(ids[0]), repo.image(ids[1])
+    assert (first.object_key, first.image_score, first.diagnostics, first.timings, first.device) == \
+        ("k'0", 0.25, tricky, {"ms": 1.5}, None)
+    assert (second.diagnostics, second.device) == ({}, "cuda:0")
+    with pytest.raises(ValueError):  # a non-finite score is refused before it reaches SQL
+        repo.complete_many([Completion(claims[ids[0]], "k", float("nan"), {}, {}, None)])
+
+
+@pytest.mark.services
+def test_each_protocol_step_is_one_statement_on_postgresql(postgres_url: str) -> None:
+    """One round trip per step, the category flag included: claim (with a quarantine), a batch of
+    completions, a permanent failure, a release and the compare-and-set."""
+    from sqlalchemy import event
+
+    repo = _repo(postgres_url)
+    run_id = _run(repo)
+    repo.add_images(run_id, _planned(4))
+    ids = repo.pending_image_ids(run_id)
+    statements: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:  # noqa: ANN001 - SQLAlchemy event signature
+        statements.append(statement)
+
+    for engine in (repo.db.protocol, repo.db.engine):
+        event.listen(engine, "before_cursor_execute", count)
+    try:
+        claims = repo.claim_many([(run_id, i) for i in ids], "w", lease_seconds=60)
+        assert len(statements) == 1
+        assert repo.complete_many([Completion(claims[i], "k", 0.5, {}, {}, "cpu") for i in ids[:2]]) == [True] * 2
+        assert repo.fail(claims[ids[2]], "corrupt", max_attempts=3, permanent=True) == "failed"
+        assert repo.release(claims[ids[3]]) is True
+        assert repo.try_start_aggregation(run_id, "bottle") is False  # one image queued again
+        assert len(statements) == 5
+    finally:
+        for engine in (repo.db.protocol, repo.db.engine):
+            event.remove(engine, "before_cursor_execute", count)
+    (category,) = repo.categories(run_id)
+    assert category.dirty is True
