@@ -586,6 +586,7 @@ def test_lost_results_found_by_the_aggregate_task_are_sent_again(sqlite_url: str
 
     import workers.celery_app as celery_app
     from storage.settings import Settings
+    from workers.queues import AGGREGATE_CATEGORY
     from workers.runtime import WorkerRuntime
 
     repo, store, run_id = _plan_brick(sqlite_url, sample_root, tmp_path)
@@ -596,11 +597,11 @@ def test_lost_results_found_by_the_aggregate_task_are_sent_again(sqlite_url: str
     settings = Settings(broker_url=broker, database_url=sqlite_url, object_store_url=str(tmp_path / "objects"),
                         work_dir=tmp_path / "work")
     runtime = WorkerRuntime(settings)
-    monkeypatch.setattr(celery_app, "app", celery_app.make_app(settings))  # what this worker's app is
-    monkeypatch.setattr(celery_app, "_runtime", runtime)
+    app = celery_app.make_app(settings)  # what this worker's app is
+    monkeypatch.setattr(app.worker_state, "_runtime", runtime)
     try:
         assert repo.try_start_aggregation(run_id, "brick")  # the last finisher's compare-and-set
-        assert celery_app.aggregate_category_task(run_id, "brick") == 0
+        assert app.tasks[AGGREGATE_CATEGORY](run_id, "brick") == 0
         (category,) = repo.categories(run_id)
         assert (category.status, category.dirty) == ("open", True) and repo.metric_rows(run_id) == []
         messages = redis.Redis.from_url(broker).lrange("readar.images", 0, -1)

@@ -5,10 +5,14 @@ time limits, a Redis visibility timeout above the lease (the same value on every
 backoff for transient errors only, cancelling long-running tasks when the broker connection is lost.
 Workers use a thread pool whose size is the batch size, so concurrently delivered tasks share batched
 forwards through the in-process batcher (DESIGN.md section 3).
+
+Apps come from :func:`make_app` and the caller's Settings; importing this module reads no environment (``app``,
+for ``celery -A``, is built from it on first access).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -21,6 +25,7 @@ from kombu import Exchange, Queue
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from storage.database import DatabaseError
+from storage.models import CategoryStatus, RunStatus
 from storage.objects import ObjectStoreError
 from storage.redact import redact_url
 from storage.settings import Settings, broker_kind
@@ -39,7 +44,6 @@ from workers.runtime import WorkerRuntime
 from workers.task import Outcome, process_image, worker_identity
 
 log = logging.getLogger(__name__)
-
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -114,37 +118,73 @@ def _rabbitmq_options() -> dict[str, Any]:
     }
 
 
+class WorkerState:
+    """What a worker process of one app keeps between tasks: the settings the app was made with, and the runtime
+    and heartbeat built on first use (after Celery has started: no CUDA before any fork). The app owns it, so two
+    apps in one process (a test's, a bench's) never share a runtime and nothing of it lives in this module."""
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.heartbeat: Heartbeat | None = None
+        self._runtime: WorkerRuntime | None = None
+        self._lock = threading.Lock()
+
+    def runtime(self) -> WorkerRuntime:
+        with self._lock:
+            if self._runtime is None:
+                self.heartbeat = Heartbeat(self.settings.heartbeat_file)
+                start_metrics_server(self.settings.metrics_port, self.settings.metrics_host)
+                self._runtime = WorkerRuntime(self.settings, on_category_complete=self.enqueue_aggregation)
+                # Once per process, at the default log level: which broker, database and bucket this worker really uses.
+                log.warning("worker %s uses broker %s, database %s, objects %s", worker_identity(),
+                            redact_url(self.settings.broker_url), redact_url(self.settings.resolved_database_url),
+                            redact_url(self._runtime.store.describe()))
+            return self._runtime
+
+    def enqueue_aggregation(self, run_id: int, category: str) -> None:
+        self.app.send_task(AGGREGATE_CATEGORY, args=[run_id, category], queue=AGGREGATE_QUEUE)
+
+    def on_worker_ready(self, sender: Any = None, **_: Any) -> None:
+        """Storage checks, heartbeat, metrics endpoint and the detectors of the runs in progress up before the
+        first task arrives. Celery's signal is process-wide: a worker of another app is not this one's to set up."""
+        if getattr(sender, "app", None) is not self.app:
+            return
+        runtime = self.runtime()
+        try:
+            check_device(self.settings.device)
+            for run in runtime.repo.list_runs():
+                if run.status == RunStatus.RUNNING:
+                    runtime.context_for_run(run.id).detector.preflight()
+        except SetupError as exc:
+            stop_for_setup(exc)
+
+
 def make_app(settings: Settings) -> Celery:
+    """A Celery app for ``settings`` with both tasks registered on it alone (not shared with every app of the
+    process) and its :class:`WorkerState` as ``app.worker_state``. The worker-ready hook holds the state weakly,
+    so an app dropped by a test or a command leaves no receiver behind."""
     celery = Celery("readar", set_as_current=False)
     celery.conf.update(celery_config(settings))
+    celery.worker_state = WorkerState(celery, settings)
+    celery.task(name=PROCESS_IMAGE, bind=True, max_retries=10, shared=False)(process_image_task)
+    celery.task(name=AGGREGATE_CATEGORY, bind=True, max_retries=5, shared=False)(aggregate_category_task)
+    worker_ready.connect(celery.worker_state.on_worker_ready)
     return celery
 
 
-_settings = Settings()
-app = make_app(_settings)
-
-_runtime: WorkerRuntime | None = None
-_runtime_lock = threading.Lock()
-_heartbeat: Heartbeat | None = None
+@functools.cache
+def default_app() -> Celery:
+    """The app of this process's environment (READAR_* variables), built once, on first use."""
+    return make_app(Settings())
 
 
-def runtime() -> WorkerRuntime:
-    """The process's runtime, created on first use (after Celery has started: no CUDA before any fork)."""
-    global _runtime, _heartbeat
-    with _runtime_lock:
-        if _runtime is None:
-            _heartbeat = Heartbeat(_settings.heartbeat_file)
-            start_metrics_server(_settings.metrics_port, _settings.metrics_host)
-            _runtime = WorkerRuntime(_settings, on_category_complete=enqueue_aggregation)
-            # Once per process, at the default log level: which broker, database and bucket this worker really uses.
-            log.warning("worker %s uses broker %s, database %s, objects %s", worker_identity(),
-                        redact_url(_settings.broker_url), redact_url(_settings.resolved_database_url),
-                        redact_url(_runtime.store.describe()))
-        return _runtime
-
-
-def enqueue_aggregation(run_id: int, category: str) -> None:
-    app.send_task(AGGREGATE_CATEGORY, args=[run_id, category], queue=AGGREGATE_QUEUE)
+def __getattr__(name: str) -> Any:
+    """``app`` for ``celery -A workers.celery_app`` (Flower) and workers/worker_main.py: importing this module
+    reads no environment; looking ``app`` up does (PEP 562)."""
+    if name == "app":
+        return default_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # Storage and network failures that a later attempt can succeed after (never counted against the image).
@@ -155,8 +195,7 @@ def _backoff(retries: int) -> int:
     return min(2 ** retries, 60)
 
 
-@app.task(name=PROCESS_IMAGE, bind=True, max_retries=10)
-def process_image_task(self: Any, run_id: int, image_id: int, enqueued_at: float | None = None) -> str:
+def process_image_task(self: Any, run_id: int, image_id: int, enqueued_at: float | None = None) -> Outcome:
     """Ids in, one call, status out. Transient storage errors retry with backoff; everything else is recorded
     in SQL by :func:`workers.task.process_image`. Arguments that cannot name a row are dropped, never retried
     (the consumer drops such messages before they get here; this covers a call that did not come through it)."""
@@ -168,14 +207,16 @@ def process_image_task(self: Any, run_id: int, image_id: int, enqueued_at: float
         return Outcome.REJECTED
     if enqueued_at is not None and self.request.retries == 0:
         QUEUE_WAIT.observe(max(time.time() - float(enqueued_at), 0.0))
-    if _heartbeat is not None:
-        _heartbeat.task_started()
+    worker: WorkerState = self.app.worker_state
+    heartbeat = worker.heartbeat  # the one told of the start is the one told of the end
+    if heartbeat is not None:
+        heartbeat.task_started()
     try:
         # Everything that touches the database or the object store is inside the retry: a message is never
         # acknowledged away by an outage (the row would stay queued with nothing to send it again).
-        state = runtime()
-        if state.run_status(run_id) == "cancelled":
-            return "cancelled"
+        state = worker.runtime()
+        if state.run_status(run_id) == RunStatus.CANCELLED:
+            return Outcome.CANCELLED
         outcome = process_image(state.context_for_run(run_id), run_id, image_id)
     except TRANSIENT_ERRORS as exc:
         log.warning("transient error on image %d (%s); retrying", image_id, type(exc).__name__)
@@ -183,8 +224,8 @@ def process_image_task(self: Any, run_id: int, image_id: int, enqueued_at: float
     except SetupError as exc:
         stop_for_setup(exc)
     finally:
-        if _heartbeat is not None:
-            _heartbeat.task_finished()
+        if heartbeat is not None:
+            heartbeat.task_finished()
     IMAGES.labels(outcome).inc()
     if outcome.queued_again:  # send it again after a pause
         raise self.retry(countdown=_backoff(self.request.retries))
@@ -203,10 +244,9 @@ def _lease_wait(state: WorkerRuntime, image_id: int) -> float:
         from datetime import UTC
 
         expires = expires.replace(tzinfo=UTC)
-    return max(1.0, min((expires - utcnow()).total_seconds() + 1.0, float(_settings.lease_seconds)))
+    return max(1.0, min((expires - utcnow()).total_seconds() + 1.0, float(state.settings.lease_seconds)))
 
 
-@app.task(name=AGGREGATE_CATEGORY, bind=True, max_retries=5)
 def aggregate_category_task(self: Any, run_id: int, category: str) -> int:
     """Compute a category's metric rows; on failure the category becomes due again and the task retries."""
     problem = task_args_problem(AGGREGATE_CATEGORY, [run_id, category], {})
@@ -217,7 +257,7 @@ def aggregate_category_task(self: Any, run_id: int, category: str) -> int:
     from workers.dispatch import enqueue_images
 
     try:
-        state = runtime()
+        state = self.app.worker_state.runtime()
         if not _still_aggregating(state, run_id, category):
             # A second delivery of a finished aggregation (redelivered after the visibility timeout, or sent
             # twice): the rows are stored already; running again would only repeat the work.
@@ -226,7 +266,7 @@ def aggregate_category_task(self: Any, run_id: int, category: str) -> int:
     except LostResultsError as exc:
         # Those images are queued again: send them; the last of them to finish triggers this aggregation anew.
         log.warning("%s", exc)
-        enqueue_images(app, state.repo, run_id, visibility_timeout=_settings.visibility_timeout)
+        enqueue_images(self.app, state.repo, run_id, visibility_timeout=state.settings.visibility_timeout)
         return 0
     except TRANSIENT_ERRORS as exc:
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
@@ -239,7 +279,8 @@ def aggregate_category_task(self: Any, run_id: int, category: str) -> int:
 
 
 def _still_aggregating(state: WorkerRuntime, run_id: int, category: str) -> bool:
-    return any(c.category == category and c.status == "aggregating" for c in state.repo.categories(run_id))
+    return any(c.category == category and c.status == CategoryStatus.AGGREGATING
+               for c in state.repo.categories(run_id))
 
 
 # Exit status of a worker process that cannot run here (sysexits' EX_CONFIG): the supervisor keeps it
@@ -253,15 +294,3 @@ def stop_for_setup(exc: Exception) -> NoReturn:
     log.error("this worker cannot run the detector: %s; it takes no more tasks until that is fixed", exc)
     logging.shutdown()
     os._exit(SETUP_EXIT_CODE)
-
-
-@worker_ready.connect
-def _on_worker_ready(**_: Any) -> None:
-    runtime()  # storage checks, heartbeat and metrics endpoint up before the first task arrives
-    try:
-        check_device(_settings.device)
-        for run in runtime().repo.list_runs():  # detectors of the runs in progress: build and check them now
-            if run.status == "running":
-                runtime().context_for_run(run.id).detector.preflight()
-    except SetupError as exc:
-        stop_for_setup(exc)

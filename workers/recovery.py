@@ -20,6 +20,7 @@ from typing import Any
 
 from celery import Celery
 
+from storage.models import RunStatus
 from storage.repository import Repository
 from workers.dispatch import (
     ABSENT_GRACE_S,
@@ -164,7 +165,7 @@ class Recovery:
 
     def reconcile_all(self, *, absent_grace_s: float, unacked_grace_s: float) -> None:
         runs = [run for run in self.repo.list_runs()
-                if run.status not in ("done", "cancelled") and is_distributed(run)]
+                if run.status not in (RunStatus.DONE, RunStatus.CANCELLED) and is_distributed(run)]
         if not runs:
             return
         census = message_census(self.celery)

@@ -22,7 +22,7 @@ import numpy as np
 
 from storage.jsonvalue import json_value
 from storage.logits import encode_logits, full_resolution_logits
-from storage.models import ACTIVE_STATUSES
+from storage.models import ACTIVE_STATUSES, ImageStatus
 from storage.objects import ObjectStore, ObjectStoreError, image_object_key
 from storage.paths import PathEscapeError, PathMap, RootResolver, reference_folder
 from storage.redact import redact_text
@@ -46,6 +46,7 @@ class Outcome(StrEnum):
     HELD = "held"  # another live claim holds the row (or it was just given back): look again later
     NOT_CLAIMED = "not-claimed"  # the row is finished already
     REJECTED = "rejected"  # the message names an image that is not in its run: nothing was touched
+    CANCELLED = "cancelled"  # the run is cancelled: the row was left as it is
 
     @property
     def queued_again(self) -> bool:
@@ -256,11 +257,11 @@ def _record_failure(ctx: WorkerContext, claim: Claim, run_id: int, category: str
                     ) -> Outcome:
     error = redact_text(error, ctx.secrets)
     status = ctx.repo.fail(claim, error, max_attempts=ctx.max_attempts, permanent=permanent)
-    if status == "failed":
+    if status == ImageStatus.FAILED:
         log.warning("image %d failed: %s", claim.image_id, error)
         _maybe_aggregate(ctx, run_id, category)
         return Outcome.FAILED
-    return Outcome.RETRY if status == "queued" else Outcome.STALE
+    return Outcome.RETRY if status == ImageStatus.QUEUED else Outcome.STALE
 
 
 def _maybe_aggregate(ctx: WorkerContext, run_id: int, category: str) -> None:

@@ -88,6 +88,18 @@ class PreparedImage:
     prepare_ms: float
 
 
+@dataclass(frozen=True)
+class SegPrompt:
+    """One [SEG] of a batch: which image and query row it came from, and the SasP inputs of its SAM prompt
+    (the first one per image becomes that image's diagnostics)."""
+
+    image_index: int
+    row_index: int
+    similarity: torch.Tensor  # (576,) raw [SEG]·image-token dot products
+    points: torch.Tensor | None  # (n, 2) x, y in original-image pixels; None without SasP points
+    labels: torch.Tensor | None
+
+
 def _elapsed_ms(start: float, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -261,7 +273,8 @@ class ReadDetector(Detector):
         timings["sam_encoder"] = _elapsed_ms(start, device)
 
         start = time.perf_counter()
-        jobs, facts = [], []  # one SAM job per [SEG]; facts: (image, row, similarity, points, labels)
+        jobs: list[tuple[int, torch.Tensor]] = []  # one SAM job per [SEG], in the order of prompts
+        prompts: list[SegPrompt] = []
         for row_index, (row, result) in enumerate(zip(rows, states.rows, strict=True)):
             if result.seg_states is None:
                 continue
@@ -277,13 +290,13 @@ class ReadDetector(Detector):
                 )
                 sparse = sparse_prompt(model.sam, seg_embedding, framed, labels, padding_point=self.padding_point)
                 jobs.append((row.image_index, sparse))
-                facts.append((row.image_index, row_index, similarity, points, labels))
+                prompts.append(SegPrompt(row.image_index, row_index, similarity, points, labels))
         timings["sasp"] = _elapsed_ms(start, device)
         start = time.perf_counter()
         masks = decode_many(model.sam, embeddings, jobs)
         timings["mask_decoder"] = _elapsed_ms(start, device)
         return [
-            self._detection(index, item, rows, states.rows, facts, masks, timings)
+            self._detection(index, item, rows, states.rows, prompts, masks, timings)
             for index, item in enumerate(batch)
         ]
 
@@ -293,11 +306,11 @@ class ReadDetector(Detector):
         item: PreparedImage,
         rows: list[QueryRow],
         results: list[Any],
-        facts: list[tuple[Any, ...]],
+        prompts: list[SegPrompt],
         masks: list[torch.Tensor],
         timings: dict[str, Any],
     ) -> Detection:
-        mine = [i for i, fact in enumerate(facts) if fact[0] == image_index]
+        mine = [i for i, prompt in enumerate(prompts) if prompt.image_index == image_index]
         maps = (
             torch.stack([masks[i] for i in mine]).float().cpu().numpy()
             if mine
@@ -319,14 +332,14 @@ class ReadDetector(Detector):
             }
             for i, query in zip(row_indices, item.queries, strict=True)
         ]
-        first = facts[mine[0]] if mine else None
-        similarity = first[2] if first else None
+        first = prompts[mine[0]] if mine else None
+        similarity = first.similarity if first else None
         side = int(round(similarity.numel() ** 0.5)) if similarity is not None else 0
         diagnostics = {
             "similarity": similarity.reshape(side, side).tolist() if similarity is not None else None,
             "similarity_kind": "raw dot product",
-            "points": first[3].tolist() if first and first[3] is not None else [],
-            "labels": first[4].tolist() if first and first[4] is not None else [],
+            "points": first.points.tolist() if first and first.points is not None else [],
+            "labels": first.labels.tolist() if first and first.labels is not None else [],
             "seg_found": bool(mine),
             "num_seg": len(mine),
             "text": queries[0]["text"] if len(queries) == 1 else " | ".join(q["text"] for q in queries),
