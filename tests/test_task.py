@@ -112,7 +112,7 @@ def test_a_claim_that_raced_a_give_back_keeps_the_message(postgres_url: str, sam
     repo, store, run_id = _setup(postgres_url, sample_root, tmp_path)
     image_id = repo.pending_image_ids(run_id)[0]
     ctx = _context(repo, store, SlowConstant(0.0, 1.0), "worker-c")
-    ctx.claims = lambda _image_id: None  # what the claim statement returned while the row was still running
+    ctx.claim = lambda _image_id: None  # what the claim statement returned while the row was still running
     assert repo.image(image_id).status == "queued"  # given back since
     assert process_image(ctx, run_id, image_id) == "held"  # the Celery task retries it after a pause
     ctx.batcher.close()

@@ -121,10 +121,11 @@ class WorkerContext:
     _runs: dict[int, RunInfo] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # Concurrent tasks of this process share their claim, commit and completion-check statements.
-        self.claims: GroupCommit[tuple[int, int], Claim | None] = GroupCommit(first_per_key(self._claim_rows))
-        self.completions: GroupCommit[Completion, bool] = GroupCommit(self.repo.complete_many)
-        self.aggregation_checks: GroupCommit[tuple[int, str], bool | None] = GroupCommit(
+        # Each step is a call (claim, complete, try_start_aggregation); concurrent tasks of this process share
+        # one statement per step (workers/groupcommit.py).
+        self.claim: GroupCommit[tuple[int, int], Claim | None] = GroupCommit(first_per_key(self._claim_rows))
+        self.complete: GroupCommit[Completion, bool] = GroupCommit(self.repo.complete_many)
+        self.try_start_aggregation: GroupCommit[tuple[int, str], bool | None] = GroupCommit(
             first_per_key(self.repo.try_start_aggregations))
 
     def _claim_rows(self, keys: list[tuple[int, int]]) -> list[Claim | None]:
@@ -182,7 +183,7 @@ def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> Outcome:
     Transient errors (object store) leave the row queued for another attempt; permanent input errors fail it
     at once; other detector errors are retried until ``max_attempts`` and then quarantined.
     """
-    claim = ctx.claims((run_id, image_id))
+    claim = ctx.claim((run_id, image_id))
     if claim is None:
         try:
             current = ctx.repo.image(image_id)
@@ -242,7 +243,7 @@ def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> Outcome:
     except Exception as exc:  # noqa: BLE001 - any detector failure is recorded against this image
         log.exception("detector failed on %s", row.image_path)
         return _record_failure(ctx, claim, run_id, row.category, f"{type(exc).__name__}: {exc}", permanent=False)
-    committed = ctx.completions(Completion(
+    committed = ctx.complete(Completion(
         claim, object_key=key, image_score=score, diagnostics=json_value(detection.diagnostics),
         timings=timings, device=ctx.device,
     ))
@@ -265,5 +266,5 @@ def _record_failure(ctx: WorkerContext, claim: Claim, run_id: int, category: str
 
 
 def _maybe_aggregate(ctx: WorkerContext, run_id: int, category: str) -> None:
-    if ctx.on_category_complete is not None and ctx.aggregation_checks((run_id, category)):
+    if ctx.on_category_complete is not None and ctx.try_start_aggregation((run_id, category)):
         ctx.on_category_complete(run_id, category)
