@@ -17,13 +17,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from storage.npz import read_npz, write_npz
-
 # Logit used for an image whose detector produced no mask at all (e.g. READ generated no [SEG] token):
 # probability 0 everywhere, still finite so the metrics treat it as an ordinary (lowest) score.
 NO_MASK_LOGIT = float(np.finfo(np.float16).min)
 
 FORMAT_VERSION = 1
+
+# Bounds on the geometry an object may declare: the full-resolution map and SAM's frame are allocated from it,
+# so a damaged or hostile object must not name sizes no image has. The pixel bound is the largest pixel budget
+# the settings accept (Settings.max_image_pixels); the frame bound is 8× SAM's 1024-pixel frame.
+MAX_PIXELS = 2**31 - 1
+MAX_FRAME_SIZE = 8192
 
 
 class LogitFormatError(ValueError):
@@ -60,6 +64,11 @@ class StoredLogits:
         height, width = (int(v) for v in self.original_size)
         if height <= 0 or width <= 0:
             raise LogitFormatError(f"original_size must be positive; got {self.original_size}")
+        if height * width > MAX_PIXELS:
+            raise LogitFormatError(f"original_size {height}×{width} exceeds {MAX_PIXELS:,} pixels")
+        if not 0 < int(self.frame_size) <= MAX_FRAME_SIZE:
+            raise LogitFormatError(f"frame_size must be from 1 to {MAX_FRAME_SIZE}; got {self.frame_size}")
+        object.__setattr__(self, "frame_size", int(self.frame_size))
         object.__setattr__(self, "maps", maps)
         object.__setattr__(self, "original_size", (height, width))
         if self.input_size is None:
@@ -109,38 +118,85 @@ def full_resolution_logits(stored: StoredLogits) -> np.ndarray:
     return np.clip(combined, finfo.min, finfo.max).astype(np.float16)
 
 
+_ARRAYS = ("format_version", "maps", "original_size", "input_size", "frame_size")
+_ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")  # a member first, or an empty archive
+
+
 def encode_logits(stored: StoredLogits) -> bytes:
-    """Serialise to an ``.npz`` byte string (plain numeric arrays only: readable by ``np.load``, no pickle)."""
-    return write_npz({
-        "format_version": np.array(FORMAT_VERSION, dtype=np.int64),
-        "maps": stored.maps,
-        "original_size": np.array(stored.original_size, dtype=np.int64),
-        "input_size": np.array(stored.input_size if stored.input_size else (-1, -1), dtype=np.int64),
-        "frame_size": np.array(stored.frame_size, dtype=np.int64),
-    })
+    """Serialise to an ``.npz`` byte string with ``np.savez`` (plain numeric arrays, uncompressed, no pickle).
+
+    numpy writes and reads these objects. A hand-written zip/npy reader and writer were faster, but by too little
+    against READ's GPU time per image to keep a second parser of untrusted bytes (figures: bench/RESULTS.md).
+    Objects that writer left behind are ordinary uncompressed ``.npz`` archives and decode here unchanged."""
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        format_version=np.array(FORMAT_VERSION, dtype=np.int64),
+        maps=stored.maps,
+        original_size=np.array(stored.original_size, dtype=np.int64),
+        input_size=np.array(stored.input_size if stored.input_size else (-1, -1), dtype=np.int64),
+        frame_size=np.array(stored.frame_size, dtype=np.int64),
+    )
+    return buffer.getvalue()
+
+
+def _read_archive(data: bytes, source: str) -> dict[str, np.ndarray]:
+    """The five arrays of a logit object, read by ``np.load`` without pickle.
+
+    Refused with a reason: bytes that are not a zip archive (a bare ``.npy``, a pickle), a member that would
+    expand beyond the size of the whole object (a compressed "zip bomb": READAR writes its members uncompressed,
+    and numpy would inflate a member whole), an object array, a damaged member (zip checksum), a missing array.
+    Members other than the five are never read."""
+    if not data.startswith(_ZIP_SIGNATURES):
+        raise LogitFormatError(f"{source} is not a READAR logit archive: not a zip archive (starts {data[:8]!r})")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            for member in archive.zip.infolist():
+                if member.file_size > len(data):
+                    raise LogitFormatError(
+                        f"{source}: member {member.filename!r} expands to {member.file_size:,} bytes, more than the "
+                        f"whole object ({len(data):,} bytes); READAR never compresses logit objects"
+                    )
+            missing = set(_ARRAYS) - set(archive.files)
+            if missing:
+                raise LogitFormatError(f"{source} lacks arrays {sorted(missing)}")
+            return {name: archive[name] for name in _ARRAYS}
+    except LogitFormatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure (zip, npy header, pickle refused) is a format error
+        raise LogitFormatError(f"{source} is not a READAR logit archive: {exc}") from exc
+
+
+def _integers(arrays: dict[str, np.ndarray], name: str, shape: tuple[int, ...], source: str) -> tuple[int, ...]:
+    value = arrays[name]
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu" or value.shape != shape:
+        found = f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
+        raise LogitFormatError(f"{source}: {name} must be integers of shape {shape}; got {found}")
+    return tuple(int(v) for v in value.reshape(-1))
 
 
 def decode_logits(data: bytes, *, source: str = "logit object") -> StoredLogits:
-    """Inverse of :func:`encode_logits`; ``source`` names the object in error messages."""
-    arrays = read_npz(data)  # the fast path for what encode_logits writes
-    if arrays is None:
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-                arrays = {name: archive[name] for name in archive.files}
-        except Exception as exc:  # noqa: BLE001 - any parse failure is a format error for the caller
-            raise LogitFormatError(f"{source} is not a READAR logit archive: {exc}") from exc
-    missing = {"format_version", "maps", "original_size", "input_size", "frame_size"} - arrays.keys()
-    if missing:
-        raise LogitFormatError(f"{source} lacks arrays {sorted(missing)}")
-    if int(arrays["format_version"]) != FORMAT_VERSION:
-        raise LogitFormatError(f"{source} has format version {int(arrays['format_version'])}; expected {FORMAT_VERSION}")
-    input_size = tuple(int(v) for v in arrays["input_size"])
+    """Inverse of :func:`encode_logits`; ``source`` names the object in error messages.
+
+    Every malformed object (see :func:`_read_archive`; wrong dtypes or shapes; NaN or inf; a geometry that does
+    not fit) raises :class:`LogitFormatError`, which the aggregator treats as a lost result."""
+    arrays = _read_archive(data, source)
+    (version,) = _integers(arrays, "format_version", (), source)
+    if version != FORMAT_VERSION:
+        raise LogitFormatError(f"{source} has format version {version}; expected {FORMAT_VERSION}")
+    maps = arrays["maps"]
+    if not isinstance(maps, np.ndarray) or maps.dtype != np.float16 or maps.ndim != 3:
+        found = f"{maps.dtype} {maps.shape}" if isinstance(maps, np.ndarray) else type(maps).__name__
+        raise LogitFormatError(f"{source}: maps must be float16 (K, h, w); got {found}")
+    original_size = _integers(arrays, "original_size", (2,), source)
+    input_size = _integers(arrays, "input_size", (2,), source)
+    (frame_size,) = _integers(arrays, "frame_size", (), source)
     try:
         return StoredLogits(
-            maps=arrays["maps"],
-            original_size=tuple(int(v) for v in arrays["original_size"]),  # type: ignore[arg-type]
+            maps=maps,
+            original_size=original_size,  # type: ignore[arg-type]
             input_size=None if input_size == (-1, -1) else input_size,  # type: ignore[arg-type]
-            frame_size=int(arrays["frame_size"]),
+            frame_size=frame_size,
         )
     except LogitFormatError as exc:
         raise LogitFormatError(f"{source}: {exc}") from exc

@@ -68,10 +68,10 @@ class ObjectStore:
         never sees a partial object; S3 PUTs are atomic by nature.
 
         Local writes are not forced to disk one by one (an fsync per object was the largest single cost of a
-        short task: a journal commit each time). A crash of the process loses nothing (the page cache holds
-        the bytes); a power failure can lose the last seconds of objects whose rows already say done. Such a
-        result is not lost silently: every object carries checksums, the aggregator finds it missing or
-        damaged, and the image is computed again (metrics/aggregator.py, LostResultsError)."""
+        short task: a journal commit each time; figures: bench/RESULTS.md). A crash of the process loses nothing
+        (the page cache holds the bytes); a power failure can lose the last seconds of objects whose rows already
+        say done. Such a result is not lost silently: every object carries checksums, the aggregator finds it
+        missing or damaged, and the image is computed again (metrics/aggregator.py, LostResultsError)."""
         path = self._path(key)
         try:
             if self.is_local:

@@ -77,9 +77,10 @@ def reference_folder(root: Path | str, category: str) -> Path | None:
 class RootResolver:
     """:func:`resolve_inside` for many paths under one root, resolving each directory once.
 
-    A task resolves one image path per image; resolving every component each time (``Path.resolve`` makes a
-    system call per component) cost about 80 µs. Here a path's directory is resolved and checked once; the file
-    itself is checked with one ``lstat`` and, when it is a symlink, resolved in full like any other path."""
+    A task resolves one image path per image, and resolving every component each time (``Path.resolve`` makes a
+    system call per component) was a measurable part of a short task (figures: bench/RESULTS.md). Here a path's
+    directory is resolved and checked once; the file itself is checked with one ``lstat`` and, when it is a
+    symlink, resolved in full like any other path."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).resolve()

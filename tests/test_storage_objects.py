@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import pickle
+import struct
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,43 +32,108 @@ def test_logits_round_trip_keeps_geometry_and_values() -> None:
     np.testing.assert_array_equal(back.maps, maps)
 
 
-@pytest.mark.parametrize("array", [
-    np.array(7, np.int64), np.array([3, -1], np.int64), np.zeros((0, 4, 5), np.float16),
-    np.arange(12, dtype=np.uint8).reshape(3, 4), np.array([True, False]),
-    np.random.default_rng(1).normal(size=(1, 256, 256)).astype(np.float16),
-    np.asfortranarray(np.arange(6.0).reshape(2, 3)),
-], ids=["0-d", "1-d", "empty", "uint8", "bool", "sam-sized", "fortran"])
-def test_npz_writer_is_what_numpy_reads_and_the_fast_reader_agrees(array: np.ndarray) -> None:
-    from storage.npz import read_npz, write_npz
-
-    data = write_npz({"a": array, "b": np.array(1, np.int64)})
-    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-        from_numpy = archive["a"]
-    fast = read_npz(data)
-    assert fast is not None
-    for back in (from_numpy, fast["a"]):
-        assert back.dtype == array.dtype and back.shape == array.shape
-        np.testing.assert_array_equal(back, array)
-    member = io.BytesIO()  # each member is byte for byte what numpy itself writes for the array
-    np.lib.format.write_array(member, np.require(array, requirements="C"), version=(1, 0))
-    assert member.getvalue() in data
+# A logit object written by storage/npz.py, the hand-written writer READAR used until 2026-12-02 (zlib + base64):
+# maps [[[-2.5, 0, 1.5], [3, -7, 0.25]]] float16, original_size (4, 6), input_size (2, 3), frame_size 4.
+_HAND_WRITTEN_OBJECT = (
+    "eNoL8GZmEWGAAEWGJRvnr+oAskBYCIjT8otyE0viy1KLijPz8/TyCion+4X6BkQyMpQxVKunpBYnF6lbKajbZFqo6yioA1WX"
+    "FCXmxecXpaSCxN0Sc4pTgeLFGYkFqUC+hqaOQq0CRYCLEerWABR33xJM5e8BskCYA4hzEwuKcbs2zYgo1xrqKBjpKBhT4Ggu"
+    "hoNAx9gxODEcZzBBdfEDfX7xCUAWCAsCcX5RZnpmXmJOfHFmVSrFAW2kQ2lQc7FAncqGNcATPOp4YM7nA+LMvILSkkHjdiao"
+    "O5mxuv3A/vpHsEQOcntaUWJuKnXcToUEzgJ3MyOTCAPurIkKMDMqun70LIIAO5AyDLou9GSKAFmMWBItunb0ZIIAmkzoiQZd"
+    "L3o0IcBTJvRIC/BmBadTViDUBTpsJjjmAdls764="
+)
 
 
-def test_archives_written_by_numpy_and_damaged_archives_take_numpys_path() -> None:
-    from storage.npz import read_npz
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, allow_pickle=True)
+    return buffer.getvalue()
 
-    stored = StoredLogits(np.ones((1, 3, 3), np.float16), original_size=(3, 3))
-    legacy = io.BytesIO()  # how earlier READAR versions wrote logit objects
-    np.savez(legacy, format_version=np.array(1, np.int64), maps=stored.maps, original_size=np.array([3, 3]),
+
+def _archive(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
+        for name, payload in members.items():
+            archive.writestr(f"{name}.npy", payload)
+    return buffer.getvalue()
+
+
+def _members(**replace: np.ndarray) -> dict[str, bytes]:
+    """The members of a valid 4×4 full-resolution logit object, some replaced."""
+    arrays = {
+        "format_version": np.array(1, np.int64), "maps": np.ones((1, 4, 4), np.float16),
+        "original_size": np.array([4, 4], np.int64), "input_size": np.array([-1, -1], np.int64),
+        "frame_size": np.array(1024, np.int64),
+    }
+    arrays.update(replace)
+    return {name: _npy(array) for name, array in arrays.items()}
+
+
+def test_logit_objects_are_numpys_own_npz() -> None:
+    stored = StoredLogits(np.arange(6, dtype=np.float16).reshape(1, 2, 3), (2, 3))
+    data = encode_logits(stored)
+    expected = io.BytesIO()
+    np.savez(expected, format_version=np.array(1, np.int64), maps=stored.maps, original_size=np.array([2, 3]),
              input_size=np.array([-1, -1]), frame_size=np.array(1024))
-    assert read_npz(legacy.getvalue()) is None  # zip64 fields: not the fast layout
-    back = decode_logits(legacy.getvalue())
-    np.testing.assert_array_equal(back.maps, stored.maps)
+    assert data == expected.getvalue()
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        np.testing.assert_array_equal(archive["maps"], stored.maps)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:  # uncompressed: no member expands beyond the object
+        assert {member.compress_type for member in archive.infolist()} == {zipfile.ZIP_STORED}
+
+
+def test_objects_written_by_the_former_hand_written_writer_still_decode() -> None:
+    back = decode_logits(zlib.decompress(base64.b64decode(_HAND_WRITTEN_OBJECT)))
+    assert back.original_size == (4, 6) and back.input_size == (2, 3) and back.frame_size == 4
+    np.testing.assert_array_equal(back.maps, np.array([[[-2.5, 0, 1.5], [3, -7, 0.25]]], np.float16))
+
+
+def test_damaged_logit_objects_are_refused() -> None:
+    stored = StoredLogits(np.ones((1, 3, 3), np.float16), original_size=(3, 3))
     damaged = bytearray(encode_logits(stored))
     damaged[damaged.index(b"\x93NUMPY", 200) + 130] ^= 0xFF  # a flipped byte in the maps' data
-    assert read_npz(bytes(damaged)) is None  # the checksum no longer matches
-    with pytest.raises(LogitFormatError, match="not a READAR logit archive"):
+    with pytest.raises(LogitFormatError, match="not a READAR logit archive.*CRC"):
         decode_logits(bytes(damaged))
+    with pytest.raises(LogitFormatError, match="not a READAR logit archive"):
+        decode_logits(encode_logits(stored)[:300])  # cut short, as a power failure may leave it
+
+
+@pytest.mark.parametrize(("members", "reason"), [
+    (_members(maps=np.array([{"evil": 1}], dtype=object)), "Object arrays cannot be loaded"),
+    (_members(format_version=np.array([1, 1])), "format_version must be integers of shape"),
+    (_members(original_size=np.array(5)), "original_size must be integers of shape"),
+    (_members(input_size=np.array([1.0, 1.0])), "input_size must be integers of shape"),
+    (_members(maps=np.ones((1, 4, 4), np.float32)), "maps must be float16"),
+    (_members(maps=np.ones((4, 4), np.float16)), "maps must be float16 \\(K, h, w\\); got float16 \\(4, 4\\)"),
+    (_members(frame_size=np.array(10**9)), "frame_size must be from 1 to"),
+    (_members(original_size=np.array([10**6, 10**6])), "exceeds 2,147,483,647 pixels"),
+    (_members(format_version=np.array(2)), "format version 2"),
+    ({**_members(), "maps": b"not an npy member"}, "maps must be float16 .*got bytes"),
+    ({name: payload for name, payload in _members().items() if name != "maps"}, "lacks arrays \\['maps'\\]"),
+], ids=["object-array", "version-shape", "size-scalar", "float-input-size", "float32-maps", "2-d-maps",
+        "huge-frame", "huge-image", "version-2", "raw-member", "missing-maps"])
+def test_hostile_logit_objects_are_refused_with_a_reason(members: dict[str, bytes], reason: str) -> None:
+    with pytest.raises(LogitFormatError, match=reason):
+        decode_logits(_archive(members), source="runs/1/images/1.npz")
+
+
+def _lying_npy(shape: str) -> bytes:
+    """A float16 ``.npy`` member whose header declares ``shape`` but that holds 32 bytes of data."""
+    header = f"{{'descr': '<f2', 'fortran_order': False, 'shape': {shape}, }}"
+    text = (header + " " * (-(10 + len(header) + 1) % 64) + "\n").encode("latin1")
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + bytes(32)
+
+
+def test_logit_objects_cannot_make_the_reader_allocate_what_they_do_not_hold() -> None:
+    bomb = _members(maps=np.zeros((1, 2000, 2000), np.float16))  # 8 MB of zeros deflate to a few kB
+    with pytest.raises(LogitFormatError, match="expands to 8,000,128 bytes, more than the whole object"):
+        decode_logits(_archive(bomb, zipfile.ZIP_DEFLATED))
+    # Headers that declare far more than the member holds: a 20 GB map (numpy reserves the address space, fills
+    # it from the member and stops at the first missing byte; where memory is not overcommitted the reservation
+    # itself fails) and one larger than any address space.
+    with pytest.raises(LogitFormatError, match="not a READAR logit archive: (EOF|Unable to allocate)"):
+        decode_logits(_archive({**_members(), "maps": _lying_npy("(1, 100000, 100000)")}))
+    with pytest.raises(LogitFormatError, match="not a READAR logit archive"):
+        decode_logits(_archive({**_members(), "maps": _lying_npy("(1, 10000000000, 10000000000)")}))
 
 
 def test_full_resolution_of_low_res_maps_follows_the_crop_geometry() -> None:
@@ -98,13 +167,13 @@ def test_bad_logit_objects_are_refused_with_a_reason() -> None:
         StoredLogits(np.array([[np.nan]], dtype=np.float32), (1, 1))
     with pytest.raises(LogitFormatError, match="image is 3×3"):
         StoredLogits(np.zeros((1, 2, 2)), (3, 3))
-    with pytest.raises(LogitFormatError, match="not a READAR logit archive"):
+    with pytest.raises(LogitFormatError, match="runs/1/images/1.npz is not a READAR logit archive"):
         decode_logits(b"garbage", source="runs/1/images/1.npz")
     buffer = io.BytesIO()
     np.save(buffer, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(LogitFormatError):
+    with pytest.raises(LogitFormatError, match="not a zip archive"):
         decode_logits(buffer.getvalue())
-    with pytest.raises(LogitFormatError):
+    with pytest.raises(LogitFormatError, match="not a zip archive"):
         decode_logits(pickle.dumps({"maps": 1}))
 
 

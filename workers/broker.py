@@ -2,8 +2,8 @@
 
 kombu's Redis channel builds a new ``redis.Redis`` client object for every synchronous operation (each
 acknowledgement, each event publish, each unacked-message bookkeeping step). The clients share one connection
-pool, so the new object buys nothing, but constructing it is among the largest costs of a short task: about a
-tenth of a worker's CPU time in ``bench/queue_bench.py``. This transport keeps one client per channel and
+pool, so the new object buys nothing, but constructing it is among the largest costs of a short task in
+``bench/queue_bench.py`` (figures: bench/RESULTS.md). This transport keeps one client per channel and
 connection pool; it is selected through Celery's ``broker_transport`` setting and changes nothing else.
 A ``redis.Redis`` client is safe to share between threads: every command takes its own pooled connection.
 """

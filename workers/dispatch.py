@@ -225,10 +225,10 @@ def _publish_images(celery: Celery, repo: Repository, run_id: int, image_ids: li
 class TaskMessages:
     """Celery task messages (protocol 2, JSON) in the form kombu's Redis transport stores them in a queue list.
 
-    ``send_task`` builds each message through several layers (about 200 µs a message); submitting 100,000
-    images needs them in a few µs. The fields are exactly those ``send_task`` writes for a task with
-    positional arguments, no ETA, no expiry and no result (tests/test_dispatch.py compares the two field by
-    field), so workers cannot tell the difference.
+    ``send_task`` builds each message through several layers, too slow for submitting 100,000 images at once
+    (figures: bench/RESULTS.md); this class writes the same message directly. The fields are exactly those
+    ``send_task`` writes for a task with positional arguments, no ETA, no expiry and no result
+    (tests/test_dispatch.py compares the two field by field), so workers cannot tell the difference.
     """
 
     def __init__(self, task_name: str, queue: str) -> None:
