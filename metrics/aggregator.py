@@ -10,12 +10,11 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from storage.logits import LogitFormatError, decode_logits, full_resolution_logits
+from storage.logits import LogitFormatError
+from storage.models import CategoryStatus, ImageStatus, RunStatus
 from storage.objects import ObjectMissingError, ObjectStore, category_state_key
-from storage.paths import resolve_inside
 from storage.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -44,34 +43,29 @@ def aggregate_category(
     repo: Repository, store: ObjectStore, run_id: int, category: str,
     *, progress: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Compute and store the metric rows of one category (category scope + its defect scopes)."""
+    """Compute and store the metric rows of one category (category scope + its defect scopes), then finish the
+    run when this was its last category (:func:`finish_run_if_complete`)."""
     from metrics.errors import GroundTruthError, MetricInputError
-    from metrics.groundtruth import load_mask
+    from metrics.results import load_result
     from metrics.scopes import ScopedAccumulator, set_image_counts
 
     run = repo.get_run_by_id(run_id)
-    root = Path(run.dataset_root)
     rows = repo.images(run_id, category=category)
-    done = [r for r in rows if r.status == "done"]
+    done = [r for r in rows if r.status == ImageStatus.DONE]
     # Per (category, defect type): each metric row reports the skips and failures of its own scope.
-    skipped = Counter((r.category, r.defect) for r in rows if r.status == "skipped")
-    failed = Counter((r.category, r.defect) for r in rows if r.status == "failed")
+    skipped = Counter((r.category, r.defect) for r in rows if r.status == ImageStatus.SKIPPED)
+    failed = Counter((r.category, r.defect) for r in rows if r.status == ImageStatus.FAILED)
     accumulator = ScopedAccumulator()
     used = 0
     lost = []
     for position, row in enumerate(done, start=1):
         try:
-            stored = decode_logits(store.get(row.object_key), source=f"logits of {row.image_path}")
+            result = load_result(store, run.dataset_root, row)
+            accumulator.add(category, row.defect, result.logits, result.mask)
         except (ObjectMissingError, LogitFormatError) as exc:  # an unreachable store still raises: retried
             log.warning("result of %s is lost: %s", row.image_path, exc)
             lost.append(row)
             continue
-        logits = full_resolution_logits(stored)
-        try:
-            mask = None
-            if row.mask_path:
-                mask = load_mask(resolve_inside(root, row.mask_path), logits.shape, image_path=row.image_path)
-            accumulator.add(category, row.defect, logits, mask)
         except (GroundTruthError, MetricInputError) as exc:
             log.warning("skipping %s in the metrics: %s", row.image_path, exc)
             skipped[(row.category, row.defect)] += 1
@@ -94,11 +88,25 @@ def aggregate_category(
         run_id, category, rows=metric_rows, state_key=key, num_used=used, num_skipped=skipped.total(),
         num_failed=failed.total(),
     )
-    if all(c.status == "done" for c in repo.categories(run_id)):
-        refresh_summary(repo, store, run_id)
-        if repo.active_count(run_id) == 0 and repo.get_run_by_id(run_id).status != "cancelled":
-            repo.set_run_status(run_id, "done")
+    finish_run_if_complete(repo, store, run_id)
     return metric_rows
+
+
+def finish_run_if_complete(repo: Repository, store: ObjectStore, run_id: int) -> bool:
+    """The one place that decides "every category is done → summary → run done"; True when the run is done.
+
+    Once every category is aggregated, the ``overall`` and ``mean`` rows are merged again (a category that was
+    aggregated anew changes them), and the run becomes done unless images are still queued or running (they
+    will aggregate their category again, and call this again) or the run was cancelled (it stays cancelled until
+    resumed). Every path that can complete a run calls this: the aggregator after each category, the embedded
+    runner at its end, and the ``aggregate``, ``submit`` and ``resume`` commands."""
+    if not all(c.status == CategoryStatus.DONE for c in repo.categories(run_id)):
+        return False
+    refresh_summary(repo, store, run_id)
+    if repo.active_count(run_id) or repo.get_run_by_id(run_id).status == RunStatus.CANCELLED:
+        return False
+    repo.set_run_status(run_id, RunStatus.DONE)
+    return True
 
 
 def refresh_summary(repo: Repository, store: ObjectStore, run_id: int) -> list[dict[str, Any]]:

@@ -5,8 +5,8 @@ Layout (see shared/MVTEC.md): ``<root>/<category>/test/<defect>/<image>`` with m
 
 Every image/mask pair is checked up front from file headers only (a full decode of every image would be too
 slow; workers decode fully and fail single rows on corrupt pixel data). Problems with one image never stop the
-index: they are recorded on that image's row as ``status`` (``ok`` / ``skipped`` / ``failed``) plus a ``reason``
-that says what to fix. Problems with the dataset as a whole (missing root, no categories, unknown category, bad
+index: they are recorded on that image's row as ``status`` (``queued`` / ``skipped`` / ``failed``: the row is
+the :class:`~storage.repository.PlannedImage` the run stores) plus a ``reason`` that says what to fix. Problems with the dataset as a whole (missing root, no categories, unknown category, bad
 arguments) raise :class:`DatasetError`.
 
 Decisions:
@@ -24,7 +24,8 @@ Decisions:
 - Pixel budget: an image whose header declares more than ``max_image_pixels`` pixels (READAR_MAX_IMAGE_PIXELS) is
   ``failed``; decoding it would cost gigabytes (workers check again when they decode).
 - ``<category>/train/good`` (the reference images of reference-based detectors) that is a symlink loop or leads out
-  of the root is reported in ``warnings``; :meth:`DatasetIndex.train_dir` refuses it.
+  of the root is reported in ``warnings``; the workers' lookup (:func:`storage.paths.reference_folder`) refuses
+  it.
 """
 
 from __future__ import annotations
@@ -33,24 +34,22 @@ import logging
 import os
 import struct
 import zlib
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from storage.models import ImageStatus
 from storage.paths import PathEscapeError, name_problem, resolve_inside
+from storage.repository import PlannedImage
 from workers.images import DEFAULT_MAX_IMAGE_PIXELS
-
-__all__ = ["PathEscapeError", "resolve_inside"]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 GOOD = "good"
 MASK_SUFFIX = "_mask.png"
-STATUSES = ("ok", "skipped", "failed")
 # READAR_MAX_IMAGE_PIXELS unless the caller passes its settings' value.
 
 # Pillow modes whose pixels reduce to "defect where any colour channel > 0" (workers.images.load_mask).
@@ -69,37 +68,15 @@ class DatasetError(ValueError):
 
 
 @dataclass(frozen=True)
-class DatasetEntry:
-    """One test image.
-
-    image_path / mask_path: POSIX paths relative to the dataset root (``mask_path`` None for good images and for
-        anomalous images without a mask).
-    label: 0 for ``good`` images, 1 for every defect folder.
-    height / width: from the image header, None when the header could not be read.
-    status: ``ok`` (use it), ``skipped`` (deliberately left out, e.g. no mask) or ``failed`` (broken input);
-    reason: why, for anything but ``ok``.
-    """
-
-    category: str
-    defect: str
-    label: int
-    image_path: str
-    mask_path: str | None
-    height: int | None
-    width: int | None
-    status: str
-    reason: str | None = None
-
-    @property
-    def file_name(self) -> str:
-        return PurePosixPath(self.image_path).name
-
-
-@dataclass(frozen=True)
 class DatasetIndex:
     """All indexed test images of a dataset root, in deterministic order (category, defect, file name).
 
     root: the dataset root, resolved (absolute, symlinks followed); entry paths are relative to it.
+    entries: one row per test image, as the run stores it. ``label`` is 0 for ``good`` images, 1 for every
+        defect folder; ``mask_path`` is None for good images and anomalous ones without a mask; ``height`` /
+        ``width`` come from the image header (None when it could not be read); ``status`` is queued (use it),
+        skipped (deliberately left out, e.g. no mask) or failed (broken input), with the ``reason`` for anything
+        but queued.
     categories: categories with at least one indexed image, sorted.
     category_defects: per category, its defect folder names except ``good``, sorted, after exclusions.
     empty_categories: selected categories whose test folder holds no image (after exclusions).
@@ -107,56 +84,11 @@ class DatasetIndex:
     """
 
     root: Path
-    entries: tuple[DatasetEntry, ...]
+    entries: tuple[PlannedImage, ...]
     categories: tuple[str, ...]
     category_defects: dict[str, tuple[str, ...]]
     empty_categories: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default_factory=tuple)
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __iter__(self) -> Iterator[DatasetEntry]:
-        return iter(self.entries)
-
-    def entries_for(self, category: str) -> tuple[DatasetEntry, ...]:
-        """The rows of one category, in index order."""
-        return tuple(entry for entry in self.entries if entry.category == category)
-
-    def status_counts(self) -> dict[str, int]:
-        """Number of rows per status (every status present as a key)."""
-        counts = Counter(entry.status for entry in self.entries)
-        return {status: counts.get(status, 0) for status in STATUSES}
-
-    def category_counts(self) -> dict[str, dict[str, int]]:
-        """Per category: rows per status plus ``total``, ``good`` and ``anomalous`` (all statuses)."""
-        table: dict[str, dict[str, int]] = {}
-        for category in self.categories:
-            rows = self.entries_for(category)
-            counts = Counter(entry.status for entry in rows)
-            table[category] = {
-                **{status: counts.get(status, 0) for status in STATUSES},
-                "total": len(rows),
-                "good": sum(1 for entry in rows if entry.label == 0),
-                "anomalous": sum(1 for entry in rows if entry.label == 1),
-            }
-        return table
-
-    def train_dir(self, category: str) -> Path | None:
-        """``<root>/<category>/train/good`` resolved (reference-based detectors), None when the category has none.
-
-        Raises :class:`PathEscapeError` when it is a symlink loop or leads out of the root: a broken reference
-        must not pass for a missing one, or a detector would silently score each image against itself."""
-        folder = resolve_inside(self.root, f"{category}/train/{GOOD}")
-        return folder if folder.is_dir() else None
-
-    def image_file(self, entry: DatasetEntry) -> Path:
-        """Absolute path of an entry's image, checked to lie inside the root."""
-        return resolve_inside(self.root, entry.image_path)
-
-    def mask_file(self, entry: DatasetEntry) -> Path | None:
-        """Absolute path of an entry's mask (None without one), checked to lie inside the root."""
-        return None if entry.mask_path is None else resolve_inside(self.root, entry.mask_path)
 
 
 def _is_visible_dir(path: Path) -> bool:
@@ -292,7 +224,7 @@ def _check_image(
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     needs_resolve: bool = True,
     masks_need_resolve: bool = True,
-) -> DatasetEntry:
+) -> PlannedImage:
     """Build one row, recording the first problem found as its status and reason.
 
     ``max_pixels``: the pixel budget of the image (its mask must match it). ``needs_resolve`` /
@@ -305,55 +237,55 @@ def _check_image(
     mask, mask_is_link = found if found is not None else (None, False)
     mask_rel = f"{category}/ground_truth/{defect}/{mask.name}" if mask is not None else None
 
-    def row(status: str, reason: str | None, size: tuple[int, int] | None) -> DatasetEntry:
+    def row(status: ImageStatus, reason: str | None, size: tuple[int, int] | None) -> PlannedImage:
         height, width = size if size is not None else (None, None)
-        return DatasetEntry(category, defect, label, image_rel, mask_rel, height, width, status, reason)
+        return PlannedImage(category, defect, label, image_rel, mask_rel, height, width, status, reason)
 
     problem = name_problem(image_rel)
     if problem is not None:
-        return row("failed", f"image {image_rel}: {problem}", None)
+        return row(ImageStatus.FAILED, f"image {image_rel}: {problem}", None)
     escaped = _escape_reason("image", image_rel, image, root_resolved) if needs_resolve else None
     if escaped:
-        return row("failed", escaped, None)
+        return row(ImageStatus.FAILED, escaped, None)
     size, _, error = _read_header(image)
     if size is None:
-        return row("failed", f"image {image_rel}: {error}; replace or remove the file", None)
+        return row(ImageStatus.FAILED, f"image {image_rel}: {error}; replace or remove the file", None)
     too_large = _over_budget("image", image_rel, size, max_pixels)
     if too_large:
-        return row("failed", too_large, size)
+        return row(ImageStatus.FAILED, too_large, size)
     if label == 0:
-        return row("ok", None, size)
+        return row(ImageStatus.QUEUED, None, size)
     if mask is None or mask_rel is None:
         return row(
-            "skipped",
+            ImageStatus.SKIPPED,
             f"anomalous image {image_rel} has no mask (expected {expected_mask_rel}); "
             "add the mask or exclude this defect type",
             size,
         )
     problem = name_problem(mask_rel)
     if problem is not None:
-        return row("failed", f"mask {mask_rel}: {problem}", size)
+        return row(ImageStatus.FAILED, f"mask {mask_rel}: {problem}", size)
     escaped = (_escape_reason("mask", mask_rel, mask, root_resolved)
                if masks_need_resolve or mask_is_link else None)
     if escaped:
-        return row("failed", escaped, size)
+        return row(ImageStatus.FAILED, escaped, size)
     mask_size, mask_mode, error = _read_header(mask)
     if mask_size is None:
-        return row("failed", f"mask {mask_rel}: {error}; replace or remove the mask", size)
+        return row(ImageStatus.FAILED, f"mask {mask_rel}: {error}; replace or remove the mask", size)
     if mask_mode not in MASK_MODES:
         return row(
-            "failed",
+            ImageStatus.FAILED,
             f"mask {mask_rel} has image mode {mask_mode!r}; save it as a grayscale PNG with 0 = normal, 255 = defect",
             size,
         )
     if mask_size != size:
         return row(
-            "failed",
+            ImageStatus.FAILED,
             f"mask {mask_rel} is {_fmt_size(*mask_size)} but the image {image_rel} is {_fmt_size(*size)} "
             "(height×width); masks must match their image pixel for pixel",
             size,
         )
-    return row("ok", None, size)
+    return row(ImageStatus.QUEUED, None, size)
 
 
 def _select_categories(root: Path, available: list[str], classes: Sequence[str] | None) -> list[str]:
@@ -440,7 +372,7 @@ def index_dataset(
     root_resolved = root.resolve()
     selected = _select_categories(root, _find_categories(root), classes)
 
-    entries: list[DatasetEntry] = []
+    entries: list[PlannedImage] = []
     categories: list[str] = []
     category_defects: dict[str, tuple[str, ...]] = {}
     empty: list[str] = []
@@ -462,7 +394,7 @@ def index_dataset(
                 f"the reference images {category}/train/{GOOD} cannot be used ({exc}); reference-based detectors "
                 "(baseline) fail this category's images until it is fixed"
             )
-        rows: list[DatasetEntry] = []
+        rows: list[PlannedImage] = []
         for defect_dir in defect_dirs:
             # Symlinks are kept even when broken or pointing elsewhere: the row then records why it failed.
             images = [

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.models import Run
-from storage.repository import PlannedImage, Repository, RunConflictError
+from storage.repository import Repository, RunConflictError, RunNotFoundError
 
 # Configuration keys that define a run: resuming with different values would mix incompatible results.
 IDENTITY_KEYS = ("classes", "max_per_class", "exclude_defects", "detector_config")
@@ -171,7 +171,7 @@ def plan_run(
     classes = list(request.classes) if request.classes else None
     check_exclusions(request.mvtec_root, request.exclude_defects, classes=classes)
     name = request.run_name or _default_name(repo, request)
-    existing = repo.find_run(name)
+    existing = _existing_run(repo, name)
     if existing is not None:
         check_rerun(existing, request)
     else:
@@ -200,32 +200,32 @@ def plan_run(
     try:
         run = create(existing)
     except RunConflictError:  # another planner created it meanwhile: say what differs, or join it
-        existing = repo.find_run(name)
+        existing = _existing_run(repo, name)
         if existing is None:
             raise
         check_rerun(existing, request)
         run = create(existing)
-    new_rows = repo.add_images(run.id, (_planned(entry) for entry in index.entries))
+    new_rows = repo.add_images(run.id, index.entries)
     return run, new_rows
+
+
+def _existing_run(repo: Repository, name: str) -> Run | None:
+    """The run of that name, or None: planning either continues a run or creates it."""
+    try:
+        return repo.get_run(name)
+    except RunNotFoundError:
+        return None
 
 
 def _default_name(repo: Repository, request: RunRequest) -> str:
     """The request's default run name; a run named the way older versions named it is continued under that
     name."""
     name = request.default_name()
-    if repo.find_run(name) is None:
+    if _existing_run(repo, name) is None:
         for older in dict.fromkeys((request.unchecked_default_name(), request.legacy_default_name())):
-            if repo.find_run(older) is not None:
+            if _existing_run(repo, older) is not None:
                 return older
     return name
-
-
-def _planned(entry: Any) -> PlannedImage:
-    status = {"ok": "queued"}.get(entry.status, entry.status)
-    return PlannedImage(
-        category=entry.category, defect=entry.defect, label=int(entry.label), image_path=entry.image_path,
-        mask_path=entry.mask_path, height=entry.height, width=entry.width, status=status, reason=entry.reason,
-    )
 
 
 def parse_list(value: str | Sequence[str] | None) -> tuple[str, ...] | None:

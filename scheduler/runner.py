@@ -24,14 +24,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from metrics.aggregator import LostResultsError, aggregate_category, refresh_summary
+from metrics.aggregator import LostResultsError, aggregate_category, finish_run_if_complete
 from metrics.report import shown
-from storage.models import Run
+from storage.models import ImageStatus, Run, RunStatus
 from storage.objects import ObjectStore
 from storage.repository import Repository
 from workers.batcher import Batcher
 from workers.detectors.base import Detector, SetupError
-from workers.task import WorkerContext, dead_local_owners, process_image, worker_identity
+from workers.task import Outcome, WorkerContext, dead_local_owners, process_image, worker_identity
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class StorageUnavailable(RuntimeError):
 
 
 def _last_error(repo: Repository, run_id: int) -> str:
-    errors = [row.error for row in repo.images(run_id, status="queued") if row.error]
+    errors = [row.error for row in repo.images(run_id, status=ImageStatus.QUEUED) if row.error]
     return errors[-1] if errors else "images could not be processed"
 
 
@@ -71,7 +71,7 @@ def execute_run(
         console.print(f"[yellow]resuming: {released} image(s) left running by a stopped process are queued again")
     if not repo.running_owners(run.id):  # no live process holds this run: a half-done aggregation is due again
         repo.reset_stale_aggregations(run.id)
-    repo.set_run_status(run.id, "running")
+    repo.set_run_status(run.id, RunStatus.RUNNING)
     repo.set_run_executor(run.id, worker_identity())  # `readar status` shows the run interrupted once we are gone
     lock = threading.Lock()
 
@@ -92,9 +92,9 @@ def execute_run(
     exit_code = 130
     stop = threading.Event()
 
-    def task(image_id: int) -> str:
-        if stop.is_set():
-            return "cancelled"
+    def task(image_id: int) -> Outcome:
+        if stop.is_set():  # a setup error stopped the run: the row is left as it is
+            return Outcome.CANCELLED
         try:
             outcome = process_image(ctx, run.id, image_id)
         except SetupError:
@@ -147,7 +147,7 @@ def execute_run(
         batcher.close()
         repo.set_run_executor(run.id, None)
     if interrupted:
-        repo.set_run_status(run.id, "interrupted")
+        repo.set_run_status(run.id, RunStatus.INTERRUPTED)
         return RunOutcome(run, outcomes, interrupted=True, exit_code=exit_code)
     # Categories that completed before this invocation (or whose aggregator died) are aggregated here.
     for record in repo.categories(run.id):
@@ -160,7 +160,5 @@ def execute_run(
         for outcome, count in outcomes.items():
             again.processed[outcome] = again.processed.get(outcome, 0) + count
         return again
-    if all(c.status == "done" for c in repo.categories(run.id)):
-        refresh_summary(repo, store, run.id)
-        repo.set_run_status(run.id, "done" if repo.active_count(run.id) == 0 else "running")
+    finish_run_if_complete(repo, store, run.id)  # done unless another process holds images or it was cancelled
     return RunOutcome(repo.get_run_by_id(run.id), outcomes)

@@ -1,11 +1,18 @@
-"""Helpers shared by the dataset, sample-data, image and baseline tests: tiny MVTec-format folders on disk."""
+"""Helpers shared by the dataset, sample-data, image and baseline tests: tiny MVTec-format folders on disk, and
+the views of a dataset index (per category, per status, file paths) that only the tests read."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections import Counter
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
+
+from scheduler.dataset import DatasetIndex
+from storage.models import ImageStatus
+from storage.paths import resolve_inside
+from storage.repository import PlannedImage
 
 
 def write_image(path: Path, array: np.ndarray, *, mode: str | None = None) -> Path:
@@ -60,3 +67,55 @@ def make_tiny_dataset(root: Path) -> Path:
                 add_test_image(root, category, defect, f"{index:03d}.png", seed=index)
         write_image(root / category / "train" / "good" / "000.png", noise_image(16, 16))
     return root
+
+
+# --- reading an index back: what the tests check, which the planner never needs ---------------------------------
+
+INDEX_STATUSES = (ImageStatus.QUEUED, ImageStatus.SKIPPED, ImageStatus.FAILED)
+
+
+def entries_for(index: DatasetIndex, category: str) -> tuple[PlannedImage, ...]:
+    """The rows of one category, in index order."""
+    return tuple(entry for entry in index.entries if entry.category == category)
+
+
+def status_counts(index: DatasetIndex) -> dict[str, int]:
+    """Number of rows per status (every status the index gives present as a key)."""
+    counts = Counter(entry.status for entry in index.entries)
+    return {status: counts.get(status, 0) for status in INDEX_STATUSES}
+
+
+def category_counts(index: DatasetIndex) -> dict[str, dict[str, int]]:
+    """Per category: rows per status plus ``total``, ``good`` and ``anomalous`` (all statuses)."""
+    table: dict[str, dict[str, int]] = {}
+    for category in index.categories:
+        rows = entries_for(index, category)
+        counts = Counter(entry.status for entry in rows)
+        table[category] = {
+            **{status: counts.get(status, 0) for status in INDEX_STATUSES},
+            "total": len(rows),
+            "good": sum(1 for entry in rows if entry.label == 0),
+            "anomalous": sum(1 for entry in rows if entry.label == 1),
+        }
+    return table
+
+
+def file_name(entry: PlannedImage) -> str:
+    return PurePosixPath(entry.image_path).name
+
+
+def image_file(index: DatasetIndex, entry: PlannedImage) -> Path:
+    """Absolute path of an entry's image, checked to lie inside the root."""
+    return resolve_inside(index.root, entry.image_path)
+
+
+def mask_file(index: DatasetIndex, entry: PlannedImage) -> Path | None:
+    """Absolute path of an entry's mask (None without one), checked to lie inside the root."""
+    return None if entry.mask_path is None else resolve_inside(index.root, entry.mask_path)
+
+
+def train_dir(index: DatasetIndex, category: str) -> Path | None:
+    """``<root>/<category>/train/good`` resolved, None when the category has none; :class:`PathEscapeError` when
+    it is a symlink loop or leads out of the root."""
+    folder = resolve_inside(index.root, f"{category}/train/good")
+    return folder if folder.is_dir() else None

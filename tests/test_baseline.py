@@ -21,6 +21,7 @@ import workers.detectors.noop  # noqa: F401 - registers "noop"
 from scheduler.dataset import index_dataset
 from scheduler.sample_data import DEFAULT_CATEGORIES
 from storage.logits import full_resolution_logits
+from tests.dataset_fixtures import image_file, mask_file, train_dir
 from workers.detectors.base import DETECTOR_REGISTRY, Detector, DetectorConfig, DetectorError, ImageSample
 from workers.images import load_mask, load_rgb
 
@@ -40,9 +41,9 @@ def score_category(
     pixel_scores, pixel_labels, image_scores, image_labels = [], [], [], []
     diagnostics: dict = {}
     for entry in index.entries:
-        image = load_rgb(index.image_file(entry))
-        mask_file = index.mask_file(entry)
-        mask = load_mask(mask_file) if mask_file is not None else np.zeros(image.shape[:2], dtype=bool)
+        image = load_rgb(image_file(index, entry))
+        mask_path = mask_file(index, entry)
+        mask = load_mask(mask_path) if mask_path is not None else np.zeros(image.shape[:2], dtype=bool)
         if resize_to is not None:
             size_wh = (resize_to[1], resize_to[0])
             image = np.asarray(Image.fromarray(image).resize(size_wh, Image.Resampling.BILINEAR))
@@ -52,7 +53,7 @@ def score_category(
             category=category,
             defect=entry.defect,
             category_defects=index.category_defects[category],
-            train_dir=index.train_dir(category),
+            train_dir=train_dir(index, category),
             key=entry.image_path,
         )
         (detection,) = detector.detect([detector.prepare(sample)])

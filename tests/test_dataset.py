@@ -8,8 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scheduler.dataset import DatasetError, PathEscapeError, index_dataset, resolve_inside
-from tests.dataset_fixtures import add_test_image, make_tiny_dataset, noise_image, square_mask, write_image
+from scheduler.dataset import DatasetError, index_dataset
+from storage.paths import PathEscapeError, resolve_inside
+from tests.dataset_fixtures import (
+    add_test_image,
+    category_counts,
+    entries_for,
+    file_name,
+    image_file,
+    make_tiny_dataset,
+    mask_file,
+    noise_image,
+    square_mask,
+    status_counts,
+    train_dir,
+    write_image,
+)
 
 
 def entry_by_path(index, image_path: str):
@@ -74,9 +88,9 @@ def test_valid_dataset_rows_and_order(tmp_path: Path) -> None:
     index = index_dataset(tmp_path)
     assert index.categories == ("bottle", "grid")
     assert index.category_defects == {"bottle": ("color", "crack"), "grid": ("color", "crack")}
-    assert len(index) == 18
-    assert index.status_counts() == {"ok": 18, "skipped": 0, "failed": 0}
-    keys = [(e.category, e.defect, e.file_name) for e in index]
+    assert len(index.entries) == 18
+    assert status_counts(index) == {"queued": 18, "skipped": 0, "failed": 0}
+    keys = [(e.category, e.defect, file_name(e)) for e in index.entries]
     assert keys == sorted(keys)
     first = index.entries[0]
     assert first.image_path == "bottle/test/color/000.png"
@@ -84,23 +98,23 @@ def test_valid_dataset_rows_and_order(tmp_path: Path) -> None:
     assert (first.label, first.height, first.width, first.reason) == (1, 16, 16, None)
     good = entry_by_path(index, "bottle/test/good/001.png")
     assert (good.label, good.mask_path) == (0, None)
-    assert index.category_counts()["grid"] == {
-        "ok": 9,
+    assert category_counts(index)["grid"] == {
+        "queued": 9,
         "skipped": 0,
         "failed": 0,
         "total": 9,
         "good": 3,
         "anomalous": 6,
     }
-    assert index.train_dir("bottle") == (tmp_path / "bottle" / "train" / "good").resolve()
-    assert index.image_file(first).read_bytes()[:4] == b"\x89PNG"
+    assert train_dir(index, "bottle") == (tmp_path / "bottle" / "train" / "good").resolve()
+    assert image_file(index, first).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_order_does_not_depend_on_creation_order(tmp_path: Path) -> None:
     for name in ("b.png", "a.png", "c.PNG", "10.png", "2.png"):
         add_test_image(tmp_path, "cat", "good", name)
     index = index_dataset(tmp_path)
-    assert [e.file_name for e in index] == ["10.png", "2.png", "a.png", "b.png", "c.PNG"]
+    assert [file_name(e) for e in index.entries] == ["10.png", "2.png", "a.png", "b.png", "c.PNG"]
 
 
 def test_extensions_are_case_insensitive_and_others_ignored(tmp_path: Path) -> None:
@@ -110,15 +124,15 @@ def test_extensions_are_case_insensitive_and_others_ignored(tmp_path: Path) -> N
     (tmp_path / "cat" / "test" / "good" / "notes.txt").write_text("not an image")
     (tmp_path / "cat" / "test" / "good" / ".hidden.png").write_bytes(b"")
     index = index_dataset(tmp_path)
-    assert [e.file_name for e in index] == ["a.PNG", "b.JPG", "c.jpeg"]
-    assert all(e.status == "ok" for e in index)
+    assert [file_name(e) for e in index.entries] == ["a.PNG", "b.JPG", "c.jpeg"]
+    assert all(e.status == "queued" for e in index.entries)
 
 
 def test_mask_name_is_matched_case_insensitively(tmp_path: Path) -> None:
     write_image(tmp_path / "cat" / "test" / "crack" / "000.png", noise_image(8, 8))
     write_image(tmp_path / "cat" / "ground_truth" / "crack" / "000_MASK.PNG", square_mask(8, 8))
     (entry,) = index_dataset(tmp_path).entries
-    assert entry.status == "ok"
+    assert entry.status == "queued"
     assert entry.mask_path == "cat/ground_truth/crack/000_MASK.PNG"
 
 
@@ -129,15 +143,15 @@ def test_classes_selects_categories(tmp_path: Path) -> None:
     make_tiny_dataset(tmp_path)
     index = index_dataset(tmp_path, classes=["grid"])
     assert index.categories == ("grid",)
-    assert {e.category for e in index} == {"grid"}
+    assert {e.category for e in index.entries} == {"grid"}
     assert list(index_dataset(tmp_path, classes=[]).categories) == ["bottle", "grid"]
 
 
 def test_max_per_class_keeps_the_first_images_in_order(tmp_path: Path) -> None:
     make_tiny_dataset(tmp_path)
     index = index_dataset(tmp_path, max_per_class=4)
-    assert len(index) == 8
-    assert [e.image_path for e in index.entries_for("bottle")] == [
+    assert len(index.entries) == 8
+    assert [e.image_path for e in entries_for(index, "bottle")] == [
         "bottle/test/color/000.png",
         "bottle/test/color/001.png",
         "bottle/test/color/002.png",
@@ -145,15 +159,15 @@ def test_max_per_class_keeps_the_first_images_in_order(tmp_path: Path) -> None:
     ]
     # Defect types do not depend on how many images were kept.
     assert index.category_defects["bottle"] == ("color", "crack")
-    assert len(index_dataset(tmp_path, max_per_class=-1)) == 18
+    assert len(index_dataset(tmp_path, max_per_class=-1).entries) == 18
 
 
 def test_exclude_defects_applies_before_max_per_class(tmp_path: Path) -> None:
     make_tiny_dataset(tmp_path)
     index = index_dataset(tmp_path, exclude_defects=["color", "not_there"], max_per_class=4)
-    assert all(e.defect != "color" for e in index)
+    assert all(e.defect != "color" for e in index.entries)
     assert index.category_defects == {"bottle": ("crack",), "grid": ("crack",)}
-    assert [e.image_path for e in index.entries_for("grid")] == [
+    assert [e.image_path for e in entries_for(index, "grid")] == [
         "grid/test/crack/000.png",
         "grid/test/crack/001.png",
         "grid/test/crack/002.png",
@@ -181,7 +195,7 @@ def test_stray_images_directly_in_test_are_reported(tmp_path: Path) -> None:
     add_test_image(tmp_path, "cat", "good")
     write_image(tmp_path / "cat" / "test" / "loose.png", noise_image(8, 8))
     index = index_dataset(tmp_path)
-    assert len(index) == 1
+    assert len(index.entries) == 1
     assert any("outside a defect folder" in note and "loose.png" in note for note in index.warnings)
 
 
@@ -226,7 +240,7 @@ def test_unreadable_image_header_fails(tmp_path: Path, content: bytes, expected:
     assert bad.status == "failed"
     assert bad.reason is not None and expected in bad.reason and "cat/test/good/bad.png" in bad.reason
     assert (bad.height, bad.width) == (None, None)
-    assert entry_by_path(index, "cat/test/good/ok.png").status == "ok"
+    assert entry_by_path(index, "cat/test/good/ok.png").status == "queued"
 
 
 def test_unreadable_mask_fails(tmp_path: Path) -> None:
@@ -251,7 +265,7 @@ def test_masks_in_other_modes_are_accepted(tmp_path: Path, mask: np.ndarray, mod
     write_image(tmp_path / "cat" / "test" / "crack" / "000.png", noise_image(8, 8))
     write_image(tmp_path / "cat" / "ground_truth" / "crack" / "000_mask.png", mask, mode=mode)
     (entry,) = index_dataset(tmp_path).entries
-    assert entry.status == "ok", entry.reason
+    assert entry.status == "queued", entry.reason
 
 
 def test_mask_in_cmyk_mode_fails(tmp_path: Path) -> None:
@@ -272,7 +286,7 @@ def test_grayscale_images_are_accepted(tmp_path: Path) -> None:
     write_image(tmp_path / "grid" / "test" / "bent" / "000.png", noise_image(12, 10, channels=1))
     write_image(tmp_path / "grid" / "ground_truth" / "bent" / "000_mask.png", square_mask(12, 10))
     index = index_dataset(tmp_path)
-    assert [(e.status, e.height, e.width) for e in index] == [("ok", 12, 10), ("ok", 12, 10)]
+    assert [(e.status, e.height, e.width) for e in index.entries] == [("queued", 12, 10), ("queued", 12, 10)]
 
 
 def test_names_with_spaces_unicode_and_shell_characters(tmp_path: Path) -> None:
@@ -281,10 +295,10 @@ def test_names_with_spaces_unicode_and_shell_characters(tmp_path: Path) -> None:
     add_test_image(root, category, defect, name)
     add_test_image(root, category, "good", "ça va.png")
     index = index_dataset(root)
-    assert index.status_counts()["ok"] == 2
+    assert status_counts(index)["queued"] == 2
     anomalous = entry_by_path(index, f"{category}/test/{defect}/{name}")
     assert anomalous.mask_path == f"{category}/ground_truth/{defect}/wé'ird $(x) `y` [1]_mask.png"
-    assert index.mask_file(anomalous) is not None and index.mask_file(anomalous).is_file()
+    assert mask_file(index, anomalous) is not None and mask_file(index, anomalous).is_file()
     assert index.category_defects == {category: (defect,)}
 
 
@@ -300,13 +314,13 @@ def test_image_symlink_escaping_the_root_fails(tmp_path: Path) -> None:
     linked = entry_by_path(index, "cat/test/good/001.png")
     assert linked.status == "failed"
     assert linked.reason is not None and "outside the dataset root" in linked.reason
-    assert entry_by_path(index, "cat/test/good/000.png").status == "ok"
+    assert entry_by_path(index, "cat/test/good/000.png").status == "queued"
 
 
 def test_symlink_inside_the_root_is_fine(tmp_path: Path) -> None:
     add_test_image(tmp_path, "cat", "good", "000.png")
     os.symlink(tmp_path / "cat" / "test" / "good" / "000.png", tmp_path / "cat" / "test" / "good" / "001.png")
-    assert index_dataset(tmp_path).status_counts()["ok"] == 2
+    assert status_counts(index_dataset(tmp_path))["queued"] == 2
 
 
 def test_category_folder_linked_from_outside_fails_every_image(tmp_path: Path) -> None:
@@ -315,8 +329,8 @@ def test_category_folder_linked_from_outside_fails_every_image(tmp_path: Path) -
     add_test_image(tmp_path / "elsewhere", "linked", "good")
     os.symlink(tmp_path / "elsewhere" / "linked", root / "linked")
     index = index_dataset(root)
-    assert [e.status for e in index.entries_for("linked")] == ["failed"]
-    assert [e.status for e in index.entries_for("inside")] == ["ok"]
+    assert [e.status for e in entries_for(index, "linked")] == ["failed"]
+    assert [e.status for e in entries_for(index, "inside")] == ["queued"]
 
 
 def test_mask_symlink_escaping_the_root_fails(tmp_path: Path) -> None:
@@ -345,7 +359,7 @@ def test_defect_and_mask_folders_linked_from_outside_fail(tmp_path: Path) -> Non
     assert crack.status == "failed" and "image cat/test/crack/000.png resolves to" in crack.reason
     hole = entry_by_path(index, "cat/test/hole/000.png")
     assert hole.status == "failed" and "mask cat/ground_truth/hole/000_mask.png resolves to" in hole.reason
-    assert entry_by_path(index, "cat/test/good/000.png").status == "ok"
+    assert entry_by_path(index, "cat/test/good/000.png").status == "queued"
 
 
 @pytest.mark.parametrize("mode", ["1", "L", "I;16", "RGB", "RGBA", "LA", "P"])

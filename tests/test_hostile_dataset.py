@@ -18,9 +18,16 @@ from click.testing import CliRunner
 
 import workers.detectors.baseline  # noqa: F401 - registers "baseline"
 from scheduler.cli import cli
-from scheduler.dataset import PathEscapeError, index_dataset
-from storage.paths import RootResolver, reference_folder, resolve_inside
-from tests.dataset_fixtures import add_test_image, make_tiny_dataset, noise_image, write_image
+from scheduler.dataset import index_dataset
+from storage.paths import PathEscapeError, RootResolver, reference_folder, resolve_inside
+from tests.dataset_fixtures import (
+    add_test_image,
+    make_tiny_dataset,
+    noise_image,
+    status_counts,
+    train_dir,
+    write_image,
+)
 from workers import images as images_module
 from workers.detectors.base import DETECTOR_REGISTRY, DetectorConfig, DetectorError
 from workers.images import ImageLoadError, load_mask, load_rgb, set_max_image_pixels
@@ -93,8 +100,8 @@ def test_train_good_symlink_loop_is_an_error_not_a_fallback(tmp_path: Path) -> N
     index = index_dataset(root)
     assert any("bottle/train/good cannot be used" in note for note in index.warnings), index.warnings
     with pytest.raises(PathEscapeError, match="fix or remove the symlink"):
-        index.train_dir("bottle")
-    assert index.train_dir("grid") == (root / "grid" / "train" / "good").resolve()
+        train_dir(index, "bottle")
+    assert train_dir(index, "grid") == (root / "grid" / "train" / "good").resolve()
     # What a worker hands the detector: the folder itself, so that the loop is refused rather than taken as absent.
     assert reference_folder(root, "bottle") == train
     assert reference_folder(root, "nothing") is None
@@ -131,7 +138,7 @@ def test_backslash_in_a_file_name_fails_its_row_at_indexing(tmp_path: Path) -> N
     row = entry(index, f"cat/test/crack/{BACKSLASH_NAME}")
     assert row.status == "failed"
     assert BACKSLASH_NAME in row.reason and "backslash" in row.reason and "rename" in row.reason
-    assert entry(index, "cat/test/crack/001.png").status == "ok"  # the rest is indexed as before
+    assert entry(index, "cat/test/crack/001.png").status == "queued"  # the rest is indexed as before
     assert not any(r.image_path == "cat/test/crack/sub/000.png" for r in index.entries)
 
 
@@ -164,11 +171,11 @@ def test_image_over_the_pixel_budget_fails_at_indexing(tmp_path: Path) -> None:
     assert row.status == "failed" and (row.height, row.width) == (10_000, 10_000)
     assert "bottle/test/good/bomb.png" in row.reason and "10000×10000" in row.reason
     assert "READAR_MAX_IMAGE_PIXELS" in row.reason and "4,194,304" in row.reason
-    assert index.status_counts() == {"ok": 18, "skipped": 0, "failed": 1}
+    assert status_counts(index) == {"queued": 18, "skipped": 0, "failed": 1}
     # The budget is settable: 16×16 = 256 pixels is the most this one lets through.
     small = index_dataset(root, classes=["grid"], max_image_pixels=255)
-    assert {row.status for row in small} == {"failed"}
-    assert {row.status for row in index_dataset(root, classes=["grid"], max_image_pixels=256)} == {"ok"}
+    assert {row.status for row in small.entries} == {"failed"}
+    assert {row.status for row in index_dataset(root, classes=["grid"], max_image_pixels=256).entries} == {"queued"}
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's own note on opening it

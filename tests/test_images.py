@@ -105,8 +105,8 @@ def test_truncated_png_passes_the_index_but_fails_the_full_decode(tmp_path: Path
     path = tmp_path / "cat" / "test" / "good" / "000.png"
     path.parent.mkdir(parents=True)
     path.write_bytes(data[: len(data) // 2])
-    # The index reads headers only (fast): the row is ok there ...
-    assert index_dataset(tmp_path).entries[0].status == "ok"
+    # The index reads headers only (fast): the row is queued there ...
+    assert index_dataset(tmp_path).entries[0].status == "queued"
     # ... and the worker's full decode catches the damage.
     with pytest.raises(ImageLoadError, match="corrupt or truncated") as info:
         load_rgb(path)

@@ -20,6 +20,7 @@ from scheduler.sample_data import (
     render_category,
     synthesize_defect,
 )
+from tests.dataset_fixtures import status_counts
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -50,9 +51,9 @@ def test_default_layout(sample_root: Path) -> None:
 
 def test_index_accepts_every_generated_image(sample_root: Path) -> None:
     index = index_dataset(sample_root)
-    assert index.status_counts() == {"ok": 36, "skipped": 0, "failed": 0}
+    assert status_counts(index) == {"queued": 36, "skipped": 0, "failed": 0}
     assert index.category_defects == {name: DEFECT_TYPES for name in DEFAULT_CATEGORIES}
-    assert {(e.height, e.width) for e in index} == {(256, 256)}
+    assert {(e.height, e.width) for e in index.entries} == {(256, 256)}
 
 
 def test_one_default_category_is_grayscale_and_masks_are_binary(sample_root: Path) -> None:
@@ -123,7 +124,7 @@ def test_summary_and_every_source_renders(tmp_path: Path) -> None:
     assert summary.categories == tuple(sorted(SOURCES))
     assert summary.counts["coins"] == {"train": 1, "test_good": 1, "test_anomalous": 3}
     assert summary.num_test == 4 * len(SOURCES)
-    assert index_dataset(tmp_path).status_counts()["ok"] == 4 * len(SOURCES)
+    assert status_counts(index_dataset(tmp_path))["queued"] == 4 * len(SOURCES)
 
 
 def test_refuses_to_overwrite_without_permission(tmp_path: Path) -> None:

@@ -22,7 +22,6 @@ import numpy as np
 from scipy.special import expit
 
 from metrics.errors import GroundTruthError, MetricInputError, StateFormatError
-from metrics.groundtruth import load_mask
 from metrics.report import make_folder
 from metrics.reporting import curves as curve_points
 from metrics.reporting.content import CategorySection, ImageOutcome, PanelRef, ReportContent
@@ -31,10 +30,11 @@ from metrics.reporting.html import write_page
 from metrics.reporting.panels import PanelData, read_rgb, render_panel
 from metrics.reporting.plots import ScopeCurves, render_curves
 from metrics.reporting.summary import problem_rows, run_summary
+from metrics.results import ImageResult, load_result
 from metrics.scopes import ScopedAccumulator
 from metrics.state import MetricState
-from storage.logits import LogitFormatError, decode_logits, full_resolution_logits
-from storage.models import Image, Run
+from storage.logits import LogitFormatError
+from storage.models import Image, ImageStatus, Run
 from storage.objects import ObjectStore, ObjectStoreError
 from storage.paths import PathEscapeError, resolve_inside
 from storage.repository import Repository
@@ -59,25 +59,8 @@ class ReportOptions:
     success_iou: float = 0.3
 
 
-@dataclass(frozen=True)
-class _Loaded:
-    """One image's arrays: logits float16 (H, W), mask bool (H, W) or None."""
-
-    logits: np.ndarray
-    mask: np.ndarray | None
-
-
 def _slug(text: str) -> str:
     return _UNSAFE.sub("_", text).strip("_") or "x"
-
-
-def _load(run: Run, store: ObjectStore, row: Image) -> _Loaded:
-    stored = decode_logits(store.get(row.object_key), source=f"logits of {row.image_path}")
-    logits = full_resolution_logits(stored)
-    mask = None
-    if row.mask_path:
-        mask = load_mask(resolve_inside(run.dataset_root, row.mask_path), logits.shape, image_path=row.image_path)
-    return _Loaded(logits, mask)
 
 
 def _array(diagnostics: dict[str, Any], key: str) -> np.ndarray | None:
@@ -92,7 +75,7 @@ def _predicted(logits: np.ndarray, threshold_logit: float) -> np.ndarray:
     return logits.astype(np.float32) >= np.float32(threshold_logit)
 
 
-def _outcome(row: Image, loaded: _Loaded, threshold_logit: float, success_iou: float) -> ImageOutcome:
+def _outcome(row: Image, loaded: ImageResult, threshold_logit: float, success_iou: float) -> ImageOutcome:
     diagnostics = row.diagnostics or {}
     iou = mask_iou(loaded.mask, _predicted(loaded.logits, threshold_logit))
     seg_found = diagnostics.get("seg_found")
@@ -132,7 +115,7 @@ def _scope_curves(state: MetricState, title: str) -> ScopeCurves:
     )
 
 
-def _panel_data(run: Run, row: Image, loaded: _Loaded, threshold_logit: float | None, title: str) -> PanelData:
+def _panel_data(run: Run, row: Image, loaded: ImageResult, threshold_logit: float | None, title: str) -> PanelData:
     diagnostics = row.diagnostics or {}
     image = read_rgb(resolve_inside(run.dataset_root, row.image_path))
     return PanelData(
@@ -217,12 +200,12 @@ def build_report(
             render_curves(_scope_curves(state, f"{category}: curves from the exact score histograms"),
                           out / curves_file)
         section = CategorySection(category, curves_file, threshold, note)
-        for row in repo.images(run.id, category=category, status="done"):
+        for row in repo.images(run.id, category=category, status=ImageStatus.DONE):
             if row.label != 1:
                 continue
             has_similarity = has_similarity or bool((row.diagnostics or {}).get("similarity"))
             try:
-                loaded = _load(run, store, row)
+                loaded = load_result(store, run.dataset_root, row)
                 if loaded.mask is None:
                     raise GroundTruthError("the anomalous image has no mask")
             except (GroundTruthError, MetricInputError, LogitFormatError, ObjectStoreError, PathEscapeError) as exc:
@@ -254,7 +237,7 @@ def build_report(
             continue
         row = repo.image(outcome.image_id)
         threshold = thresholds.get(outcome.category)
-        loaded = _load(run, store, row)
+        loaded = load_result(store, run.dataset_root, row)
         data = _panel_data(run, row, loaded, 0.0 if threshold is None else threshold,
                            _title(run, row, outcome, threshold))
         panels[outcome.image_id] = f"panels/{outcome.image_id}.png"
@@ -309,12 +292,12 @@ def find_image(repo: Repository, run: Run, reference: str) -> Image:
 def render_image(repo: Repository, store: ObjectStore, run: Run, reference: str, out_file: str | Path) -> Path:
     """Draw the single-image panel of one image of a run into ``out_file`` (PNG); returns the path."""
     row = find_image(repo, run, reference)
-    if row.status != "done" or not row.object_key:
+    if row.status != ImageStatus.DONE or not row.object_key:
         reason = f": {row.error}" if row.error else ""
         raise ReportError(f"image {row.image_path} of run {run.name!r} is {row.status}{reason}; only finished "
                           "images have a score map to show")
     threshold = _threshold(category_state(repo, store, run, row.category))
-    loaded = _load(run, store, row)
+    loaded = load_result(store, run.dataset_root, row)
     outcome = None
     if loaded.mask is not None and row.label == 1:
         outcome = _outcome(row, loaded, 0.0 if threshold is None else threshold, ReportOptions().success_iou)

@@ -14,6 +14,7 @@ from typing import Any
 from metrics.report import write_output
 from metrics.reporting.content import PanelRef, ReportContent
 from metrics.reporting.failures import FAILURE_CLASSES
+from storage.models import ImageStatus
 
 METRIC_COLUMNS = ("iAUROC", "pAUROC", "PRO", "PRO_hard", "F1_max")
 TABLE_COLUMNS = ("scope", "category", *METRIC_COLUMNS, "num_images", "num_anom_images", "defect_type",
@@ -92,8 +93,8 @@ def _config_table(content: ReportContent) -> str:
 
 def _problems(content: ReportContent) -> str:
     counts = content.problem_counts
-    head = (f"<h2 id=\"problems\">Skipped and failed images</h2><p>{counts.get('failed', 0)} failed, "
-            f"{counts.get('skipped', 0)} skipped (not in the metrics).</p>")
+    head = (f"<h2 id=\"problems\">Skipped and failed images</h2><p>{counts.get(ImageStatus.FAILED, 0)} failed, "
+            f"{counts.get(ImageStatus.SKIPPED, 0)} skipped (not in the metrics).</p>")
     if not content.problems:
         return head
     rows = "".join(f'<tr><td class="text">{escape(p)}</td><td class="text">{escape(s)}</td>'

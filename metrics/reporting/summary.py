@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from metrics.published import oracle_note, published_setting_note
 from metrics.reporting.content import RunSummary
-from storage.models import Run
+from storage.models import ImageStatus, Run
 from storage.repository import Repository
 
 MAX_LISTED_PROBLEMS = 200
@@ -36,7 +36,7 @@ def problem_rows(repo: Repository, run_id: int) -> tuple[list[tuple[str, str, st
     the totals per status."""
     listed: list[tuple[str, str, str]] = []
     counts: dict[str, int] = {}
-    for status in ("failed", "skipped"):
+    for status in (ImageStatus.FAILED, ImageStatus.SKIPPED):
         rows = repo.images(run_id, status=status)
         counts[status] = len(rows)
         for row in rows:

@@ -13,6 +13,7 @@ from scheduler.commands.common import celery_for, detector_config, resume_hint, 
 from scheduler.context import AppContext
 from scheduler.planner import RunNameError, plan_run
 from scheduler.tables import shown, visible
+from storage.models import ImageStatus, RunStatus
 from storage.redact import redact_url
 from workers.detectors.base import DetectorError, build_detector
 
@@ -22,6 +23,7 @@ from workers.detectors.base import DetectorError, build_detector
 @click.pass_obj
 def submit_command(app: AppContext, **options: Any) -> None:
     """Plan a run and enqueue one task per unfinished image for the workers (needs READAR_BROKER_URL)."""
+    from metrics.aggregator import finish_run_if_complete
     from scheduler.dataset import DatasetError
     from storage.repository import RunConflictError
     from workers.dispatch import enqueue_images
@@ -40,8 +42,9 @@ def submit_command(app: AppContext, **options: Any) -> None:
                                  settings_public=app.settings.public())
     except (DatasetError, RunConflictError, RunNameError) as exc:
         raise click.ClickException(str(exc)) from exc
-    if run.status in ("cancelled", "done", "planned"):
-        app.repo.set_run_status(run.id, "running" if run.status != "done" else "done")
+    if run.status != RunStatus.RUNNING:  # new, cancelled, or done before: running, unless nothing is left to do
+        app.repo.set_run_status(run.id, RunStatus.RUNNING)
+        finish_run_if_complete(app.repo, app.store, run.id)
     try:
         sent = enqueue_images(celery, app.repo, run.id, visibility_timeout=app.settings.visibility_timeout)
     except Exception as exc:
@@ -71,7 +74,7 @@ def submit_command(app: AppContext, **options: Any) -> None:
 def cancel_command(app: AppContext, run_name: str) -> None:
     """Stop a run: workers drop its remaining tasks; `readar resume` continues it later."""
     run = app.run(run_name)
-    app.repo.set_run_status(run.id, "cancelled")
+    app.repo.set_run_status(run.id, RunStatus.CANCELLED)
     app.repo.clear_enqueued(run.id)
     app.console.print(f"run {shown(run.name)} cancelled; images already done are kept")
 
@@ -82,7 +85,7 @@ def cancel_command(app: AppContext, run_name: str) -> None:
 @click.pass_obj
 def aggregate_command(app: AppContext, run_name: str, category: str | None) -> None:
     """Recompute metric rows now, on this machine, from the stored logits."""
-    from metrics.aggregator import LostResultsError, aggregate_category, refresh_summary
+    from metrics.aggregator import LostResultsError, aggregate_category
     from scheduler.commands.common import summarise
 
     run = app.run(run_name)
@@ -91,15 +94,13 @@ def aggregate_command(app: AppContext, run_name: str, category: str | None) -> N
         raise click.ClickException(f"run {run.name} has no category {category!r}; it has {', '.join(categories)}")
     counts = app.repo.status_counts(run.id)
     for name in [category] if category else categories:
-        if any(counts.get(name, {}).get(s, 0) for s in ("queued", "running")):
+        if any(counts.get(name, {}).get(s, 0) for s in (ImageStatus.QUEUED, ImageStatus.RUNNING)):
             app.err.print(f"[yellow]{shown(name)}: images still pending; aggregating what is done so far")
-        try:
+        try:  # after the run's last category it refreshes the summary and finishes the run (finish_run_if_complete)
             aggregate_category(app.repo, app.store, run.id, name)
         except LostResultsError as exc:
             app.err.print(f"[yellow]{shown(exc)}: `readar resume {shown(run.name)}` computes them here, or `readar "
                           f"reconcile {shown(run.name)}` sends them to the workers")
-    if all(c.status == "done" for c in app.repo.categories(run.id)):
-        refresh_summary(app.repo, app.store, run.id)
     summarise(app, run.id, run.name)
 
 
@@ -114,7 +115,7 @@ def reconcile_command(app: AppContext, run_name: str | None) -> None:
     from workers.recovery import is_distributed
 
     runs = [app.run(run_name)] if run_name else [
-        r for r in app.repo.list_runs() if r.status not in ("done", "cancelled") and is_distributed(r)
+        r for r in app.repo.list_runs() if r.status not in (RunStatus.DONE, RunStatus.CANCELLED) and is_distributed(r)
     ]
     for run in runs:
         report = reconcile_run(celery, app.repo, run.id, visibility_timeout=app.settings.visibility_timeout,

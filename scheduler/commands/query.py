@@ -15,10 +15,10 @@ import numpy as np
 from rich.table import Table
 
 from metrics.report import csv_cell
+from metrics.results import load_logits
 from scheduler.context import AppContext
 from scheduler.tables import add_number_column, add_text_column, compact_table, shown, visible
-from storage.logits import decode_logits, full_resolution_logits
-from storage.models import IMAGE_STATUSES, Image
+from storage.models import IMAGE_STATUSES, CategoryStatus, Image, ImageStatus, RunStatus
 from storage.paths import resolve_inside
 from storage.repository import Repository, utcnow
 
@@ -26,7 +26,8 @@ RESULT_COLUMNS = ("id", "category", "defect", "label", "status", "image_score", 
                   "object_key", "error")
 RATE_WINDOW_S = 300.0  # the rate looks at most this far back
 # Short headers for the image statuses, so that the status table fits 80 columns.
-STATUS_HEADERS = {"queued": "queue", "running": "run", "done": "done", "failed": "fail", "skipped": "skip"}
+STATUS_HEADERS = {ImageStatus.QUEUED: "queue", ImageStatus.RUNNING: "run", ImageStatus.DONE: "done",
+                  ImageStatus.FAILED: "fail", ImageStatus.SKIPPED: "skip"}
 
 
 def shown_status(run: Any) -> str:
@@ -35,8 +36,8 @@ def shown_status(run: Any) -> str:
     from workers.task import dead_local_owners
 
     executor = (run.config or {}).get("executor")
-    if run.status == "running" and executor and dead_local_owners([executor]):
-        return "interrupted"
+    if run.status == RunStatus.RUNNING and executor and dead_local_owners([executor]):
+        return RunStatus.INTERRUPTED
     return run.status
 
 
@@ -53,8 +54,8 @@ def runs_command(app: AppContext) -> None:
         totals = app.repo.status_totals(run.id)
         table.add_row(shown(run.name), shown(shown_status(run)), shown(run.detector),
                       f"{run.created_at:%Y-%m-%d %H:%M}",
-                      str(sum(totals.values())), str(totals.get("done", 0)), str(totals.get("failed", 0)),
-                      str(totals.get("skipped", 0)))
+                      str(sum(totals.values())), str(totals.get(ImageStatus.DONE, 0)),
+                      str(totals.get(ImageStatus.FAILED, 0)), str(totals.get(ImageStatus.SKIPPED, 0)))
     app.console.print(table)
 
 
@@ -137,11 +138,11 @@ def _status_table(app: AppContext, run: Any) -> Table:
     categories = {c.category: c for c in app.repo.categories(run.id)}
     now = utcnow()
     finished, first_started, last_finished = _recent_work(app.repo, run.id, now - timedelta(seconds=RATE_WINDOW_S))
-    remaining = sum(c.get("queued", 0) + c.get("running", 0) for c in counts.values())
+    remaining = sum(c.get(ImageStatus.QUEUED, 0) + c.get(ImageStatus.RUNNING, 0) for c in counts.values())
     throughput = measure_throughput(now=now, finished=finished, first_started=first_started,
                                     last_finished=last_finished, remaining=remaining)
     status = shown_status(run)
-    moving = status == "running" and last_finished is not None and (now - last_finished).total_seconds() < 120
+    moving = status == RunStatus.RUNNING and last_finished is not None and (now - last_finished).total_seconds() < 120
     table = compact_table(f"run {shown(run.name)} ({shown(status)}) — {_throughput_text(throughput, moving=moving)}")
     for header in ("category", "progress"):
         add_text_column(table, header)
@@ -151,7 +152,7 @@ def _status_table(app: AppContext, run: Any) -> Table:
     for category, per_status in sorted(counts.items()):
         record = categories.get(category)
         total = sum(per_status.values())
-        done = total - per_status.get("queued", 0) - per_status.get("running", 0)
+        done = total - per_status.get(ImageStatus.QUEUED, 0) - per_status.get(ImageStatus.RUNNING, 0)
         filled = int(10 * done / total) if total else 10
         bar = "█" * filled + "░" * (10 - filled) + f" {int(100 * done / total) if total else 100:>3}%"
         aggregated = f"v{record.version} {shown(record.status)}" if record else "—"
@@ -173,7 +174,7 @@ def status_command(app: AppContext, run_name: str, watch: bool, interval: float)
     from rich.live import Live
 
     run = app.run(run_name)
-    if shown_status(run) == "interrupted":
+    if shown_status(run) == RunStatus.INTERRUPTED:
         from scheduler.commands.common import resume_hint
 
         app.console.print(f"run {visible(run.name)} was interrupted; finished images are kept. Resume with: "
@@ -193,11 +194,11 @@ def status_command(app: AppContext, run_name: str, watch: bool, interval: float)
                 run = app.repo.get_run_by_id(run.id)
                 live.update(_status_table(app, run))
                 categories = app.repo.categories(run.id)
-                if run.status == "cancelled" or (app.repo.active_count(run.id) == 0
-                                                 and all(c.status == "done" for c in categories)):
+                if run.status == RunStatus.CANCELLED or (app.repo.active_count(run.id) == 0
+                                                         and all(c.status == CategoryStatus.DONE for c in categories)):
                     break
                 time.sleep(interval)
-    failed = app.repo.images(run.id, status="failed")
+    failed = app.repo.images(run.id, status=ImageStatus.FAILED)
     for row in failed[:20]:
         app.console.print(f"[red]failed[/] {shown(row.image_path)}: {shown(row.error)}")
     if len(failed) > 20:
@@ -209,7 +210,7 @@ def status_command(app: AppContext, run_name: str, watch: bool, interval: float)
             "the failed images a fresh start and recomputes the metrics",
             markup=False, highlight=False,
         )
-    for row in [r for r in app.repo.images(run.id, status="queued") if r.error][:20]:
+    for row in [r for r in app.repo.images(run.id, status=ImageStatus.QUEUED) if r.error][:20]:
         app.console.print(f"[yellow]queued again[/] {shown(row.image_path)}: {shown(row.error)}")
     if watch and app.repo.metric_rows(run.id):
         from scheduler.commands.common import summarise
@@ -296,10 +297,10 @@ def export_command(app: AppContext, run_name: str, directory: Path, layout: str)
     """Write finished images' full-resolution float32 logits in the original READAR folder layout."""
     run = app.run(run_name)
     root = Path(run.dataset_root)
-    rows = app.repo.images(run.id, status="done")
+    rows = app.repo.images(run.id, status=ImageStatus.DONE)
     directory.mkdir(parents=True, exist_ok=True)
     for row in rows:
-        stored = decode_logits(app.store.get(row.object_key), source=row.object_key)
+        logits = load_logits(app.store, row)
         folder = directory / f"{row.id:06d}"
         folder.mkdir(exist_ok=True)
         metadata = {
@@ -307,7 +308,7 @@ def export_command(app: AppContext, run_name: str, directory: Path, layout: str)
             "anomaly_type": row.defect, "label": row.label, "image_score": row.image_score,
         }
         (folder / "metadata.json").write_text(json.dumps(metadata, indent=1))
-        np.save(folder / "pred_logits_0.npy", full_resolution_logits(stored).astype(np.float32))
+        np.save(folder / "pred_logits_0.npy", logits.astype(np.float32))
     app.console.print(f"exported {len(rows)} image folder(s) to {shown(directory)} ({layout} layout)")
 
 

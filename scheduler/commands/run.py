@@ -10,6 +10,7 @@ from scheduler.commands.common import detector_config, resume_hint, run_options,
 from scheduler.context import AppContext
 from scheduler.planner import RunNameError, RunRequest, plan_run
 from scheduler.tables import shown, visible
+from storage.models import RunStatus
 from workers.detectors.base import DetectorConfig, DetectorError, build_detector
 
 
@@ -92,10 +93,12 @@ def retry_command(app: AppContext, run_name: str, category: str | None, device: 
 def _continue(app: AppContext, run: Any, *, device: str | None, batch_size: int | None, verb: str) -> None:
     """Process a planned run's unfinished images: through the workers when a broker is set, else here."""
     if app.settings.broker_url:  # scale-out: hand the unfinished images back to the workers
+        from metrics.aggregator import finish_run_if_complete
         from scheduler.commands.common import celery_for
         from workers.dispatch import reconcile_run
 
-        app.repo.set_run_status(run.id, "running")
+        app.repo.set_run_status(run.id, RunStatus.RUNNING)
+        finish_run_if_complete(app.repo, app.store, run.id)  # a run with nothing left to do is done again
         report = reconcile_run(celery_for(app), app.repo, run.id, visibility_timeout=app.settings.visibility_timeout,
                                stale_aggregation_s=app.settings.visibility_timeout)
         app.console.print(f"run {shown(run.name)} {verb}: {report.enqueued + report.lost} task(s) enqueued, "
