@@ -27,7 +27,7 @@ class ReadarGroup(click.Group):
     (escape sequences, ...) are shown as escapes instead."""
 
     def invoke(self, ctx: click.Context) -> object:
-        from metrics.report import visible
+        from metrics.output import visible
 
         try:
             return super().invoke(ctx)

@@ -59,7 +59,7 @@ class VisibleFormatter(logging.Formatter):
     """Log lines quote file and category names: the characters a terminal would act on are shown as escapes."""
 
     def format(self, record: logging.LogRecord) -> str:
-        from metrics.report import visible
+        from metrics.output import visible
 
         return visible(super().format(record), keep_newlines=True)
 

@@ -34,7 +34,7 @@ def describe_failure(exc: BaseException, *, database_url: str | None, broker_url
     from redis.exceptions import TimeoutError as RedisTimeoutError
     from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
-    from metrics.report import OutputError
+    from metrics.output import OutputError
     from storage.database import DatabaseError
     from storage.objects import ObjectStoreError
 

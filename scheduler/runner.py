@@ -25,7 +25,7 @@ from rich.progress import (
 )
 
 from metrics.aggregator import LostResultsError, aggregate_category, finish_run_if_complete
-from metrics.report import shown
+from metrics.output import shown
 from storage.models import ImageStatus, Run, RunStatus
 from storage.objects import ObjectStore
 from storage.repository import Repository

@@ -20,8 +20,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from metrics.output import OutputError, shown, visible, write_metrics_csv
 from metrics.published import oracle_note, published_setting_note
-from metrics.report import OutputError, shown, visible, write_metrics_csv
 from metrics.scopes import METRIC_COLUMNS
 from storage.models import MetricRow, Run
 from storage.repository import Repository

@@ -79,7 +79,7 @@ def test_tables_fit_80_columns_without_cutting_a_cell(finished_run: tuple[Path, 
 
 
 def test_the_eval_table_fits_80_columns_with_long_defect_names() -> None:
-    from metrics.report import metrics_table
+    from metrics.output import metrics_table
 
     names = [("mean", "ALL", ""), ("overall", "ALL", ""), ("category", "carpet", ""),
              ("defect", "carpet", "metal_contamination"), ("defect", "transistor", "manipulated_front")]

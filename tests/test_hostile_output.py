@@ -243,7 +243,7 @@ def test_writes_to_a_full_disk_fail(runs: Runs) -> None:
 
 
 def test_csv_cells_that_a_spreadsheet_would_run_get_a_quote(tmp_path: Path) -> None:
-    from metrics.report import csv_cell, write_metrics_csv
+    from metrics.output import csv_cell, write_metrics_csv
 
     cells = {"=1+1": "'=1+1", "+cmd": "'+cmd", "-2+3": "'-2+3", "@SUM(A1)": "'@SUM(A1)", "\tx": "'\tx",
              "\rx": "'\rx", "-0.5": "-0.5", "+3": "+3", "-1e-3": "-1e-3", "plain": "plain", "a=b": "a=b"}

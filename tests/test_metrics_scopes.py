@@ -14,7 +14,7 @@ from rich.console import Console
 
 from metrics.errors import GroundTruthError, MaskSizeError, MetricInputError, StateFormatError
 from metrics.groundtruth import inverse_region_sizes, label_regions, load_mask
-from metrics.report import metrics_table, write_metrics_csv
+from metrics.output import metrics_table, write_metrics_csv
 from metrics.scopes import CSV_COLUMNS, ScopedAccumulator
 from metrics.state import MetricState
 from tests.conftest_metrics import random_case, reference_metrics

@@ -22,7 +22,7 @@ import numpy as np
 from scipy.special import expit
 
 from metrics.errors import GroundTruthError, MetricInputError, StateFormatError
-from metrics.report import make_folder
+from metrics.output import make_folder
 from metrics.reporting import curves as curve_points
 from metrics.reporting.content import CategorySection, ImageOutcome, PanelRef, ReportContent
 from metrics.reporting.failures import FailureEvidence, class_order, classify_failure, mask_iou

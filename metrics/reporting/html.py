@@ -11,7 +11,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from metrics.report import write_output
+from metrics.output import write_output
 from metrics.reporting.content import PanelRef, ReportContent
 from metrics.reporting.failures import FAILURE_CLASSES
 from storage.models import ImageStatus
@@ -218,6 +218,6 @@ def render_page(content: ReportContent) -> str:
 
 
 def write_page(content: ReportContent, path: str | Path) -> Path:
-    """Write :func:`render_page` to ``path`` (UTF-8); returns the path (:class:`~metrics.report.OutputError` when it
+    """Write :func:`render_page` to ``path`` (UTF-8); returns the path (:class:`~metrics.output.OutputError` when it
     cannot be written)."""
     return write_output(path, render_page(content))

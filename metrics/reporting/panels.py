@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image as PILImage
 
-from metrics.report import visible, write_output
+from metrics.output import visible, write_output
 from metrics.reporting.failures import crop_window, similarity_peak
 
 DISPLAY_SIDE = 320  # longest displayed side; bigger images are subsampled for drawing only
@@ -156,7 +156,7 @@ def literal_title(figure: Figure, title: str) -> None:
 
 def save_figure(figure: Figure, path: str | Path, *, dpi: int) -> Path:
     """Render ``figure`` (PNG, or the format its suffix names) and write it to ``path``; a file that cannot be
-    written (full disk, unusable path) raises :class:`~metrics.report.OutputError`."""
+    written (full disk, unusable path) raises :class:`~metrics.output.OutputError`."""
     target = Path(path)
     suffix = target.suffix.lstrip(".").lower()
     buffer = io.BytesIO()

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from metrics.errors import LegacyInputError
 from metrics.legacy_evaluation import evaluate_legacy
-from metrics.report import metrics_table, shown, visible, write_metrics_csv
+from metrics.output import metrics_table, shown, visible, write_metrics_csv
 
 
 def _parse_classes(value: str | None) -> list[str] | None:

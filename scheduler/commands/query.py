@@ -14,7 +14,7 @@ import click
 import numpy as np
 from rich.table import Table
 
-from metrics.report import csv_cell
+from metrics.output import csv_cell
 from metrics.results import load_logits
 from scheduler.context import AppContext
 from scheduler.tables import add_number_column, add_text_column, compact_table, shown, visible
