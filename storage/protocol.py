@@ -150,13 +150,13 @@ def _results(dialect: str) -> Any:
 def _complete(dialect: str) -> Any:
     """Commit a whole batch of results in one statement, each under its own fence."""
     results = _results(dialect)
-    fenced = (IMAGES.c.id == results.c.id, IMAGES.c.fence == results.c.fence,
-              IMAGES.c.status == ImageStatus.RUNNING)
-    # correlate(None): a subquery of its own (locking in id order), not a per-row test against the outer UPDATE
-    locked = select(IMAGES.c.id).where(*fenced).order_by(IMAGES.c.id).with_for_update(of=IMAGES).correlate(None)
+    running = IMAGES.c.status == ImageStatus.RUNNING
+    # The rows are named by id as well (``ids``): the lock then starts from the primary key. Joined to the
+    # results instead, PostgreSQL's generic plan walked every running row of the table.
+    locked = locked_in_id_order(IMAGES.c.id.in_(bindparam("ids", expanding=True)), running)
     return (
         update(IMAGES)
-        .where(*fenced, IMAGES.c.id.in_(locked))
+        .where(IMAGES.c.id == results.c.id, IMAGES.c.fence == results.c.fence, running, locked)
         .values(status=ImageStatus.DONE, object_key=results.c.object_key, image_score=results.c.image_score,
                 diagnostics=results.c.diagnostics, timings=results.c.timings, device=results.c.device,
                 finished_at=bindparam("now"), error=None, lease_expires_at=None)
@@ -226,7 +226,8 @@ def _flagging(statement: Any, name: str) -> Any:
     """PostgreSQL: ``statement`` (an UPDATE ... RETURNING) with the category flag of its terminal rows written
     in the same statement."""
     changed = statement.cte(name)
-    finished = select(changed.c.run_id, changed.c.category).where(changed.c.status.in_(TERMINAL))
+    finished = select(changed.c.run_id, changed.c.category).where(
+        or_(*(changed.c.status == status for status in TERMINAL)))  # no expanding IN: nothing to render per call
     return select(changed).add_cte(_flag(finished).cte(f"{name}_flagged"))
 
 
@@ -327,8 +328,8 @@ class DeliveryProtocol:
              "image_score": c.image_score, "diagnostics": c.diagnostics, "timings": c.timings, "device": c.device}
             for c in completions
         ], allow_nan=False)
-        accepted = {int(row.id) for row in self._step(self._statements().complete,
-                                                       {"results": results, "now": utcnow()})}
+        accepted = {int(row.id) for row in self._step(self._statements().complete, {
+            "results": results, "ids": [c.claim.image_id for c in completions], "now": utcnow()})}
         return [c.claim.image_id in accepted for c in completions]
 
     def fail(self, claim: Claim, error: str, *, max_attempts: int, permanent: bool = False) -> str | None:
