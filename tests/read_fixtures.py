@@ -24,6 +24,14 @@ def tiny_checkpoint(answer: str = "Sure, [SEG].") -> tuple[Path, Path]:
     return make_tiny_checkpoint(folder, seed=0, answer=answer)
 
 
+@functools.cache
+def tiny_lisa_checkpoint(answer: str = "[SEG].") -> tuple[Path, Path]:
+    """(lisa_dir, clip_dir) of a tiny random checkpoint in LISA-7B-v1's layout (224 px CLIP), once per process."""
+    folder = Path(tempfile.mkdtemp(prefix="lisa-tiny-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return make_tiny_checkpoint(folder, seed=0, answer=answer, kind="lisa")
+
+
 def official_sam_modeling() -> ModuleType:
     """segment-anything's ``modeling`` subpackage, imported without the package's ``__init__``.
 

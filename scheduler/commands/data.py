@@ -29,19 +29,25 @@ def make_sample_data_command(app: AppContext, directory: Path, size: int, per_cl
 @click.command("make-tiny-checkpoint")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed of the weights.")
+@click.option("--kind", type=click.Choice(["read", "lisa"]), default="read", show_default=True,
+              help="read: READ's released layout (LLaVA-1.5 projector, 336 px CLIP, 576 image tokens); lisa: "
+              "LISA-7B-v1's (one Linear projector, 224 px CLIP, 256 image tokens, <im_patch> <im_start> <im_end> "
+              "[SEG] tokens).")
 @click.pass_obj
-def make_tiny_checkpoint_command(app: AppContext, directory: Path, seed: int) -> None:
-    """Write a random-weight READ checkpoint in the released layout, plus a tiny CLIP folder, to DIRECTORY.
+def make_tiny_checkpoint_command(app: AppContext, directory: Path, seed: int, kind: str) -> None:
+    """Write a random-weight READ or LISA checkpoint in its released layout, plus a tiny CLIP folder of the
+    matching geometry, to DIRECTORY.
 
-    The released layout file for file: config.json, weight shards + index, and the tokenizer as READ ships it
-    (a small SentencePiece tokenizer.model trained here with LLaMA's settings, tokenizer_config.json,
-    special_tokens_map.json, added_tokens.json; no tokenizer.json)."""
+    The released layout file for file: config.json, weight shards + index, and the tokenizer as the released
+    folders ship it (a small SentencePiece tokenizer.model trained here with LLaMA's settings,
+    tokenizer_config.json, special_tokens_map.json, added_tokens.json; no tokenizer.json)."""
     from workers.read.tiny import make_tiny_checkpoint
 
-    checkpoint, clip = make_tiny_checkpoint(directory, seed=seed)
-    app.console.print(f"tiny READ checkpoint: [bold]{shown(checkpoint)}[/]\n"
+    checkpoint, clip = make_tiny_checkpoint(directory, seed=seed, kind=kind)
+    family = "LISA" if kind == "lisa" else "READ"
+    app.console.print(f"tiny {family} checkpoint: [bold]{shown(checkpoint)}[/]\n"
                       f"tiny CLIP folder:     [bold]{shown(clip)}[/]")
-    app.console.print(f"use: readar run --detector read --checkpoint {shown(checkpoint)} --clip {shown(clip)} "
+    app.console.print(f"use: readar run --detector {kind} --checkpoint {shown(checkpoint)} --clip {shown(clip)} "
                       "--mvtec-root DIR")
 
 

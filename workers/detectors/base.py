@@ -82,7 +82,7 @@ class Detection:
     """A detector's result for one image.
 
     logits: the maps to store (see :class:`storage.logits.StoredLogits`).
-    diagnostics: JSON-serialisable per-image facts (e.g. ``similarity`` 24×24 list, ``points``, ``labels``,
+    diagnostics: JSON-serialisable per-image facts (e.g. ``similarity`` grid (24×24 for READ, 16×16 for LISA), ``points``, ``labels``,
         ``seg_found``, ``text``, ``timings_ms``). Stored beside the logits and summarised in SQL.
     """
 

@@ -1,18 +1,34 @@
 """The READ detectors: prepared images + prompts in, SAM low-res logits + diagnostics out.
 
-All three use the same checkpoint and differ only in SAM's sparse prompt:
-- ``read``: READ's own inference, the SasP points and the [SEG] token (DESIGN.md 5.5);
-- ``lisa``: the [SEG] token alone;
+They differ in SAM's sparse prompt and in which checkpoints they accept (the family is read from config.json,
+:func:`workers.read.config.checkpoint_kind`):
+- ``read``: READ's own inference, the SasP points and the [SEG] token (DESIGN.md 5.5); READ checkpoints only;
+- ``lisa``: the [SEG] token alone, in two cases that the run's fingerprint and diagnostics name:
+  * a LISA checkpoint (LISA-7B-v1, LISA-13B-llama2-v1, -explanatory): LISA's own inference, as ``evaluate`` in
+    LISA's model/LISA.py — one Linear projector, the 224 px CLIP (16×16 = 256 image tokens), the state that
+    predicts each [SEG] → ``text_hidden_fcs`` → SAM's prompt encoder with that embedding alone (no points) → mask
+    decoder with multimask_output=False; teacher-forced runs force LISA's validation answer "[SEG]." unless
+    told otherwise;
+  * a READ checkpoint: READ's weights prompted without the SasP points (READAR's meaning of ``lisa`` so far);
 - ``read_as_published``: what the original READAR scripts saved for their published table — one not-a-point
   padding point (label −1) and the [SEG] token, no SasP points, with the ``vicuna_v1`` wording, the ``anomaly``
-  prompt and up to 2,048 new tokens by default (DESIGN.md 5.3). Building a detector reads the small files (config, tokenizer, CLIP
-preprocessing) and checks the CLIP folder; the weights load lazily, once per process, on the first ``detect``.
+  prompt and up to 2,048 new tokens by default (DESIGN.md 5.3); READ checkpoints only.
+A checkpoint of the wrong family is refused when the detector is built, with the detector that fits. Building a
+detector reads the small files (config, tokenizer, CLIP preprocessing) and checks the CLIP folder; the weights
+load lazily, once per process, on the first ``detect``.
+
+Generation is the same for every case: greedy, stop at </s>, at most ``max_new_tokens`` (32 unless set).
+LISA's ``evaluate`` is greedy too and defaults to 32 new tokens (its chat.py passes 512); it runs without a
+key/value cache, which gives the same states as the cache used here. A forced [SEG] (teacher-forced mode) does
+not depend on any of these.
 
 Diagnostics per image (JSON-serialisable): ``similarity`` — the raw (un-normalised) dot products between the
-first [SEG] state and the 576 image-token states as a 24×24 list, None when no [SEG]; ``points`` ([x, y] in
-original-image pixels, refined) and ``labels`` of that first mask; ``seg_found``; ``num_seg`` (masks stored);
-``text`` (generated answer, or the forced one); ``prompt`` (the user question); ``queries`` (per question, for
-``all_types``); ``timings_ms`` (``prepare`` per image, the rest per batch, with ``batch_size``).
+first [SEG] state and the image-token states as a side×side list (side = CLIP image_size / patch_size: 24 for
+READ, 16 for LISA v1), None when no [SEG]; ``points`` ([x, y] in original-image pixels, refined) and ``labels``
+of that first mask; ``seg_found``; ``num_seg`` (masks stored); ``text`` (generated answer, or the forced one);
+``prompt`` (the user question); ``queries`` (per question, for ``all_types``); ``checkpoint_family`` (READ or
+LISA) and ``detector_case`` (what the detector did with it); ``timings_ms`` (``prepare`` per image, the rest per
+batch, with ``batch_size``).
 """
 
 from __future__ import annotations
@@ -40,7 +56,7 @@ from workers.detectors.base import (
     register_detector,
 )
 from workers.read import MAX_NEW_TOKENS, MAX_NEW_TOKENS_CAP
-from workers.read.config import ReadConfig
+from workers.read.config import KIND_LISA, KIND_NAMES, KIND_READ, ReadConfig
 from workers.read.conversation import (
     DEFAULT_FORCED_ANSWER,
     TokenizedQuery,
@@ -49,9 +65,10 @@ from workers.read.conversation import (
     tokenize_query,
 )
 from workers.read.decode import QueryRow, run_queries
-from workers.read.errors import ClipFolderError
+from workers.read.errors import ClipFolderError, WrongDetectorError
 from workers.read.loader import (
     cached_read_model,
+    check_projector_layout,
     check_weight_files,
     clip_preprocessing,
     load_clip_config,
@@ -77,7 +94,8 @@ class PreparedQuery:
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """CPU-side inputs of one image. clip: (3, 336, 336); sam: (3, 1024, 1024); sizes as (h, w)."""
+    """CPU-side inputs of one image. clip: (3, S, S), S = the CLIP's input side (336 READ, 224 LISA v1);
+    sam: (3, 1024, 1024); sizes as (h, w)."""
 
     clip: torch.Tensor
     sam: torch.Tensor
@@ -95,7 +113,7 @@ class SegPrompt:
 
     image_index: int
     row_index: int
-    similarity: torch.Tensor  # (576,) raw [SEG]·image-token dot products
+    similarity: torch.Tensor  # (N,) raw [SEG]·image-token dot products, N = number of image tokens
     points: torch.Tensor | None  # (n, 2) x, y in original-image pixels; None without SasP points
     labels: torch.Tensor | None
 
@@ -106,23 +124,34 @@ def _elapsed_ms(start: float, device: torch.device) -> float:
     return round((time.perf_counter() - start) * 1000.0, 3)
 
 
+# Why a config.json belongs to its family, for the wrong-detector message.
+_KIND_REASONS = {
+    KIND_READ: "its config.json has mm_projector_type 'mlp2x_gelu', LLaVA-1.5's projector",
+    KIND_LISA: "its config.json has no mm_projector_type: one Linear projector, LLaVA v1's, as LISA v1 releases",
+}
+
+
 class ReadDetector(Detector):
     """READ: SasP points + [SEG] token as SAM prompt."""
 
     name = "read"
     use_points = True
     padding_point = False  # a lone not-a-point token before [SEG] when there are no points
+    accepted_kinds: tuple[str, ...] = (KIND_READ,)
 
     def __init__(self, config: DetectorConfig) -> None:
         if config.checkpoint is None or config.clip is None:
             raise DetectorError(
-                f"detector {self.name!r} needs --checkpoint (a READ folder) and --clip (a CLIP folder)"
+                f"detector {self.name!r} needs --checkpoint (a {self._families()} folder) and --clip (a CLIP folder)"
             )
         checkpoint, clip_dir = Path(config.checkpoint), Path(config.clip)
         read_config = ReadConfig.from_folder(checkpoint)
-        load_clip_config(clip_dir, read_config)  # fail now, not on the first batch
+        check_projector_layout(checkpoint, read_config)  # config vs weights first: the family rests on it
+        self._check_kind(read_config, checkpoint)
+        vision = load_clip_config(clip_dir, read_config)  # fail now, not on the first batch
         tokenizer, token_ids = load_tokenizer(checkpoint, read_config.llama.vocab_size)
-        self._setup(config, read_config, tokenizer, token_ids, clip_preprocessing(clip_dir))
+        clip_settings = clip_preprocessing(clip_dir, vision.image_size)
+        self._setup(config, read_config, tokenizer, token_ids, clip_settings)
         self.checkpoint, self.clip_dir = checkpoint, clip_dir
         self._loaded_model: ReadModel | None = None
 
@@ -138,10 +167,31 @@ class ReadDetector(Detector):
     ) -> ReadDetector:
         """A detector around an already-built model (benchmarks with random weights; no checkpoint files)."""
         detector = cls.__new__(cls)
+        detector._check_kind(read_config, None)
         detector._setup(config, read_config, tokenizer, token_ids, clip_settings or ClipPreprocessing())
         detector.checkpoint = detector.clip_dir = None
         detector._loaded_model = model
         return detector
+
+    @classmethod
+    def _families(cls) -> str:
+        return " or ".join(KIND_NAMES[kind] for kind in cls.accepted_kinds)
+
+    def _check_kind(self, read_config: ReadConfig, checkpoint: Path | None) -> None:
+        """Refuse a checkpoint of another family, naming the detector that fits."""
+        if read_config.kind in self.accepted_kinds:
+            return
+        fits = "lisa" if read_config.kind == KIND_LISA else "read"
+        where = checkpoint if checkpoint is not None else "the model"
+        raise WrongDetectorError(
+            f"{where} is a {read_config.family} checkpoint ({_KIND_REASONS[read_config.kind]}), but detector "
+            f"{self.name!r} runs {self._families()} checkpoints: use --detector {fits}"
+        )
+
+    @property
+    def case(self) -> str:
+        """What this detector does with this checkpoint, in words (diagnostics and the fingerprint)."""
+        return f"{self.name} on a {self.read_config.family} checkpoint"
 
     def _setup(
         self,
@@ -160,7 +210,7 @@ class ReadDetector(Detector):
             raise DetectorError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_CAP}; got {self.max_new_tokens}")
         # stop_at_eos=False decodes exactly max_new_tokens tokens (benchmarks); never for real runs.
         self.stop_at_eos = bool(extra.pop("stop_at_eos", True))
-        self.forced_answer = str(extra.pop("forced_answer", DEFAULT_FORCED_ANSWER))
+        self.forced_answer = str(extra.pop("forced_answer", self._default_forced_answer(read_config)))
         self.sasp_options = {
             name: cast(extra.pop(name)) for name, cast in _SASP_OPTIONS.items() if name in extra
         }
@@ -173,6 +223,9 @@ class ReadDetector(Detector):
         self.uses_ground_truth_names = config.prompt_mode == "anomaly" or (
             config.prompt_mode == "template" and "{anomaly_type}" in (config.prompt_template or "")
         )
+
+    def _default_forced_answer(self, read_config: ReadConfig) -> str:
+        return DEFAULT_FORCED_ANSWER
 
     # -- CPU side -----------------------------------------------------------------------------------------
     def _questions(self, sample: ImageSample) -> list[str]:
@@ -346,6 +399,8 @@ class ReadDetector(Detector):
             "prompt": queries[0]["prompt"] if len(queries) == 1 else " | ".join(q["prompt"] for q in queries),
             "queries": queries,
             "decode_mode": self.config.decode_mode,
+            "checkpoint_family": self.read_config.family,
+            "detector_case": self.case,
             "timings_ms": {"prepare": item.prepare_ms, **timings},
         }
         return Detection(logits=logits, diagnostics=diagnostics)
@@ -371,14 +426,40 @@ class ReadDetector(Detector):
                     digest.update(path.name.encode() + path.read_bytes())
                 elif path.suffix in (".bin", ".safetensors"):
                     digest.update(json.dumps([path.name, path.stat().st_size]).encode())
-        return f"{self.name}:{digest.hexdigest()[:16]}"
+        return f"{self._fingerprint_name()}:{digest.hexdigest()[:16]}"
+
+    def _fingerprint_name(self) -> str:
+        return self.name
+
+
+# The lisa detector's two cases (module docstring), as the run tables show them.
+LISA_CASES = {
+    KIND_LISA: "LISA checkpoint, LISA's own inference",
+    KIND_READ: "READ checkpoint, [SEG] without SasP points",
+}
 
 
 class LisaDetector(ReadDetector):
-    """LISA: the same checkpoint, only the [SEG] token as SAM prompt."""
+    """lisa: only the [SEG] token as SAM prompt — LISA's own inference on a LISA checkpoint, or READ's checkpoint
+    without its points (see the module docstring)."""
 
     name = "lisa"
     use_points = False
+    accepted_kinds = (KIND_LISA, KIND_READ)
+
+    @property
+    def case(self) -> str:
+        return LISA_CASES[self.read_config.kind]
+
+    def _fingerprint_name(self) -> str:
+        return f"lisa ({self.case})"
+
+    def _default_forced_answer(self, read_config: ReadConfig) -> str:
+        # LISA's validation teacher-forces "[SEG]." (train_ds.py validate); READ checkpoints keep READAR's answer.
+        return LISA_FORCED_ANSWER if read_config.kind == KIND_LISA else DEFAULT_FORCED_ANSWER
+
+
+LISA_FORCED_ANSWER = "[SEG]."
 
 
 class PublishedReadDetector(ReadDetector):

@@ -35,3 +35,8 @@ class ClipFolderError(ReadError, SetupError):
 
 class SimilarityError(ReadError):
     """A similarity vector cannot be turned into point prompts (wrong length or grid)."""
+
+
+class WrongDetectorError(CheckpointError):
+    """The checkpoint belongs to another family than the detector runs (e.g. a LISA folder given to ``read``);
+    the message names the detector that fits."""

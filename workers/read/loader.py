@@ -1,9 +1,13 @@
-"""Load a released READ folder plus a CLIP folder into a :class:`ReadModel` — local files only, once per process.
+"""Load a released READ or LISA folder plus a CLIP folder into a :class:`ReadModel` — local files only, once per
+process. Both families go through the same code: what differs (projector type, CLIP geometry, token ids) comes
+from the folder's config.json, the CLIP folder's config and the tokenizer files.
 
-Checks, each with a typed error naming the file to fix: config and tokenizer present and carrying READ's added
-tokens; every shard listed by the index present and readable (pickle shards only through
-``torch.load(weights_only=True)``); no tensor missing, unexpected or of the wrong shape; the CLIP folder holding
-the vision tower the checkpoint expects (DESIGN.md 5.2).
+Checks, each with a typed error naming the file to fix: config and tokenizer present and carrying the added
+tokens; the projector the config describes matching the projector tensors the weights hold; every shard listed
+by the index present and readable (pickle shards only through ``torch.load(weights_only=True)``); no tensor
+missing, unexpected or of the wrong shape; the CLIP folder holding the vision tower the checkpoint expects (width,
+and the input size when the config names an OpenAI CLIP) (DESIGN.md 5.2). Shards that mix bfloat16 and float32
+tensors (LISA's) are cast to the model's dtype on loading.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaForCausalLM, SamModel
 
-from workers.read.config import ReadConfig
+from workers.read.config import ReadConfig, expected_clip_image_size, projector_weight_names
 from workers.read.errors import (
     CheckpointError,
     ClipFolderError,
@@ -71,6 +75,7 @@ def load_clip_config(clip_dir: Path | None, config: ReadConfig) -> CLIPVisionCon
         f"expected a local folder with {config.vision_tower} in transformers' CLIP format "
         f"(config.json with a vision tower of width {config.mm_hidden_size}, weights, preprocessor_config.json)"
     )
+    family = config.family
     if clip_dir is None or not (Path(clip_dir) / "config.json").is_file():
         raise ClipFolderError(f"CLIP folder {clip_dir} has no config.json; {expected}")
     raw = json.loads((Path(clip_dir) / "config.json").read_text(encoding="utf-8"))
@@ -81,8 +86,18 @@ def load_clip_config(clip_dir: Path | None, config: ReadConfig) -> CLIPVisionCon
     )
     if vision.hidden_size != config.mm_hidden_size:
         raise ClipFolderError(
-            f"{clip_dir} has a vision tower of width {vision.hidden_size} but the READ checkpoint's projector takes "
-            f"{config.mm_hidden_size}; {expected}"
+            f"{clip_dir} has a vision tower of width {vision.hidden_size} but the {family} checkpoint's projector "
+            f"takes {config.mm_hidden_size}; {expected}"
+        )
+    if vision.image_size % vision.patch_size:
+        raise ClipFolderError(
+            f"{clip_dir}: image_size {vision.image_size} is not a multiple of patch_size {vision.patch_size}"
+        )
+    side = expected_clip_image_size(config.vision_tower)
+    if side is not None and side != vision.image_size:
+        raise ClipFolderError(
+            f"{clip_dir} is a {vision.image_size} px CLIP but the {family} checkpoint was trained with "
+            f"{config.vision_tower} ({side} px, {(side // vision.patch_size) ** 2} image tokens); {expected}"
         )
     return vision
 
@@ -111,6 +126,38 @@ def weight_files(checkpoint: Path) -> dict[Path, set[str] | None]:
     raise CheckpointError(
         f"{checkpoint} has no weights: expected {' or '.join(_INDEX_FILES)} with its shards, or {' or '.join(_SINGLE_FILES)}"
     )
+
+
+def _projector_error(config: ReadConfig, names: Iterable[str], source: Path) -> str | None:
+    """Why the projector tensors among ``names`` do not fit the projector config.json describes (None: they do)."""
+    found = sorted(name[len(_PROJECTOR_PREFIX) :] for name in names if name.startswith(_PROJECTOR_PREFIX))
+    expected = sorted(projector_weight_names(config.projector_type))
+    if found == expected:
+        return None
+    described = (
+        "no mm_projector_type (LLaVA's rule: one Linear layer)"
+        if config.projector_type == "linear"
+        else f"mm_projector_type {config.projector_type!r}"
+    )
+    held = ", ".join(_PROJECTOR_PREFIX + name for name in found) or "no model.mm_projector.* tensors"
+    return (
+        f"{source} holds {held} but {config.source} says {described}, which needs "
+        f"{', '.join(_PROJECTOR_PREFIX + name for name in expected)}; config.json and the weights come from "
+        "different checkpoints"
+    )
+
+
+def check_projector_layout(checkpoint: Path, config: ReadConfig) -> None:
+    """Cheap cross-check of config.json's projector against the weight index's tensor names (no shard is read;
+    without an index the check happens when the weights load)."""
+    for index_name in _INDEX_FILES:
+        path = Path(checkpoint) / index_name
+        if path.is_file():
+            names = {name for listed in weight_files(Path(checkpoint)).values() for name in listed or ()}
+            problem = _projector_error(config, names, path)
+            if problem:
+                raise CheckpointError(problem)
+            return
 
 
 def check_weight_files(checkpoint: Path) -> None:
@@ -181,6 +228,8 @@ def split_state(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
     }
     unexpected = []
     for name, tensor in state.items():
+        if name.startswith(_IGNORED_PREFIXES) or name.endswith(_IGNORED_SUFFIXES):
+            continue  # before the LLaMA prefixes: inv_freq sits under model.layers.N.
         if name.startswith(_LANGUAGE_PREFIXES):
             parts["language_model"][name] = tensor
         elif name.startswith(_PROJECTOR_PREFIX):
@@ -189,10 +238,12 @@ def split_state(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
             parts["text_hidden_fcs"][name[len(_TEXT_FCS_PREFIX) :]] = tensor
         elif name.startswith(_SAM_PREFIX):
             parts["sam"][name[len(_SAM_PREFIX) :]] = tensor
-        elif not (name.startswith(_IGNORED_PREFIXES) or name.endswith(_IGNORED_SUFFIXES)):
+        else:
             unexpected.append(name)
     if unexpected:
-        raise UnexpectedWeightsError(f"the checkpoint holds tensors READ does not use: {_report(unexpected)}")
+        raise UnexpectedWeightsError(
+            f"the checkpoint holds tensors READ/LISA do not use: {_report(unexpected)}"
+        )
     return parts
 
 
@@ -206,7 +257,7 @@ def _check_and_load(
     unexpected = state.keys() - expected.keys()
     if unexpected:
         raise UnexpectedWeightsError(
-            f"{source} holds tensors READ does not use: {_report(prefix + n for n in unexpected)}"
+            f"{source} holds tensors READ/LISA do not use: {_report(prefix + n for n in unexpected)}"
         )
     wrong = [
         f"{prefix}{name} {tuple(state[name].shape)} (model expects {tuple(param.shape)})"
@@ -241,7 +292,13 @@ def load_read_model(
     checkpoint = Path(checkpoint)
     config = ReadConfig.from_folder(checkpoint)
     vision_config = load_clip_config(clip_dir, config)
-    parts = split_state(read_state_dict(checkpoint))
+    check_projector_layout(checkpoint, config)  # names the index file
+    state = read_state_dict(checkpoint)
+    files = list(weight_files(checkpoint))
+    problem = _projector_error(config, state, files[0] if len(files) == 1 else checkpoint)
+    if problem:
+        raise CheckpointError(problem)
+    parts = split_state(state)
     sam_state = official_to_hf(parts["sam"])
     sam_config = sam_config_from_weights(parts["sam"])
     try:
@@ -260,7 +317,7 @@ def load_read_model(
     with fast_init(dtype, device):
         model = ReadModel(
             vision_tower,
-            build_projector(config.mm_hidden_size, config.llama.hidden_size),
+            build_projector(config.mm_hidden_size, config.llama.hidden_size, config.projector_type),
             LlamaForCausalLM(config.llama),
             build_text_hidden_fcs(config.llama.hidden_size, config.out_dim),
             SamModel(sam_config),
@@ -306,6 +363,9 @@ def cached_read_model(
         return _LOADED[key]
 
 
-def clip_preprocessing(clip_dir: Path | None) -> ClipPreprocessing:
-    """CLIP preprocessing settings of the folder (CLIP defaults when it has no preprocessor_config.json)."""
-    return ClipPreprocessing.from_folder(Path(clip_dir)) if clip_dir else ClipPreprocessing()
+def clip_preprocessing(clip_dir: Path | None, image_size: int | None = None) -> ClipPreprocessing:
+    """CLIP preprocessing settings of the folder; without a preprocessor_config.json, CLIP's defaults at
+    ``image_size`` (the vision config's input side; 336 when not given)."""
+    if clip_dir is None:
+        return ClipPreprocessing() if image_size is None else ClipPreprocessing(image_size, image_size)
+    return ClipPreprocessing.from_folder(Path(clip_dir), default_size=image_size)

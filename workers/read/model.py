@@ -1,6 +1,7 @@
-"""The READ model: transformers' CLIP vision tower, LLaMA and SAM, joined by READ's two small MLPs.
+"""The READ (and LISA) model: transformers' CLIP vision tower, LLaMA and SAM, joined by two small heads.
 
-Parts (DESIGN.md 5.1): CLIPVisionModel → ``mm_projector`` (Linear–GELU–Linear, LLaVA-1.5 ``mlp2x_gelu``) →
+Parts (DESIGN.md 5.1): CLIPVisionModel → ``mm_projector`` (READ: Linear–GELU–Linear, LLaVA-1.5 ``mlp2x_gelu``;
+LISA v1: one Linear, LLaVA v1's projector) →
 LlamaForCausalLM; the [SEG] state → ``text_hidden_fcs`` (Linear–ReLU–Linear → 256) → SAM's prompt; SamModel
 for the image embeddings, prompt encoder and mask decoder. Module names mirror the released state dict so the
 shards load without renaming (except SAM, see :mod:`workers.read.sam_keys`).
@@ -17,12 +18,23 @@ import torch
 from torch import nn
 from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM, SamConfig, SamModel
 
+from workers.read.config import LINEAR_PROJECTOR, projector_depth
 from workers.read.errors import ReadError
 
 
-def build_projector(vision_width: int, text_width: int) -> nn.Sequential:
-    """LLaVA-1.5 ``mlp2x_gelu``: Linear(vision→text) – GELU – Linear(text→text); names ``0`` and ``2``."""
-    return nn.Sequential(nn.Linear(vision_width, text_width), nn.GELU(), nn.Linear(text_width, text_width))
+def build_projector(vision_width: int, text_width: int, projector_type: str = "mlp2x_gelu") -> nn.Module:
+    """LLaVA's ``mm_projector`` of the given type, named as LLaVA names it.
+
+    ``linear`` (LISA v1, and any config without mm_projector_type): one Linear(vision→text), tensors ``weight``
+    and ``bias``. ``mlpNx_gelu`` (READ: ``mlp2x_gelu``): Linear(vision→text) followed by N−1 × (GELU,
+    Linear(text→text)) in a Sequential, tensors ``0.*``, ``2.*`` ….
+    """
+    if projector_type == LINEAR_PROJECTOR:
+        return nn.Linear(vision_width, text_width)
+    layers: list[nn.Module] = [nn.Linear(vision_width, text_width)]
+    for _ in range(projector_depth(projector_type) - 1):
+        layers += [nn.GELU(), nn.Linear(text_width, text_width)]
+    return nn.Sequential(*layers)
 
 
 def build_text_hidden_fcs(text_width: int, out_dim: int) -> nn.ModuleList:
@@ -60,7 +72,7 @@ class ReadModel(nn.Module):
     def __init__(
         self,
         vision_tower: CLIPVisionModel,
-        projector: nn.Sequential,
+        projector: nn.Module,
         language_model: LlamaForCausalLM,
         text_hidden_fcs: nn.ModuleList,
         sam: SamModel,
@@ -88,11 +100,12 @@ class ReadModel(nn.Module):
         mm_hidden_size: int,
         out_dim: int,
         vision_select_layer: int = -2,
+        projector_type: str = "mlp2x_gelu",
     ) -> ReadModel:
         """Build the architecture (weights uninitialised under :func:`fast_init`, random otherwise)."""
         return cls(
             CLIPVisionModel(vision),
-            build_projector(mm_hidden_size, llama.hidden_size),
+            build_projector(mm_hidden_size, llama.hidden_size, projector_type),
             LlamaForCausalLM(llama),
             build_text_hidden_fcs(llama.hidden_size, out_dim),
             SamModel(sam),
@@ -101,14 +114,27 @@ class ReadModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.projector[0].weight.dtype
+        return next(self.projector.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return self.projector[0].weight.device
+        return next(self.projector.parameters()).device
+
+    @property
+    def grid_side(self) -> int:
+        """Side of the image-token grid, from the CLIP config: image_size / patch_size (336/14 = 24 for READ,
+        224/14 = 16 for LISA v1)."""
+        config = self.vision_tower.config
+        return int(config.image_size) // int(config.patch_size)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens the language model sees: grid_side² (576 for READ, 256 for LISA v1)."""
+        return self.grid_side**2
 
     def image_features(self, clip_pixels: torch.Tensor) -> torch.Tensor:
-        """Projected CLIP patch features: (B, 3, 336, 336) → (B, N, hidden), N = (336/14)² = 576.
+        """Projected CLIP patch features: (B, 3, S, S) → (B, N, hidden), S = the CLIP's image_size, N =
+        :attr:`num_image_tokens`.
 
         LLaVA's CLIPVisionTower.feature_select: hidden state ``vision_select_layer``, CLS token dropped.
         """

@@ -1,4 +1,5 @@
-"""Image inputs of READ: the CLIP view (336 px) and the SAM view (1024 px frame). DESIGN.md 5.3.
+"""Image inputs of READ and LISA: the CLIP view (336 px for READ, 224 px for LISA v1: the CLIP folder's
+preprocessor_config.json says which) and the SAM view (1024 px frame). DESIGN.md 5.3.
 
 Both are pure functions of a uint8 RGB array, written with PIL so that they give the same numbers whichever
 image-processing backend transformers picks on a machine (the original used transformers' PIL-based
@@ -37,15 +38,18 @@ class ClipPreprocessing:
     std: tuple[float, float, float] = CLIP_STD
 
     @classmethod
-    def from_folder(cls, clip_dir: Path) -> ClipPreprocessing:
-        """Read ``preprocessor_config.json`` of a CLIP folder (CLIPImageProcessor format)."""
+    def from_folder(cls, clip_dir: Path, default_size: int | None = None) -> ClipPreprocessing:
+        """Read ``preprocessor_config.json`` of a CLIP folder (CLIPImageProcessor format, either the dict or the
+        older flat-int layout). Without the file (or its size fields): ``default_size`` (the vision config's
+        image_size), else 336."""
+        fallback = int(default_size) if default_size else 336
         path = Path(clip_dir) / "preprocessor_config.json"
         if not path.is_file():
-            return cls()
+            return cls(fallback, fallback)
         raw = json.loads(path.read_text(encoding="utf-8"))
-        size = raw.get("size", 336)
+        size = raw.get("size", fallback)
         crop = raw.get("crop_size", size)
-        resize = size.get("shortest_edge", 336) if isinstance(size, dict) else int(size)
+        resize = size.get("shortest_edge", fallback) if isinstance(size, dict) else int(size)
         crop_side = crop.get("height", resize) if isinstance(crop, dict) else int(crop)
         return cls(
             resize=int(resize),

@@ -1,11 +1,20 @@
-"""Random-weight READ checkpoints in exactly the released layout, for tests and demos (seconds on a CPU).
+"""Random-weight READ and LISA checkpoints in exactly the released layouts, for tests and demos (seconds on a CPU).
 
-``make_tiny_checkpoint`` writes a READ folder (config.json with the released fields, ≥2 ``pytorch_model-*.bin``
-shards + index, SAM in segment-anything naming, and the released tokenizer files: a small real SentencePiece
-``tokenizer.model`` trained with LLaMA's settings, ``tokenizer_config.json``, ``special_tokens_map.json`` and
-``added_tokens.json`` with [SEG] / <im_start> / <im_end> right after the base vocabulary, no tokenizer.json) and a
-CLIP folder (transformers' CLIP format, 336 px / patch 14 → the same 24×24 grid as the real model). The loader
-treats it like a released checkpoint.
+``make_tiny_checkpoint(dir, kind="read")`` writes a READ folder (config.json with the released fields, LLaVA-1.5's
+``mm_projector_type: mlp2x_gelu``, ≥2 ``pytorch_model-*.bin`` shards + index, SAM in segment-anything naming, and
+the released tokenizer files: a small real SentencePiece ``tokenizer.model`` trained with LLaMA's settings,
+``tokenizer_config.json``, ``special_tokens_map.json`` and ``added_tokens.json`` with [SEG] / <im_start> /
+<im_end> right after the base vocabulary, no tokenizer.json) and a CLIP folder (transformers' CLIP format, 336 px
+/ patch 14 → the same 24×24 grid as the real model).
+
+``kind="lisa"`` writes a folder laid out as LISA-7B-v1 is: config.json without ``mm_projector_type`` (one Linear
+projector, ``model.mm_projector.weight``/``.bias``), the vision tower named ``openai/clip-vit-large-patch14``
+(224 px / patch 14 → 16×16 = 256 image tokens) and a tiny CLIP folder of that geometry; added tokens
+``<im_patch>``, ``<im_start>``, ``<im_end>``, ``[SEG]`` in that order (the first three come from the LLaVA v1 base
+tokenizer, so [SEG] is last); ``tokenizer_config.json`` as LISA's merge script saved it (model_max_length 512,
+padding_side "right"); ``generation_config.json``; pickle shards holding the LLaMA and projector tensors in
+bfloat16, SAM and ``text_hidden_fcs`` in float32, and the ``rotary_emb.inv_freq`` buffers transformers 4.31 saved;
+no ``model.vision_tower.*``. The loaders treat both like released checkpoints.
 
 Deterministic answer: random weights would almost never emit [SEG]. The tiny language model is therefore built
 so that its greedy answer is ``answer`` (default "Sure, [SEG].") followed by </s> for every prompt: token
@@ -32,7 +41,14 @@ from transformers import (
     SamModel,
 )
 
-from workers.read.config import IM_END_TOKEN, IM_START_TOKEN, SEG_TOKEN
+from workers.read.config import (
+    IM_END_TOKEN,
+    IM_START_TOKEN,
+    KIND_LISA,
+    KIND_READ,
+    LINEAR_PROJECTOR,
+    SEG_TOKEN,
+)
 from workers.read.conversation import SYSTEM_PROMPTS, conversation_text, tokenize_query
 from workers.read.errors import ReadError
 from workers.read.loader import quiet_transformers
@@ -49,6 +65,16 @@ from workers.read.tokenizer import (
 
 TINY_HIDDEN = 64
 TINY_CLIP_WIDTH = 32
+TINY_KINDS = (KIND_READ, KIND_LISA)
+
+IM_PATCH_TOKEN = "<im_patch>"
+# Added tokens in id order, as each family's released added_tokens.json has them (LISA: LISA-7B-v1).
+_ADDED_TOKENS = {
+    KIND_READ: (SEG_TOKEN, IM_START_TOKEN, IM_END_TOKEN),
+    KIND_LISA: (IM_PATCH_TOKEN, IM_START_TOKEN, IM_END_TOKEN, SEG_TOKEN),
+}
+# The CLIP input side each family's vision tower has (image tokens = (side / 14)²).
+CLIP_SIDES = {KIND_READ: 336, KIND_LISA: 224}
 
 _CORPUS_WORDS = (
     "Segment the on the. Segment any anomaly on the. Is there any anomaly in the image? Sure, it is. Yes. No. "
@@ -102,9 +128,14 @@ def _token_entry(content: str) -> dict[str, object]:
     return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
 
 
-def released_tokenizer_json(added: dict[str, int]) -> dict[str, dict[str, object]]:
-    """The JSON tokenizer files of a released READ folder, field for field as transformers 4.31 saves a
-    LlamaTokenizer (tests/fixtures/tokenizer/released holds files 4.31 itself wrote)."""
+def released_tokenizer_json(added: dict[str, int], kind: str = KIND_READ) -> dict[str, dict[str, object]]:
+    """The JSON tokenizer files of a released READ (or LISA) folder, field for field as transformers 4.31 saves a
+    LlamaTokenizer (tests/fixtures/tokenizer/released holds files 4.31 itself wrote).
+
+    LISA's merge script loaded the tokenizer with ``model_max_length=512, padding_side="right"`` before saving, so
+    its tokenizer_config.json records those two (which is also what makes LISA-7B-v1's file 744 bytes against
+    READ's 745). Neither changes how text is tokenised.
+    """
     specials = {
         name: _token_entry(content) for name, content in (("bos_token", "<s>"), ("eos_token", "</s>"))
     }
@@ -121,6 +152,10 @@ def released_tokenizer_json(added: dict[str, int]) -> dict[str, dict[str, object
         "tokenizer_class": "LlamaTokenizer",
         "unk_token": {"__type": "AddedToken", **unk},
     }
+    if kind == KIND_LISA:
+        config["model_max_length"] = 512
+        config["padding_side"] = "right"
+        config = dict(sorted(config.items()))
     return {
         TOKENIZER_CONFIG_FILE: config,
         SPECIAL_TOKENS_FILE: {**specials, "pad_token": "<unk>", "unk_token": unk},
@@ -128,17 +163,18 @@ def released_tokenizer_json(added: dict[str, int]) -> dict[str, dict[str, object
     }
 
 
-def write_tiny_tokenizer(folder: Path) -> None:
+def write_tiny_tokenizer(folder: Path, kind: str = KIND_READ) -> None:
     """The four tokenizer files of a released READ folder, as transformers 4.31 saved them after READ added
     [SEG] (a plain added token) and <im_start>/<im_end> right after the base vocabulary; no tokenizer.json.
+    ``kind="lisa"``: LISA-7B-v1's files (<im_patch>, <im_start>, <im_end>, then [SEG]).
     """
     import sentencepiece
 
     model = train_tiny_sentencepiece()
     (folder / SENTENCEPIECE_FILE).write_bytes(model)
     base_size = sentencepiece.SentencePieceProcessor(model_proto=model).get_piece_size()
-    added = {token: base_size + i for i, token in enumerate((SEG_TOKEN, IM_START_TOKEN, IM_END_TOKEN))}
-    for name, payload in released_tokenizer_json(added).items():
+    added = {token: base_size + i for i, token in enumerate(_ADDED_TOKENS[kind])}
+    for name, payload in released_tokenizer_json(added, kind).items():
         (folder / name).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -211,8 +247,8 @@ def tiny_sam_config() -> SamConfig:
     )
 
 
-def tiny_clip_config() -> CLIPConfig:
-    """A small CLIP with the real input geometry (336 px, patch 14 → 24×24 patches)."""
+def tiny_clip_config(image_size: int = 336) -> CLIPConfig:
+    """A small CLIP with a real input geometry (336 px, patch 14 → 24×24 patches; 224 px → 16×16)."""
     return CLIPConfig(
         text_config={
             "vocab_size": 99,
@@ -230,24 +266,39 @@ def tiny_clip_config() -> CLIPConfig:
             "intermediate_size": 64,
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
-            "image_size": 336,
+            "image_size": image_size,
             "patch_size": 14,
         },
         projection_dim=16,
     )
 
 
-def _write_clip(folder: Path) -> None:
+def _write_clip(folder: Path, image_size: int = 336) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with quiet_transformers():
-        CLIPModel(tiny_clip_config()).save_pretrained(str(folder))
+        CLIPModel(tiny_clip_config(image_size)).save_pretrained(str(folder))
+    if image_size != 336:
+        # openai/clip-vit-large-patch14's preprocessor_config.json: the older flat layout (ints, no dicts).
+        processor = {
+            "crop_size": image_size,
+            "do_center_crop": True,
+            "do_normalize": True,
+            "do_resize": True,
+            "feature_extractor_type": "CLIPFeatureExtractor",
+            "image_mean": list(CLIP_MEAN),
+            "image_std": list(CLIP_STD),
+            "resample": 3,
+            "size": image_size,
+        }
+        (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2), encoding="utf-8")
+        return
     processor = {
         "image_processor_type": "CLIPImageProcessor",
         "do_resize": True,
-        "size": {"shortest_edge": 336},
+        "size": {"shortest_edge": image_size},
         "resample": 3,
         "do_center_crop": True,
-        "crop_size": {"height": 336, "width": 336},
+        "crop_size": {"height": image_size, "width": image_size},
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
@@ -259,22 +310,40 @@ def _write_clip(folder: Path) -> None:
 
 
 def make_tiny_checkpoint(
-    out_dir: Path, *, seed: int = 0, answer: str = "Sure, [SEG].", safetensors: bool = False
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    answer: str | None = None,
+    safetensors: bool = False,
+    kind: str = KIND_READ,
 ) -> tuple[Path, Path]:
-    """Write a random-weight READ folder and CLIP folder under ``out_dir``; returns (read_dir, clip_dir).
+    """Write a random-weight checkpoint folder and its CLIP folder under ``out_dir``; returns (model_dir, clip_dir).
 
-    answer: what greedy decoding will answer to every prompt. safetensors: write ``model-*.safetensors``
-    shards instead of pickle ``pytorch_model-*.bin`` (both layouts exist among released checkpoints).
+    kind: ``read`` (READ's released layout; folders ``read-tiny`` and ``clip-tiny``) or ``lisa`` (LISA-7B-v1's
+    layout; ``lisa-tiny`` and ``clip-tiny-224``); see the module docstring. answer: what greedy decoding will
+    answer to every prompt (default: "Sure, [SEG]." for READ, "[SEG]." — LISA's validation answer — for LISA).
+    safetensors: write ``model-*.safetensors`` shards instead of pickle
+    ``pytorch_model-*.bin`` (READ only: LISA released pickle shards).
     """
+    if kind not in TINY_KINDS:
+        raise ReadError(f"unknown tiny checkpoint kind {kind!r}; choose one of {', '.join(TINY_KINDS)}")
+    if safetensors and kind == KIND_LISA:
+        raise ReadError(
+            "LISA's released checkpoints are pickle shards; a safetensors tiny LISA is not written"
+        )
     out_dir = Path(out_dir)
-    read_dir, clip_dir = out_dir / "read-tiny", out_dir / "clip-tiny"
-    read_dir.mkdir(parents=True, exist_ok=True)
+    lisa = kind == KIND_LISA
+    if answer is None:
+        answer = "[SEG]." if lisa else "Sure, [SEG]."
+    model_dir = out_dir / ("lisa-tiny" if lisa else "read-tiny")
+    clip_dir = out_dir / ("clip-tiny-224" if lisa else "clip-tiny")
+    model_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    _write_clip(clip_dir)
-    write_tiny_tokenizer(read_dir)
-    chain = _answer_chain(read_dir, answer)
-    vocab_size = len(load_read_tokenizer(read_dir))
+    _write_clip(clip_dir, CLIP_SIDES[kind])
+    write_tiny_tokenizer(model_dir, kind)
+    chain = _answer_chain(model_dir, answer)
+    vocab_size = len(load_read_tokenizer(model_dir))
     llama = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=TINY_HIDDEN,
@@ -282,8 +351,8 @@ def make_tiny_checkpoint(
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
+        max_position_embeddings=2048 if lisa else 4096,
+        rms_norm_eps=1e-6 if lisa else 1e-5,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
@@ -291,7 +360,8 @@ def make_tiny_checkpoint(
     )
     language_model = LlamaForCausalLM(llama)
     _steer_language_model(language_model, chain, generator)
-    projector = build_projector(TINY_CLIP_WIDTH, TINY_HIDDEN)
+    projector_type = LINEAR_PROJECTOR if lisa else "mlp2x_gelu"
+    projector = build_projector(TINY_CLIP_WIDTH, TINY_HIDDEN, projector_type)
     text_fcs = build_text_hidden_fcs(TINY_HIDDEN, 256)
     with torch.no_grad():
         for parameter in projector.parameters():
@@ -302,13 +372,33 @@ def make_tiny_checkpoint(
     first_shard.update(
         {f"model.mm_projector.{n}": t.detach().clone() for n, t in projector.state_dict().items()}
     )
+    if lisa:
+        # As LISA's merge script saved them: the LLaMA and projector tensors in bfloat16 (built under
+        # torch_dtype=bf16), plus transformers 4.31's float32 rotary buffers, one per layer.
+        first_shard = {name: t.to(torch.bfloat16) for name, t in first_shard.items()}
+        head_dim = TINY_HIDDEN // llama.num_attention_heads
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        for layer in range(llama.num_hidden_layers):
+            first_shard[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
     second_shard = {
         f"model.text_hidden_fcs.{n}": t.detach().clone() for n, t in text_fcs.state_dict().items()
     }
     second_shard.update({f"model.visual_model.{n}": t.clone() for n, t in sam_state.items()})
-    _write_shards(read_dir, [first_shard, second_shard], safetensors=safetensors)
+    _write_shards(model_dir, [first_shard, second_shard], safetensors=safetensors)
 
-    config = {
+    config = _lisa_config(llama, vocab_size) if lisa else _read_config(llama, vocab_size)
+    config["transformers_version"] = "4.31.0"  # what the released folders record
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    if lisa:
+        generation = {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+        generation["transformers_version"] = "4.31.0"
+        (model_dir / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
+    return model_dir, clip_dir
+
+
+def _read_config(llama: LlamaConfig, vocab_size: int) -> dict[str, object]:
+    """config.json fields of a released READ folder (LLaVA-1.5 based)."""
+    return {
         **llama.to_diff_dict(),
         "architectures": ["LISAForCausalLM"],
         "model_type": "llava",
@@ -335,9 +425,40 @@ def make_tiny_checkpoint(
         "use_cache": False,
         "tie_word_embeddings": False,
     }
-    config["transformers_version"] = "4.31.0"  # what the released folders record
-    (read_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-    return read_dir, clip_dir
+
+
+def _lisa_config(llama: LlamaConfig, vocab_size: int) -> dict[str, object]:
+    """config.json fields of LISA-7B-v1 (LLaVA-Lightning-7B-v1-1 based): no mm_projector_type, the 224 px CLIP."""
+    clip = "openai/clip-vit-large-patch14"
+    return {
+        **llama.to_diff_dict(),
+        "_name_or_path": "./LLaVA/LLaVA-Lightning-7B-v1-1",
+        "architectures": ["LISAForCausalLM"],
+        "model_type": "llava",
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+        "vocab_size": vocab_size,
+        "mm_hidden_size": TINY_CLIP_WIDTH,
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": True,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": clip,
+        "vision_tower": clip,
+        "out_dim": 256,
+        "use_mm_proj": True,
+        "train_mask_decoder": True,
+        "tune_mm_mlp_adapter": False,
+        "freeze_mm_mlp_adapter": True,
+        "pretrain_mm_mlp_adapter": None,
+        "image_aspect_ratio": "square",
+        "image_grid_pinpoints": None,
+        "max_sequence_length": 2048,
+        "pretraining_tp": 1,
+        "rope_scaling": None,
+        "use_cache": False,
+        "tie_word_embeddings": False,
+    }
 
 
 def _write_shards(folder: Path, shards: list[dict[str, torch.Tensor]], *, safetensors: bool) -> None:
