@@ -16,7 +16,7 @@ from storage.settings import Settings, settings_error_line
 # is a mistake (a typo in --work-dir), not a reason to create an empty database.
 COMMANDS_ON_EXISTING_RUNS = frozenset({
     "runs", "status", "metrics", "results", "export", "report", "show", "resume", "retry", "delete", "cancel",
-    "aggregate", "reconcile",
+    "aggregate", "reconcile", "compare",
 })
 
 
@@ -79,9 +79,10 @@ def cli(ctx: click.Context, work_dir: Path | None, database_url: str | None, obj
 
 
 def _register() -> None:
-    from scheduler.commands import data, distributed, query, report, run
+    from scheduler.commands import compare, data, distributed, query, report, run
 
-    for command in (*run.COMMANDS, *distributed.COMMANDS, *query.COMMANDS, *report.COMMANDS, *data.COMMANDS):
+    for command in (*run.COMMANDS, *distributed.COMMANDS, *query.COMMANDS, *report.COMMANDS, *compare.COMMANDS,
+                    *data.COMMANDS):
         cli.add_command(command)
     from scheduler.commands.eval import eval_command
 

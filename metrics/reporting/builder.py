@@ -97,7 +97,8 @@ def category_state(repo: Repository, store: ObjectStore, run: Run, category: str
     return accumulator.category_state(category)
 
 
-def _threshold(state: MetricState | None) -> float | None:
+def f1_threshold_logit(state: MetricState | None) -> float | None:
+    """The category's F1-max threshold as a logit (None without a state or a finite threshold)."""
     if state is None:
         return None
     value = float(state.finalize(pro_hard=False)["f1_threshold_logit"])
@@ -115,7 +116,7 @@ def _scope_curves(state: MetricState, title: str) -> ScopeCurves:
     )
 
 
-def _panel_data(run: Run, row: Image, loaded: ImageResult, threshold_logit: float | None, title: str) -> PanelData:
+def panel_data(run: Run, row: Image, loaded: ImageResult, threshold_logit: float | None, title: str) -> PanelData:
     diagnostics = row.diagnostics or {}
     image = read_rgb(resolve_inside(run.dataset_root, row.image_path))
     return PanelData(
@@ -126,7 +127,7 @@ def _panel_data(run: Run, row: Image, loaded: ImageResult, threshold_logit: floa
     )
 
 
-def _title(run: Run, row: Image, outcome: ImageOutcome | None, threshold_logit: float | None) -> str:
+def panel_title(run: Run, row: Image, outcome: ImageOutcome | None, threshold_logit: float | None) -> str:
     parts = [f"{run.name}: {row.image_path} (id {row.id})"]
     if row.image_score is not None:
         parts.append(f"image score {row.image_score:.3f}")
@@ -193,7 +194,7 @@ def build_report(
             state, note = None, f"metric state unreadable ({exc})"
         else:
             note = "" if state is not None else "not aggregated yet: run `readar aggregate RUN` first"
-        threshold = _threshold(state)
+        threshold = f1_threshold_logit(state)
         curves_file = None
         if state is not None and state.num_images:
             curves_file = f"plots/{index:03d}-{_slug(category)}.png"
@@ -238,8 +239,8 @@ def build_report(
         row = repo.image(outcome.image_id)
         threshold = thresholds.get(outcome.category)
         loaded = load_result(store, run.dataset_root, row)
-        data = _panel_data(run, row, loaded, 0.0 if threshold is None else threshold,
-                           _title(run, row, outcome, threshold))
+        data = panel_data(run, row, loaded, 0.0 if threshold is None else threshold,
+                           panel_title(run, row, outcome, threshold))
         panels[outcome.image_id] = f"panels/{outcome.image_id}.png"
         render_panel(data, out / panels[outcome.image_id])
     for section in sections:
@@ -296,11 +297,11 @@ def render_image(repo: Repository, store: ObjectStore, run: Run, reference: str,
         reason = f": {row.error}" if row.error else ""
         raise ReportError(f"image {row.image_path} of run {run.name!r} is {row.status}{reason}; only finished "
                           "images have a score map to show")
-    threshold = _threshold(category_state(repo, store, run, row.category))
+    threshold = f1_threshold_logit(category_state(repo, store, run, row.category))
     loaded = load_result(store, run.dataset_root, row)
     outcome = None
     if loaded.mask is not None and row.label == 1:
         outcome = _outcome(row, loaded, 0.0 if threshold is None else threshold, ReportOptions().success_iou)
-    data = _panel_data(run, row, loaded, 0.0 if threshold is None else threshold,
-                       _title(run, row, outcome, threshold))
+    data = panel_data(run, row, loaded, 0.0 if threshold is None else threshold,
+                       panel_title(run, row, outcome, threshold))
     return render_panel(data, out_file)

@@ -20,7 +20,7 @@ METRIC_COLUMNS = ("iAUROC", "pAUROC", "PRO", "PRO_hard", "F1_max")
 TABLE_COLUMNS = ("scope", "category", *METRIC_COLUMNS, "num_images", "num_anom_images", "defect_type",
                  "num_skipped", "num_failed")
 
-_STYLE = """
+STYLE = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 16px 24px; color: #1b1f23;
        background: #ffffff; font-size: 14px; }
 h1 { font-size: 22px; margin: 0 0 8px 0; } h2 { font-size: 18px; border-bottom: 2px solid #0074d9;
@@ -209,7 +209,7 @@ def render_page(content: ReportContent) -> str:
            '<a href="#failures">failure breakdown</a></nav>')
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>READAR report: {escape(run.name)}</title><style>{_STYLE}</style></head><body>"
+        f"<title>READAR report: {escape(run.name)}</title><style>{STYLE}</style></head><body>"
         f"<h1>READAR report — {escape(run.name)}</h1>{oracle}"
         f'<div class="top"><div>{metrics_table(content.metric_rows)}</div><div>{_config_table(content)}</div></div>'
         f"{nav}{_problems(content)}{_categories(content)}{_defect_table(content)}{_failures(content)}"
