@@ -194,7 +194,7 @@ def test_detection_end_to_end_on_a_16x16_grid(lisa) -> None:
     detection = lisa.detect([item])[0]
     assert detection.logits.maps.shape == (1, 256, 256) and detection.logits.input_size == (1024, 800)
     diagnostics = json.loads(json.dumps(detection.diagnostics))
-    assert diagnostics["text"] == "[SEG] ." and diagnostics["num_seg"] == 1 and diagnostics["points"] == []
+    assert diagnostics["text"] == "[SEG] ." and diagnostics["num_seg"] == 1 and diagnostics["points"] is None
     similarity = np.asarray(diagnostics["similarity"])
     assert similarity.shape == (16, 16) and np.isfinite(similarity).all()
     assert diagnostics["checkpoint_family"] == "LISA"
@@ -246,7 +246,7 @@ def test_a_read_folder_given_to_lisa_is_reads_checkpoint_without_points() -> Non
     assert on_read.forced_answer == "Sure, [SEG]."  # READAR's forced answer, as before
     assert on_read.fingerprint().startswith("lisa (READ checkpoint, [SEG] without SasP points):")
     detection = on_read.detect([on_read.prepare(_sample(seed=4))])[0]
-    assert detection.diagnostics["points"] == [] and np.asarray(
+    assert detection.diagnostics["points"] is None and np.asarray(
         detection.diagnostics["similarity"]
     ).shape == (24, 24)
     assert detection.diagnostics["checkpoint_family"] == "READ"

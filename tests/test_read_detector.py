@@ -103,7 +103,7 @@ def test_lisa_uses_no_points(read_detector) -> None:
     lisa = build_detector("lisa", _config())
     sample = _sample(seed=4)
     detection = lisa.detect([lisa.prepare(sample)])[0]
-    assert detection.diagnostics["points"] == [] and detection.logits.num_maps == 1
+    assert detection.diagnostics["points"] is None and detection.logits.num_maps == 1
     with_points = read_detector.detect([read_detector.prepare(sample)])[0]
     assert not np.allclose(detection.logits.maps, with_points.logits.maps)
     assert lisa.fingerprint() != read_detector.fingerprint()
@@ -214,7 +214,7 @@ def test_read_as_published_prompts_sam_with_padding_point_and_seg(monkeypatch) -
 
     monkeypatch.setattr(detector_module, "sparse_prompt", spy)
     detection = published.detect([item])[0]
-    assert detection.diagnostics["points"] == [] and detection.diagnostics["num_seg"] == 1
+    assert detection.diagnostics["points"] is None and detection.diagnostics["num_seg"] == 1
     (tokens,) = captured
     model = published._model()
     assert tokens.shape == (2, 256)

@@ -216,9 +216,10 @@ def test_show_draws_one_image_by_path_and_by_id(work: Path, tmp_path: Path) -> N
     colours, pixels = _distinct_colours(by_path)
     assert colours > 100 and pixels.shape[1] > 600
     assert by_path.read_bytes() == by_id.read_bytes()
-    # The baseline run's panel: no similarity map, still drawn.
+    # The baseline run's panel: no similarity map and no points, so only image and score map (two views of four).
     _invoke(["--work-dir", str(work), "show", "base", row.image_path, "--out", str(tmp_path / "base.png")])
-    assert (tmp_path / "base.png").is_file()
+    _, base_pixels = _distinct_colours(tmp_path / "base.png")
+    assert base_pixels.shape[1] < 0.6 * pixels.shape[1]
 
 
 def test_show_and_report_explain_unknown_runs_and_images(work: Path, tmp_path: Path) -> None:

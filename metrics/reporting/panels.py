@@ -75,11 +75,6 @@ def _contour(axes: object, mask: np.ndarray, step: int, colour: str, style: str 
 def _similarity_view(axes: object, data: PanelData, height: int, width: int, step: int) -> None:
     axes.set_facecolor("black")
     axes.imshow(data.image[::step, ::step], extent=(0, width, height, 0), alpha=0.35)
-    if data.similarity is None:
-        axes.text(0.5, 0.5, "no similarity map\n(detector has none)", ha="center", va="center",
-                  color="white", fontsize=9, transform=axes.transAxes)
-        axes.set_title("[SEG] similarity", fontsize=9)
-        return
     similarity = np.asarray(data.similarity, dtype=np.float64)
     low, high = float(similarity.min()), float(similarity.max())
     normalised = (similarity - low) / (high - low) if high > low else np.zeros_like(similarity)
@@ -113,11 +108,14 @@ def _points_view(axes: object, data: PanelData) -> None:
 
 
 def render_panel(data: PanelData, path: str | Path, *, dpi: int = 72) -> Path:
-    """Draw the four views of ``data`` into a PNG at ``path``; returns the path."""
+    """Draw the views of ``data`` into a PNG at ``path``; returns the path. Image and score map always; the
+    [SEG] similarity and the SasP points only when the detector has them (``similarity`` / ``points`` not None:
+    the baseline has neither, LISA no points)."""
     height, width = data.probability.shape
     step = max(1, int(np.ceil(max(height, width) / DISPLAY_SIDE)))
-    figure = Figure(figsize=(13.0, 3.7), dpi=dpi)
-    axes = figure.subplots(1, 4)
+    views = 2 + (data.similarity is not None) + (data.points is not None)
+    figure = Figure(figsize=(3.25 * views, 3.7), dpi=dpi)
+    axes = list(figure.subplots(1, views))
     extent = (0, width, height, 0)
     shown = data.image[::step, ::step]
 
@@ -132,10 +130,13 @@ def render_panel(data: PanelData, path: str | Path, *, dpi: int = 72) -> Path:
         title += " + thresholded (dashed)"
     axes[1].set_title(title, fontsize=9)
 
-    _similarity_view(axes[2], data, height, width, step)
-
-    axes[3].imshow(shown, extent=extent)
-    _points_view(axes[3], data)
+    extra = iter(axes[2:])
+    if data.similarity is not None:
+        _similarity_view(next(extra), data, height, width, step)
+    if data.points is not None:
+        points_axes = next(extra)
+        points_axes.imshow(shown, extent=extent)
+        _points_view(points_axes, data)
 
     for view in axes:
         if data.mask is not None:

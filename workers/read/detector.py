@@ -391,8 +391,11 @@ class ReadDetector(Detector):
         diagnostics = {
             "similarity": similarity.reshape(side, side).tolist() if similarity is not None else None,
             "similarity_kind": "raw dot product",
-            "points": first.points.tolist() if first and first.points is not None else [],
-            "labels": first.labels.tolist() if first and first.labels is not None else [],
+            # None when this detector prompts without points (lisa, read_as_published); [] when SasP found none.
+            "points": (first.points.tolist() if first and first.points is not None else []) if self.use_points
+            else None,
+            "labels": (first.labels.tolist() if first and first.labels is not None else []) if self.use_points
+            else None,
             "seg_found": bool(mine),
             "num_seg": len(mine),
             "text": queries[0]["text"] if len(queries) == 1 else " | ".join(q["text"] for q in queries),
