@@ -73,8 +73,10 @@ def test_max_new_tokens_is_for_read_detectors_only(tmp_path: Path, data: Path) -
 
 def test_help_says_what_each_detector_reproduces() -> None:
     text = " ".join(_invoke(["run", "--help"]).split())
-    for phrase in ("read (READ's own inference: SasP points + [SEG]", "lisa (the [SEG] token alone)",
-                   "read_as_published (the setting of the published READAR numbers", "--max-new-tokens",
+    for phrase in ("read (READ's own inference on a READ checkpoint: SasP points + [SEG]",
+                   "lisa (the [SEG] token alone: on a LISA checkpoint LISA's own inference, on a READ checkpoint",
+                   "pixellm (PixelLM's own inference on a PixelLM checkpoint",
+                   "the setting of the published READAR numbers", "--max-new-tokens",
                    "an ORACLE setting", "vicuna_v1 (the wording of the original READAR scripts)"):
         assert phrase in text, phrase
 

@@ -62,16 +62,18 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="First N images per category in sorted order (-1 = all)."),
         click.option("--exclude-defects", help="Comma-separated defect types to leave out, e.g. color,combined."),
         click.option("--detector", default="baseline", show_default=True, callback=_check_detector,
-                     help="baseline (weight-free statistics), read (READ's own inference, READ checkpoints: SasP "
-                     "points + [SEG] to SAM), lisa (the [SEG] token alone: on a LISA checkpoint LISA's own "
-                     "inference, on a READ checkpoint READ's weights without the points), read_as_published (READ "
-                     "checkpoints, the setting of the published "
+                     help="baseline (weight-free statistics), read (READ's own inference on a READ checkpoint: "
+                     "SasP points + [SEG] to SAM), lisa (the [SEG] token alone: on a LISA checkpoint LISA's own "
+                     "inference, on a READ checkpoint READ's weights without the points), pixellm (PixelLM's own "
+                     "inference on a PixelLM checkpoint: six [SEG] codebook tokens, its multi-scale mask decoder "
+                     "on CLIP features, no SAM), read_as_published (on a READ checkpoint, the setting of the "
+                     "published "
                      "READAR numbers: [SEG] + one not-a-point padding point, vicuna_v1, anomaly prompt, up to "
                      "2,048 new tokens), noop, or one a plug-in registers."),
         click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
-                     help="Released READ or LISA checkpoint folder [env READAR_CHECKPOINT]."),
+                     help="Released READ, LISA or PixelLM checkpoint folder [env READAR_CHECKPOINT]."),
         click.option("--clip", type=click.Path(exists=True, file_okay=False, path_type=Path),
-                     help="CLIP folder: ViT-L/14-336 for READ, ViT-L/14 (224 px) for LISA [env READAR_CLIP]."),
+                     help="CLIP folder: ViT-L/14-336 for READ and PixelLM, ViT-L/14 (224 px) for LISA [env READAR_CLIP]."),
         click.option("--prompt-mode", type=click.Choice(PROMPT_MODES),
                      help="The question per image. generic: 'Segment any anomaly on the {class}.'; binary: 'Is "
                      "there any anomaly in the image?'; template: --prompt-template; all_types: one query per "

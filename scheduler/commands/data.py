@@ -29,10 +29,12 @@ def make_sample_data_command(app: AppContext, directory: Path, size: int, per_cl
 @click.command("make-tiny-checkpoint")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed of the weights.")
-@click.option("--kind", type=click.Choice(["read", "lisa"]), default="read", show_default=True,
+@click.option("--kind", type=click.Choice(["read", "lisa", "pixellm", "pixellm-13b"]), default="read",
+              show_default=True,
               help="read: READ's released layout (LLaVA-1.5 projector, 336 px CLIP, 576 image tokens); lisa: "
               "LISA-7B-v1's (one Linear projector, 224 px CLIP, 256 image tokens, <im_patch> <im_start> <im_end> "
-              "[SEG] tokens).")
+              "[SEG] tokens); pixellm / pixellm-13b: PixelLM-7B's / -13B's hf_model (two projectors, 336 px CLIP "
+              "resized to 448, [SEG0]-[SEG5], multi-scale mask decoder, no SAM image encoder).")
 @click.pass_obj
 def make_tiny_checkpoint_command(app: AppContext, directory: Path, seed: int, kind: str) -> None:
     """Write a random-weight READ or LISA checkpoint in its released layout, plus a tiny CLIP folder of the
@@ -41,10 +43,16 @@ def make_tiny_checkpoint_command(app: AppContext, directory: Path, seed: int, ki
     The released layout file for file: config.json, weight shards + index, and the tokenizer as the released
     folders ship it (a small SentencePiece tokenizer.model trained here with LLaMA's settings,
     tokenizer_config.json, special_tokens_map.json, added_tokens.json; no tokenizer.json)."""
-    from workers.read.tiny import make_tiny_checkpoint
+    if kind.startswith("pixellm"):
+        from workers.pixellm.tiny import make_tiny_pixellm
 
-    checkpoint, clip = make_tiny_checkpoint(directory, seed=seed, kind=kind)
-    family = "LISA" if kind == "lisa" else "READ"
+        checkpoint, clip = make_tiny_pixellm(directory, seed=seed, layout="13b" if kind.endswith("13b") else "7b")
+        family, kind = "PixelLM", "pixellm"
+    else:
+        from workers.read.tiny import make_tiny_checkpoint
+
+        checkpoint, clip = make_tiny_checkpoint(directory, seed=seed, kind=kind)
+        family = "LISA" if kind == "lisa" else "READ"
     app.console.print(f"tiny {family} checkpoint: [bold]{shown(checkpoint)}[/]\n"
                       f"tiny CLIP folder:     [bold]{shown(clip)}[/]")
     app.console.print(f"use: readar run --detector {kind} --checkpoint {shown(checkpoint)} --clip {shown(clip)} "

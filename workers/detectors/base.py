@@ -172,7 +172,9 @@ DetectorFactory = Callable[[DetectorConfig], Detector]
 DETECTOR_REGISTRY: dict[str, DetectorFactory] = {}
 
 # Built-in detectors live in these modules; importing one registers its names.
-_BUILTIN_MODULES = ("workers.detectors.baseline", "workers.read.detector", "workers.detectors.noop")
+_BUILTIN_MODULES = (
+    "workers.detectors.baseline", "workers.read.detector", "workers.pixellm.detector", "workers.detectors.noop"
+)
 
 
 # Per detector: the run options it uses and their values when the user leaves them out (prompt_mode,

@@ -19,7 +19,7 @@ A config that leaves ``mm_projector_type`` out is completed from the weight inde
 (:func:`projector_in_index`) before LLaVA's rule applies, so a READ folder is never taken for LISA because one
 field is missing. ``architectures`` and ``_name_or_path`` are not used: READ reuses LISA's model class name, and the base-model path
 is free text. A PixelLM folder (``PixelLMForCausalLM``, two projectors, no SAM image encoder) is recognised
-only to say that it is not supported yet.
+and refused here with the detector that runs it (``pixellm``, :mod:`workers.pixellm`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 from transformers import LlamaConfig
 
-from workers.read.errors import CheckpointError
+from workers.read.errors import CheckpointError, WrongDetectorError
 
 # LLaMA fields copied into transformers' LlamaConfig when present in the READ config.
 _LLAMA_FIELDS = (
@@ -211,10 +211,9 @@ class ReadConfig:
             )
         kind = checkpoint_kind(raw)
         if kind == KIND_PIXELLM:
-            raise CheckpointError(
+            raise WrongDetectorError(
                 f"{source} is a PixelLM checkpoint (two projectors, multi-scale mask decoder, no SAM image "
-                "encoder); READAR cannot run PixelLM yet — use a READ checkpoint (--detector read) or a LISA one "
-                "(--detector lisa)"
+                "encoder), which the READ/LISA detectors do not run: use --detector pixellm"
             )
         # LLaVA's rule: no mm_projector_type means one Linear layer.
         projector = str(raw.get("mm_projector_type") or LINEAR_PROJECTOR)

@@ -1,0 +1,108 @@
+"""The settings of a released PixelLM folder (``PixelLM-7B/hf_model``, ``PixelLM-13B/hf_model``).
+
+PixelLM's config.json is a LLaVA-LLaMA config plus its own fields (``separate_mm_projector``,
+``image_feature_scale_num``, ``resize_vision_tower_size`` …). ``PixelLMForCausalLM.__init__`` overwrites several of
+them whatever the file says (two feature scales, a 448 px vision tower, padded CLIP input, masks from the vision
+tower, separate projectors), so those are constants here and a config that contradicts them is refused rather
+than silently followed. The [SEG] codebook is not in config.json: its size comes from the ``[SEGk]`` tokens of
+added_tokens.json (six in the releases: three per scale).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import LlamaConfig
+
+from workers.read.config import _LLAMA_FIELDS, KIND_NAMES, KIND_PIXELLM, checkpoint_kind
+from workers.read.errors import CheckpointError, WrongDetectorError
+
+# Forced by PixelLMForCausalLM.__init__ (model/PixelLM.py).
+SCALE_NUM = 2
+CLIP_SIDE = 448  # resize_vision_tower_size
+CLIP_PATCH = 14
+CLIP_GRID = CLIP_SIDE // CLIP_PATCH  # 32
+LLM_GRID = 16  # the 32×32 layer −2 grid pooled for the language model: 256 image tokens
+MASK_SIZE = 128  # low-resolution mask side
+EXTRA_CLIP_LAYER = -11  # clip_encoder.feature_select's second scale (hard-coded)
+SOURCE_CLIP_SIDE = 336  # openai/clip-vit-large-patch14-336, resized to 448 at load
+SEG_PATTERN = re.compile(r"^\[SEG(\d+)\]$")
+
+
+@dataclass(frozen=True)
+class PixelLMConfig:
+    llama: LlamaConfig
+    mm_hidden_size: int
+    vision_select_layer: int
+    use_im_start_end: bool
+    out_dim: int
+    vision_tower: str
+    source: str = "config.json"
+
+    @property
+    def family(self) -> str:
+        return KIND_NAMES[KIND_PIXELLM]
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> PixelLMConfig:
+        path = Path(folder) / "config.json"
+        if not path.is_file():
+            raise CheckpointError(f"{folder} is not a PixelLM checkpoint folder (its hf_model/): it has no config.json")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path} must hold a JSON object")
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, source: str = "config.json") -> PixelLMConfig:
+        kind = checkpoint_kind(raw)
+        if kind != KIND_PIXELLM:
+            raise WrongDetectorError(
+                f"{source} is a {KIND_NAMES[kind]} checkpoint, not PixelLM (no PixelLMForCausalLM architecture, "
+                f"separate_mm_projector or image_feature_scale_num): use --detector {kind}"
+            )
+        missing = [name for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                                     "intermediate_size", "mm_hidden_size") if name not in raw]
+        if missing:
+            raise CheckpointError(f"{source} lacks the fields {missing}; is it a PixelLM (LLaVA-LLaMA) config?")
+        for name, forced in (("image_feature_scale_num", SCALE_NUM), ("resize_vision_tower_size", CLIP_SIDE)):
+            if name in raw and raw[name] != forced:
+                raise CheckpointError(
+                    f"{source}: {name} is {raw[name]!r}, but PixelLM's released model class forces {forced}; "
+                    "READAR reproduces only the released setting"
+                )
+        if raw.get("separate_mm_projector") is False:
+            raise CheckpointError(f"{source}: separate_mm_projector false is not PixelLM's released setting")
+        select_layer = int(raw.get("mm_vision_select_layer", -2))
+        if select_layer >= 0:
+            raise CheckpointError(f"{source}: mm_vision_select_layer must be negative (PixelLM uses -2)")
+        llama = LlamaConfig(**{k: raw[k] for k in _LLAMA_FIELDS if k in raw and raw[k] is not None})
+        return cls(
+            llama=llama,
+            mm_hidden_size=int(raw["mm_hidden_size"]),
+            vision_select_layer=select_layer,
+            use_im_start_end=bool(raw.get("mm_use_im_start_end", True)),
+            out_dim=int(raw.get("out_dim", 256)),
+            vision_tower=str(raw.get("mm_vision_tower") or raw.get("vision_tower")
+                             or "openai/clip-vit-large-patch14-336"),
+            source=source,
+        )
+
+
+def seg_token_ids(added: dict[str, int], source: str) -> tuple[int, ...]:
+    """Ids of [SEG0] … [SEG{n-1}] in index order; n must be a positive multiple of the two scales."""
+    found = {int(m.group(1)): token_id for token, token_id in added.items() if (m := SEG_PATTERN.match(token))}
+    if not found or sorted(found) != list(range(len(found))) or len(found) % SCALE_NUM:
+        hint = " (it has a plain [SEG]: a READ or LISA tokenizer)" if "[SEG]" in added else ""
+        raise CheckpointError(
+            f"the tokenizer in {source} has [SEGk] tokens {sorted(found)}{hint}; PixelLM's released folders add "
+            f"[SEG0]…[SEG5] (three per scale, {SCALE_NUM} scales) in added_tokens.json"
+        )
+    return tuple(found[i] for i in range(len(found)))
