@@ -289,3 +289,30 @@ def test_a_pickled_message_is_refused_not_executed(tmp_path: Path, redis_server:
         assert not marker.exists()
     finally:
         deployment.stop_workers()
+
+
+def test_read_lisa_and_pixellm_run_through_the_workers(cluster: Cluster, sample_root: Path, tmp_path: Path) -> None:
+    """The three detectors on their tiny released-layout folders, each through `submit` and the workers; then
+    the report of each and one comparison page of all three."""
+    from read_fixtures import tiny_checkpoint, tiny_lisa_checkpoint
+
+    from workers.pixellm.tiny import make_tiny_pixellm
+
+    folders = {"read": tiny_checkpoint(), "lisa": tiny_lisa_checkpoint(),
+               "pixellm": make_tiny_pixellm(tmp_path / "pixellm")}
+    for detector, (checkpoint, clip) in folders.items():
+        cluster.readar("submit", "--mvtec-root", str(sample_root), "--classes", "chelsea", "--max-per-class", "3",
+                       "--detector", detector, "--checkpoint", str(checkpoint), "--clip", str(clip),
+                       "--run-name", f"three-{detector}")
+    cluster.start_workers(processes=2, batch_size=2)
+    for detector in folders:
+        cluster.wait_finished(f"three-{detector}", timeout=300)
+        run = cluster.repo.get_run(f"three-{detector}")
+        assert {row.status for row in cluster.repo.images(run.id)} == {"done"}
+        assert cluster.metrics(f"three-{detector}")[("category", "chelsea", "")][5] != "0"
+        report = tmp_path / f"report-{detector}"
+        cluster.readar("report", f"three-{detector}", "--out", str(report))
+        assert (report / "index.html").is_file()
+    cluster.readar("compare", *(f"three-{detector}" for detector in folders), "--out", str(tmp_path / "compare"))
+    page = (tmp_path / "compare" / "index.html").read_text()
+    assert all(f"three-{detector}" in page for detector in folders)

@@ -16,6 +16,7 @@ from metrics.reporting.failures import (
     SIMILARITY_UNSTABLE,
     SUCCESS,
     FailureEvidence,
+    class_order,
     classify_failure,
     crop_window,
     mask_iou,
@@ -62,12 +63,21 @@ POINTS_OUT = np.array([[5.0, 5.0], [120.0, 120.0]])
         # Baseline: no similarity, no points, no seg_found.
         (FailureEvidence(_square_mask(), 0.1), MISS),
         (FailureEvidence(_square_mask(), 0.5), SUCCESS),
+        # LISA: a similarity map but no points (None): the peak decides, points_wrong cannot happen.
+        (FailureEvidence(_square_mask(), 0.1, seg_found=True, similarity=_similarity(12, 12)), SAM_INCOMPLETE),
+        (FailureEvidence(_square_mask(), 0.1, seg_found=True, similarity=_similarity(2, 20)), SIMILARITY_UNSTABLE),
     ],
     ids=["no_seg", "success", "similarity_unstable", "points_wrong", "points_wrong_label", "sam_incomplete",
-         "baseline_miss", "baseline_success"],
+         "baseline_miss", "baseline_success", "lisa_sam_incomplete", "lisa_similarity_unstable"],
 )
 def test_failure_classes(evidence: FailureEvidence, expected: str) -> None:
     assert classify_failure(evidence) == expected
+
+
+def test_each_detector_kind_lists_only_the_classes_it_can_produce() -> None:
+    assert POINTS_WRONG in class_order(True, True) and MISS not in class_order(True, True)
+    assert class_order(True, False) == (NO_SEG, SIMILARITY_UNSTABLE, SAM_INCOMPLETE, SUCCESS)  # LISA
+    assert class_order(False, False) == (NO_SEG, MISS, SUCCESS)  # baseline, PixelLM
 
 
 def test_peak_next_to_the_defect_counts_only_when_its_cell_touches_it() -> None:

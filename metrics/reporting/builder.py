@@ -186,7 +186,7 @@ def build_report(
     sections: list[CategorySection] = []
     outcomes: list[ImageOutcome] = []
     notes: list[str] = []
-    has_similarity = False
+    has_similarity = has_points = False
     for index, category in enumerate(names):
         try:
             state = category_state(repo, store, run, category)
@@ -205,6 +205,7 @@ def build_report(
             if row.label != 1:
                 continue
             has_similarity = has_similarity or bool((row.diagnostics or {}).get("similarity"))
+            has_points = has_points or (row.diagnostics or {}).get("points") is not None
             try:
                 loaded = load_result(store, run.dataset_root, row)
                 if loaded.mask is None:
@@ -219,7 +220,7 @@ def build_report(
         if progress is not None:
             progress(category)
 
-    classes = list(class_order(has_similarity))
+    classes = list(class_order(has_similarity, has_points))
     panels: dict[int, str] = {}
     selected: list[ImageOutcome] = []
     for section in sections:

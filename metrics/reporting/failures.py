@@ -10,11 +10,14 @@ Classes, checked in this order for an anomalous image:
 
 ``no_seg``                the model produced no ``[SEG]`` token, so no mask at all;
 ``success``               overlap IoU >= :data:`SUCCESS_IOU`;
-``similarity_unstable``   the peak cell of the 24×24 ``[SEG]``-to-image-token similarity map does not touch the
-                          defect (the mask cropped like the CLIP input, DESIGN.md 5.5, and max-pooled to the grid);
-``points_wrong``          the peak is on the defect but no positive SasP point lies inside the mask;
-``sam_incomplete``        a positive point lies inside the defect, yet SAM's mask overlaps it too little;
-``miss``                  detectors without similarity map or points (baseline, LISA): any non-success.
+``similarity_unstable``   the peak cell of the ``[SEG]``-to-image-token similarity map (24×24 for READ, 16×16 for
+                          LISA) does not touch the defect (the mask cropped like the CLIP input, DESIGN.md 5.5,
+                          and max-pooled to the grid);
+``points_wrong``          the peak is on the defect but no positive SasP point lies inside the mask (only for
+                          detectors that prompt SAM with points);
+``sam_incomplete``        the prompt was right — a positive point inside the defect, or for detectors without
+                          points (LISA) the peak on it — yet the mask overlaps the defect too little;
+``miss``                  detectors without a similarity map (baseline, PixelLM): any non-success.
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ MISS = "miss"
 # Display order and the one-line meaning of each class (the report's legend).
 FAILURE_CLASSES: dict[str, str] = {
     NO_SEG: "no [SEG] token generated: no mask at all",
-    SIMILARITY_UNSTABLE: "the similarity map's peak cell (24×24 grid) does not touch the defect",
+    SIMILARITY_UNSTABLE: "the similarity map's peak cell does not touch the defect",
     POINTS_WRONG: "similarity peak on the defect, but no positive SasP point inside the mask",
-    SAM_INCOMPLETE: "a positive point inside the defect, but the mask's IoU is below the success level",
-    MISS: "IoU below the success level (detector without similarity map / points)",
+    SAM_INCOMPLETE: "the prompt was on the defect (a positive point, or without points the similarity peak), but "
+                    "the mask's IoU is below the success level",
+    MISS: "IoU below the success level (detector without a similarity map)",
     SUCCESS: "IoU at or above the success level",
 }
 
@@ -135,7 +139,7 @@ def classify_failure(evidence: FailureEvidence, *, success_iou: float = SUCCESS_
         return NO_SEG
     if evidence.iou >= success_iou:
         return SUCCESS
-    if evidence.similarity is None or evidence.points is None or evidence.labels is None:
+    if evidence.similarity is None:
         return MISS
     similarity = np.asarray(evidence.similarity, dtype=float)
     if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
@@ -143,13 +147,17 @@ def classify_failure(evidence: FailureEvidence, *, success_iou: float = SUCCESS_
     row, col = similarity_peak(similarity)
     if not mask_on_grid(evidence.mask, similarity.shape[0])[row, col]:
         return SIMILARITY_UNSTABLE
-    if not positive_point_inside(evidence.mask, evidence.points, evidence.labels):
+    if evidence.points is not None and not positive_point_inside(evidence.mask, evidence.points,
+                                                                 evidence.labels if evidence.labels is not None
+                                                                 else np.ones(len(evidence.points))):
         return POINTS_WRONG
     return SAM_INCOMPLETE
 
 
-def class_order(has_similarity: bool) -> Sequence[str]:
+def class_order(has_similarity: bool, has_points: bool = True) -> Sequence[str]:
     """The classes a detector can produce, in display order."""
-    if has_similarity:
-        return (NO_SEG, SIMILARITY_UNSTABLE, POINTS_WRONG, SAM_INCOMPLETE, SUCCESS)
-    return (NO_SEG, MISS, SUCCESS)
+    if not has_similarity:
+        return (NO_SEG, MISS, SUCCESS)
+    if not has_points:
+        return (NO_SEG, SIMILARITY_UNSTABLE, SAM_INCOMPLETE, SUCCESS)
+    return (NO_SEG, SIMILARITY_UNSTABLE, POINTS_WRONG, SAM_INCOMPLETE, SUCCESS)

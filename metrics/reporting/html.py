@@ -174,8 +174,8 @@ def _count_table(table_id: str, keys: list[tuple[str, ...]], counts: list[dict[s
 def _failures(content: ReportContent) -> str:
     parts = ['<h2 id="failures">Failure breakdown (anomalous images)</h2>']
     if not content.has_similarity:
-        parts.append("<p><b>This detector stores no similarity map or SasP points, so images are classified "
-                     "only as success or miss (plus no_seg when the detector reports it).</b></p>")
+        parts.append("<p><b>This detector stores no similarity map, so images are classified only as success "
+                     "or miss (plus no_seg when the detector reports it).</b></p>")
     legend = "".join(f"<li><b>{escape(c)}</b>: {escape(FAILURE_CLASSES[c])}</li>" for c in content.classes)
     parts.append(f"<ul>{legend}</ul><p class=\"note\">Checked in the order listed; success level: overlap IoU ≥ "
                  f"{content.success_iou:g}. The similarity grid covers the centre crop CLIP sees (DESIGN 5.5); "
