@@ -265,3 +265,23 @@ def test_csv_of_runs_neutralise_formula_cells(runs: Runs) -> None:
     with (runs.work / "m.csv").open(newline="") as handle:
         defects = {row["defect_type"] for row in csv.DictReader(handle)}
     assert f"'{FORMULA_DEFECT}" in defects and FORMULA_DEFECT not in defects
+
+
+def test_export_leaves_out_broken_objects_and_refuses_an_unwritable_folder(small_dataset: Path,
+                                                                           tmp_path: Path) -> None:
+    """One image's missing or damaged logit object costs that image, not the export; a target that cannot be a
+    folder is one line."""
+    work = tmp_path / "work"
+    _ok(work, "run", "--mvtec-root", str(small_dataset), "--run-name", "exported")
+    objects = sorted((work / "objects").rglob("images/*.npz"))
+    objects[0].unlink()
+    objects[1].write_bytes(b"not a zip at all")
+    result = CliRunner().invoke(cli, ["--work-dir", str(work), "export", "exported", str(tmp_path / "out")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"exported {len(objects) - 2} image folder(s)" in result.output
+    assert "2 image(s) left out" in result.output and "readar aggregate exported" in result.output
+    assert len(list((tmp_path / "out").glob("*/pred_logits_0.npy"))) == len(objects) - 2
+    (tmp_path / "file").write_text("x")
+    error = _one_line_error(_invoke(work, "export", "exported", str(tmp_path / "file" / "sub")))
+    assert "cannot create the folder" in error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from dataclasses import dataclass
@@ -14,11 +15,13 @@ import click
 import numpy as np
 from rich.table import Table
 
-from metrics.output import csv_cell
+from metrics.output import csv_cell, make_folder, write_output
 from metrics.results import load_logits
 from scheduler.context import AppContext
 from scheduler.tables import add_number_column, add_text_column, compact_table, shown, visible
+from storage.logits import LogitFormatError
 from storage.models import IMAGE_STATUSES, CategoryStatus, Image, ImageStatus, RunStatus
+from storage.objects import ObjectMissingError
 from storage.paths import resolve_inside
 from storage.repository import Repository, utcnow
 
@@ -298,18 +301,27 @@ def export_command(app: AppContext, run_name: str, directory: Path, layout: str)
     run = app.run(run_name)
     root = Path(run.dataset_root)
     rows = app.repo.images(run.id, status=ImageStatus.DONE)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_folder(directory)
+    lost: list[str] = []
     for row in rows:
-        logits = load_logits(app.store, row)
-        folder = directory / f"{row.id:06d}"
-        folder.mkdir(exist_ok=True)
+        try:
+            logits = load_logits(app.store, row)
+        except (ObjectMissingError, LogitFormatError) as exc:  # one image's object, not the export, is broken
+            lost.append(f"{row.image_path} ({exc})")
+            continue
+        folder = make_folder(directory / f"{row.id:06d}")
         metadata = {
             "image_path": str(resolve_inside(root, row.image_path)), "category": row.category,
             "anomaly_type": row.defect, "label": row.label, "image_score": row.image_score,
         }
-        (folder / "metadata.json").write_text(json.dumps(metadata, indent=1))
-        np.save(folder / "pred_logits_0.npy", logits.astype(np.float32))
-    app.console.print(f"exported {len(rows)} image folder(s) to {shown(directory)} ({layout} layout)")
+        write_output(folder / "metadata.json", json.dumps(metadata, indent=1))
+        array = io.BytesIO()
+        np.save(array, logits.astype(np.float32))
+        write_output(folder / "pred_logits_0.npy", array.getvalue())
+    app.console.print(f"exported {len(rows) - len(lost)} image folder(s) to {shown(directory)} ({layout} layout)")
+    if lost:
+        app.err.print(f"[yellow]{len(lost)} image(s) left out: their logit objects are missing or damaged (first: "
+                      f"{visible(lost[0])}); `readar aggregate {shown(run.name)}` queues them to be computed again")
 
 
 COMMANDS = (runs_command, status_command, metrics_command, results_command, export_command)
