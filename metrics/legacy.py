@@ -20,6 +20,7 @@ and masks are resolved with :func:`storage.paths.resolve_inside`, so no link lea
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import os
@@ -44,6 +45,7 @@ LOGIT_PATTERN = "pred_logits_*.npy"
 MAX_METADATA_BYTES = 1 << 20  # a metadata.json is a few hundred bytes; anything past 1 MiB is not one
 MAX_JSON_DEPTH = 64  # nesting of metadata.json; json.loads recurses once per level
 MAX_MAP_PIXELS = 1 << 26  # values in one logit map (8192 × 8192); MVTec AD images are at most 1024 × 1024
+MAX_LOGIT_FILES = 64  # pred_logits_*.npy per folder: one per query (a defect-type list is at most a dozen)
 _NPY_PREFIX_BYTES = 1 << 16  # an .npy header longer than this is not one np.save wrote
 _JSON_TOKEN = re.compile(r'\\.|["\[\]{}]', re.DOTALL)  # an escaped character, a quote or a bracket
 _MAX_NAMED_CLAIMANTS = 10
@@ -203,9 +205,14 @@ def _resolve(folder: Path, mvtec_root: Path, category: str, defect: str, file_na
             f"{folder} claims {key}, but category {category!r} is not under --mvtec-root {mvtec_root}; "
             "evaluate it against a dataset that has this category"
         )
-    logit_paths = tuple(sorted(folder.glob(LOGIT_PATTERN)))
+    logit_paths = tuple(sorted(itertools.islice(folder.glob(LOGIT_PATTERN), MAX_LOGIT_FILES + 1)))
     if not logit_paths:
         raise LegacyInputError(f"{folder} has no {LOGIT_PATTERN} file for {key}")
+    if len(logit_paths) > MAX_LOGIT_FILES:
+        raise LegacyInputError(
+            f"{folder} has more than {MAX_LOGIT_FILES} {LOGIT_PATTERN} files for {key}; the original layout has "
+            "one per query: keep those of this image only"
+        )
     mask_path = None
     if defect != GOOD:
         relative = f"{category}/ground_truth/{defect}/{PurePosixPath(file_name).stem}_mask.png"
@@ -231,6 +238,20 @@ def read_folder(folder: Path, mvtec_root: Path) -> LegacyImage:
     return _resolve(folder, mvtec_root, *claimed_image(folder))
 
 
+def _inside_pred_root(pred_root: Path, folder: Path) -> None:
+    """A prediction folder that is a link must lead to a folder inside ``pred_root``: one leading elsewhere
+    would make the evaluation read whatever that folder holds."""
+    if not folder.is_symlink():
+        return
+    try:
+        resolve_inside(pred_root, folder.name)
+    except (PathEscapeError, OSError, RuntimeError) as exc:
+        raise LegacyInputError(
+            f"{folder} is a link to {os.path.realpath(folder)}, outside --pred-root; prediction folders must be "
+            f"folders under the prediction root ({exc})"
+        ) from exc
+
+
 def discover(
     pred_root: Path, mvtec_root: Path, *, classes: Collection[str] | None = None,
 ) -> tuple[list[LegacyImage], list[Skip]]:
@@ -249,6 +270,7 @@ def discover(
     for folder in sorted(p for p in pred_root.iterdir() if p.is_dir()):
         category = None
         try:
+            _inside_pred_root(pred_root, folder)
             category, defect, file_name = claimed_image(folder)
             if classes is not None and category not in classes:
                 continue

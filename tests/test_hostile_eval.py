@@ -137,6 +137,15 @@ def add_bad_inputs(pred_root: Path, mvtec_root: Path, outside: Path) -> dict[str
 
     folder = _folder(pred_root, UNDECODABLE_FOLDER, f"{prefix}/bottle/test/good/079.png", logits=False)
     expected[folder.name] = "has no pred_logits_*.npy file for bottle/test/good/079.png"
+
+    elsewhere = _folder(outside, "real_prediction", f"{prefix}/bottle/test/good/080.png")
+    (pred_root / "link_out").symlink_to(elsewhere, target_is_directory=True)
+    expected["link_out"] = "is a link to"  # + "outside --pred-root"
+
+    folder = _folder(pred_root, "many_logits", f"{prefix}/bottle/test/good/081.png")
+    for index in range(1, 70):
+        np.save(folder / f"pred_logits_{index}.npy", np.zeros(SIZE, np.float32))
+    expected[folder.name] = "has more than 64 pred_logits_*.npy files for bottle/test/good/081.png"
     return expected
 
 
@@ -202,7 +211,8 @@ def alarm():
 
 BAD_INPUTS = ["deep_json", "big_json", "escaped_quotes_json", "huge_npy", "markup_path", "bomb_mask",
               "bomb_warning_mask", "fifo_metadata", "fifo_npy", "zero_metadata", "zero_npy", "escaping_mask",
-              "dup_0", "dup_5", "unknown_category", "escape_sequence_folder", "undecodable_folder_name"]
+              "dup_0", "dup_5", "unknown_category", "escape_sequence_folder", "undecodable_folder_name",
+              "link_out", "many_logits"]
 
 
 def test_eval_with_every_bad_input_finishes(hostile: dict) -> None:
