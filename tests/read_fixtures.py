@@ -32,6 +32,15 @@ def tiny_lisa_checkpoint(answer: str = "[SEG].") -> tuple[Path, Path]:
     return make_tiny_checkpoint(folder, seed=0, answer=answer, kind="lisa")
 
 
+@functools.cache
+def tiny_lisa_13b_checkpoint(answer: str = "[SEG].") -> tuple[Path, Path]:
+    """(lisa_dir, clip_dir) of a tiny random checkpoint in LISA-13B-llama2-v1's layout ([SEG] first), once per
+    process."""
+    folder = Path(tempfile.mkdtemp(prefix="lisa-13b-tiny-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return make_tiny_checkpoint(folder, seed=0, answer=answer, kind="lisa", layout="13b")
+
+
 def official_sam_modeling() -> ModuleType:
     """segment-anything's ``modeling`` subpackage, imported without the package's ``__init__``.
 

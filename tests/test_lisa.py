@@ -1,5 +1,6 @@
-"""LISA checkpoints (issue #17, part 1): the tiny LISA-7B-v1-layout folder through the same loader and detector
-code as a released one, its key layout, the 16×16 geometry, and clear errors between the READ and LISA families."""
+"""LISA checkpoints (issue #17, part 1): the tiny LISA-7B-v1-layout folder (and the LISA-13B-llama2-v1 one)
+through the same loader and detector code as a released one, its key layout, the 16×16 geometry, and clear errors
+between the READ and LISA families."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from read_fixtures import random_image, tiny_checkpoint, tiny_lisa_checkpoint
+from read_fixtures import random_image, tiny_checkpoint, tiny_lisa_13b_checkpoint, tiny_lisa_checkpoint
 from torch import nn
 
 from workers.detectors.base import DetectorConfig, ImageSample, build_detector
@@ -25,6 +26,7 @@ from workers.read.config import (
 )
 from workers.read.errors import CheckpointError, ClipFolderError, WrongDetectorError
 from workers.read.loader import load_read_model, read_state_dict
+from workers.read.tiny import make_tiny_checkpoint
 from workers.read.tokenizer import load_tokenizer
 
 INDEX = "pytorch_model.bin.index.json"
@@ -318,4 +320,94 @@ def test_make_tiny_checkpoint_command_writes_a_lisa_folder(tmp_path: Path) -> No
     assert "--detector lisa" in result.output
     folder = tmp_path / "out" / "lisa-tiny"
     assert ReadConfig.from_folder(folder).kind == KIND_LISA
+    assert (tmp_path / "out" / "clip-tiny-224" / "preprocessor_config.json").is_file()
+
+
+# -- LISA-13B-llama2-v1's layout: LLaMA-2 base, [SEG] first, three shards ------------------------------------
+
+SHARDS_13B = {f"pytorch_model-0000{n}-of-00003.bin" for n in (1, 2, 3)}
+
+
+def test_tiny_lisa_13b_config_tokens_and_shards() -> None:
+    lisa_dir, clip_dir = tiny_lisa_13b_checkpoint()
+    assert lisa_dir.name == "lisa-13b-tiny"
+    config = json.loads((lisa_dir / "config.json").read_text())
+    assert "mm_projector_type" not in config and config["architectures"] == ["LISAForCausalLM"]
+    assert config["mm_vision_tower"] == config["vision_tower"] == "openai/clip-vit-large-patch14"
+    assert config["mm_use_im_start_end"] and config["out_dim"] == 256 and config["use_cache"] is False
+    assert (config["rms_norm_eps"], config["max_position_embeddings"]) == (1e-5, 4096)  # LLaMA-2
+    assert config["_name_or_path"] == "liuhaotian/llava-llama-2-13b-chat-lightning-preview"
+    added = json.loads((lisa_dir / "added_tokens.json").read_text())
+    base = min(added.values())
+    # LISA-13B-llama2-v1: [SEG]=32000, <im_start>=32001, <im_end>=32002, no <im_patch> (here from the tiny base)
+    assert added == {"[SEG]": base, "<im_start>": base + 1, "<im_end>": base + 2}
+    assert config["vocab_size"] == base + 3
+    assert list(added) == sorted(added)  # 4.31's writer: sorted keys
+    tokenizer, ids = load_tokenizer(lisa_dir, config["vocab_size"])
+    assert (ids.seg, ids.im_start, ids.im_end) == (base, base + 1, base + 2)
+    assert len(tokenizer) == config["vocab_size"]
+    tokenizer_config = json.loads((lisa_dir / "tokenizer_config.json").read_text())
+    assert tokenizer_config["model_max_length"] == 512 and tokenizer_config["padding_side"] == "right"
+    assert not (lisa_dir / "tokenizer.json").exists() and (lisa_dir / "generation_config.json").is_file()
+    weight_map = json.loads((lisa_dir / INDEX).read_text())["weight_map"]
+    assert set(weight_map.values()) == SHARDS_13B
+    assert {p.name for p in lisa_dir.glob("pytorch_model-*.bin")} == SHARDS_13B
+    lisa_7b, _ = tiny_lisa_checkpoint()
+    assert set(weight_map) == set(json.loads((lisa_7b / INDEX).read_text())["weight_map"])  # same key names
+    assert weight_map["model.visual_model.mask_decoder.iou_token.weight"] == "pytorch_model-00003-of-00003.bin"
+    state = read_state_dict(lisa_dir)
+    assert state["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    assert state["model.mm_projector.weight"].dtype == torch.bfloat16
+    assert state["model.text_hidden_fcs.0.2.weight"].dtype == torch.float32
+    assert json.loads((clip_dir / "config.json").read_text())["vision_config"]["image_size"] == 224
+
+
+def test_tiny_lisa_13b_loads_as_lisa_on_a_16x16_grid() -> None:
+    lisa_dir, clip_dir = tiny_lisa_13b_checkpoint()
+    config = ReadConfig.from_folder(lisa_dir)
+    assert (config.kind, config.projector_type, config.family) == (KIND_LISA, "linear", "LISA")
+    assert config.use_im_start_end
+    model = load_read_model(lisa_dir, clip_dir)
+    assert isinstance(model.projector, nn.Linear)
+    assert model.grid_side == 16 and model.num_image_tokens == 256
+
+
+def test_tiny_lisa_13b_detection_end_to_end() -> None:
+    lisa_dir, clip_dir = tiny_lisa_13b_checkpoint()
+    detector = build_detector("lisa", DetectorConfig(checkpoint=lisa_dir, clip=clip_dir))
+    item = detector.prepare(_sample(64, 48, seed=5))
+    assert item.clip.shape == (3, 224, 224)
+    detection = detector.detect([item])[0]
+    assert detection.logits.maps.shape == (1, 256, 256)
+    diagnostics = json.loads(json.dumps(detection.diagnostics))
+    assert diagnostics["text"] == "[SEG] ." and diagnostics["num_seg"] == 1
+    assert np.asarray(diagnostics["similarity"]).shape == (16, 16)
+    assert diagnostics["checkpoint_family"] == "LISA"
+    assert np.isfinite(detection.logits.maps.astype(np.float32)).all()
+
+
+def test_lisa_layout_arguments(tmp_path: Path) -> None:
+    from workers.read.errors import ReadError
+
+    with pytest.raises(ReadError, match="unknown LISA layout '30b'"):
+        make_tiny_checkpoint(tmp_path, kind="lisa", layout="30b")
+    with pytest.raises(ReadError, match="layout '13b' is a LISA layout"):
+        make_tiny_checkpoint(tmp_path, kind="read", layout="13b")
+    with pytest.raises(ReadError, match="pickle shards"):
+        make_tiny_checkpoint(tmp_path, kind="lisa-13b", safetensors=True)
+
+
+def test_make_tiny_checkpoint_command_writes_a_lisa_13b_folder(tmp_path: Path) -> None:
+    from scheduler.cli import cli
+
+    result = CliRunner().invoke(
+        cli, ["make-tiny-checkpoint", str(tmp_path / "out"), "--kind", "lisa-13b"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    assert "tiny LISA checkpoint" in result.output and "--detector lisa " in " ".join(result.output.split())
+    folder = tmp_path / "out" / "lisa-13b-tiny"
+    assert ReadConfig.from_folder(folder).kind == KIND_LISA
+    added = json.loads((folder / "added_tokens.json").read_text())
+    assert sorted(added, key=added.get) == ["[SEG]", "<im_start>", "<im_end>"]
+    assert {p.name for p in folder.glob("pytorch_model-*.bin")} == SHARDS_13B
     assert (tmp_path / "out" / "clip-tiny-224" / "preprocessor_config.json").is_file()

@@ -29,15 +29,16 @@ def make_sample_data_command(app: AppContext, directory: Path, size: int, per_cl
 @click.command("make-tiny-checkpoint")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed of the weights.")
-@click.option("--kind", type=click.Choice(["read", "lisa", "pixellm", "pixellm-13b"]), default="read",
+@click.option("--kind", type=click.Choice(["read", "lisa", "lisa-13b", "pixellm", "pixellm-13b"]), default="read",
               show_default=True,
               help="read: READ's released layout (LLaVA-1.5 projector, 336 px CLIP, 576 image tokens); lisa: "
               "LISA-7B-v1's (one Linear projector, 224 px CLIP, 256 image tokens, <im_patch> <im_start> <im_end> "
-              "[SEG] tokens); pixellm / pixellm-13b: PixelLM-7B's / -13B's hf_model (two projectors, 336 px CLIP "
+              "[SEG] tokens); lisa-13b: LISA-13B-llama2-v1's (as lisa, on LLaMA-2, [SEG] <im_start> <im_end> "
+              "tokens, three shards); pixellm / pixellm-13b: PixelLM-7B's / -13B's hf_model (two projectors, 336 px CLIP "
               "resized to 448, [SEG0]-[SEG5], multi-scale mask decoder, no SAM image encoder).")
 @click.pass_obj
 def make_tiny_checkpoint_command(app: AppContext, directory: Path, seed: int, kind: str) -> None:
-    """Write a random-weight READ or LISA checkpoint in its released layout, plus a tiny CLIP folder of the
+    """Write a random-weight READ, LISA or PixelLM checkpoint in its released layout, plus a tiny CLIP folder of the
     matching geometry, to DIRECTORY.
 
     The released layout file for file: config.json, weight shards + index, and the tokenizer as the released
@@ -52,7 +53,7 @@ def make_tiny_checkpoint_command(app: AppContext, directory: Path, seed: int, ki
         from workers.read.tiny import make_tiny_checkpoint
 
         checkpoint, clip = make_tiny_checkpoint(directory, seed=seed, kind=kind)
-        family = "LISA" if kind == "lisa" else "READ"
+        family, kind = ("LISA", "lisa") if kind.startswith("lisa") else ("READ", kind)
     app.console.print(f"tiny {family} checkpoint: [bold]{shown(checkpoint)}[/]\n"
                       f"tiny CLIP folder:     [bold]{shown(clip)}[/]")
     app.console.print(f"use: readar run --detector {kind} --checkpoint {shown(checkpoint)} --clip {shown(clip)} "

@@ -16,6 +16,13 @@ padding_side "right"); ``generation_config.json``; pickle shards holding the LLa
 bfloat16, SAM and ``text_hidden_fcs`` in float32, and the ``rotary_emb.inv_freq`` buffers transformers 4.31 saved;
 no ``model.vision_tower.*``. The loaders treat both like released checkpoints.
 
+``kind="lisa", layout="13b"`` (or ``kind="lisa-13b"``) writes LISA-13B-llama2-v1's layout instead: the LLaMA-2
+chat base (``liuhaotian/llava-llama-2-13b-chat-lightning-preview``: rms_norm_eps 1e-5, 4096 positions), added
+tokens ``[SEG]``, ``<im_start>``, ``<im_end>`` in that order (the llama-2 base tokenizer has no added tokens, and
+LISA's training adds [SEG] before the image tokens; no ``<im_patch>``), three pickle shards, and otherwise the
+same fields, projector, 224 px CLIP (16×16 grid) and dtypes as the 7B. Its config.json was not seen: the fields
+beyond the base model's are inferred from LISA's code (see ``_lisa_config``).
+
 Deterministic answer: random weights would almost never emit [SEG]. The tiny language model is therefore built
 so that its greedy answer is ``answer`` (default "Sure, [SEG].") followed by </s> for every prompt: token
 embeddings are large (std 1) and the transformer layers' random weights small, so the last-layer state at a
@@ -65,13 +72,17 @@ from workers.read.tokenizer import (
 
 TINY_HIDDEN = 64
 TINY_CLIP_WIDTH = 32
-TINY_KINDS = (KIND_READ, KIND_LISA)
+LISA_13B = "lisa-13b"  # shorthand for kind="lisa", layout="13b" (the CLI's --kind lisa-13b)
+TINY_KINDS = (KIND_READ, KIND_LISA, LISA_13B)
+LISA_LAYOUTS = ("7b", "13b")
 
 IM_PATCH_TOKEN = "<im_patch>"
-# Added tokens in id order, as each family's released added_tokens.json has them (LISA: LISA-7B-v1).
+# Added tokens in id order, as each family's released added_tokens.json has them (LISA: LISA-7B-v1;
+# LISA_13B: LISA-13B-llama2-v1, whose added_tokens.json is {"<im_end>": 32002, "<im_start>": 32001, "[SEG]": 32000}).
 _ADDED_TOKENS = {
     KIND_READ: (SEG_TOKEN, IM_START_TOKEN, IM_END_TOKEN),
     KIND_LISA: (IM_PATCH_TOKEN, IM_START_TOKEN, IM_END_TOKEN, SEG_TOKEN),
+    LISA_13B: (SEG_TOKEN, IM_START_TOKEN, IM_END_TOKEN),
 }
 # The CLIP input side each family's vision tower has (image tokens = (side / 14)²).
 CLIP_SIDES = {KIND_READ: 336, KIND_LISA: 224}
@@ -166,7 +177,11 @@ def released_tokenizer_json(added: dict[str, int], kind: str = KIND_READ) -> dic
 def write_tiny_tokenizer(folder: Path, kind: str = KIND_READ) -> None:
     """The four tokenizer files of a released READ folder, as transformers 4.31 saved them after READ added
     [SEG] (a plain added token) and <im_start>/<im_end> right after the base vocabulary; no tokenizer.json.
-    ``kind="lisa"``: LISA-7B-v1's files (<im_patch>, <im_start>, <im_end>, then [SEG]).
+    ``kind="lisa"``: LISA-7B-v1's files (<im_patch>, <im_start>, <im_end>, then [SEG]); ``kind="lisa-13b"``:
+    LISA-13B-llama2-v1's ([SEG], <im_start>, <im_end>).
+
+    For the 13B, only added_tokens.json was seen; its tokenizer_config.json is written as the 7B's (LISA's merge
+    script loads and saves both the same way; legacy=true is inferred — READAR refuses legacy=false).
     """
     import sentencepiece
 
@@ -174,7 +189,8 @@ def write_tiny_tokenizer(folder: Path, kind: str = KIND_READ) -> None:
     (folder / SENTENCEPIECE_FILE).write_bytes(model)
     base_size = sentencepiece.SentencePieceProcessor(model_proto=model).get_piece_size()
     added = {token: base_size + i for i, token in enumerate(_ADDED_TOKENS[kind])}
-    for name, payload in released_tokenizer_json(added, kind).items():
+    family = KIND_LISA if kind == LISA_13B else kind
+    for name, payload in released_tokenizer_json(added, family).items():
         (folder / name).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -316,32 +332,42 @@ def make_tiny_checkpoint(
     answer: str | None = None,
     safetensors: bool = False,
     kind: str = KIND_READ,
+    layout: str = "7b",
 ) -> tuple[Path, Path]:
     """Write a random-weight checkpoint folder and its CLIP folder under ``out_dir``; returns (model_dir, clip_dir).
 
     kind: ``read`` (READ's released layout; folders ``read-tiny`` and ``clip-tiny``) or ``lisa`` (LISA-7B-v1's
-    layout; ``lisa-tiny`` and ``clip-tiny-224``); see the module docstring. answer: what greedy decoding will
+    layout; ``lisa-tiny`` and ``clip-tiny-224``); see the module docstring. layout (LISA only): ``7b``
+    (LISA-7B-v1) or ``13b`` (LISA-13B-llama2-v1; folders ``lisa-13b-tiny`` and ``clip-tiny-224``);
+    ``kind="lisa-13b"`` is the same as ``kind="lisa", layout="13b"``. answer: what greedy decoding will
     answer to every prompt (default: "Sure, [SEG]." for READ, "[SEG]." — LISA's validation answer — for LISA).
     safetensors: write ``model-*.safetensors`` shards instead of pickle
     ``pytorch_model-*.bin`` (READ only: LISA released pickle shards).
     """
     if kind not in TINY_KINDS:
         raise ReadError(f"unknown tiny checkpoint kind {kind!r}; choose one of {', '.join(TINY_KINDS)}")
+    if layout not in LISA_LAYOUTS:
+        raise ReadError(f"unknown LISA layout {layout!r}; choose one of {', '.join(LISA_LAYOUTS)}")
+    if kind == LISA_13B:
+        kind, layout = KIND_LISA, "13b"
+    if layout != "7b" and kind != KIND_LISA:
+        raise ReadError(f"layout {layout!r} is a LISA layout; READ has one released layout")
     if safetensors and kind == KIND_LISA:
         raise ReadError(
             "LISA's released checkpoints are pickle shards; a safetensors tiny LISA is not written"
         )
     out_dir = Path(out_dir)
     lisa = kind == KIND_LISA
+    lisa_13b = lisa and layout == "13b"
     if answer is None:
         answer = "[SEG]." if lisa else "Sure, [SEG]."
-    model_dir = out_dir / ("lisa-tiny" if lisa else "read-tiny")
+    model_dir = out_dir / ("lisa-13b-tiny" if lisa_13b else "lisa-tiny" if lisa else "read-tiny")
     clip_dir = out_dir / ("clip-tiny-224" if lisa else "clip-tiny")
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     _write_clip(clip_dir, CLIP_SIDES[kind])
-    write_tiny_tokenizer(model_dir, kind)
+    write_tiny_tokenizer(model_dir, LISA_13B if lisa_13b else kind)
     chain = _answer_chain(model_dir, answer)
     vocab_size = len(load_read_tokenizer(model_dir))
     llama = LlamaConfig(
@@ -351,8 +377,9 @@ def make_tiny_checkpoint(
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=2048 if lisa else 4096,
-        rms_norm_eps=1e-6 if lisa else 1e-5,
+        # LISA-7B-v1 (LLaMA-1 / Vicuna base): 2048 positions, eps 1e-6; READ and LISA-13B (LLaMA-2): 4096, 1e-5.
+        max_position_embeddings=2048 if lisa and not lisa_13b else 4096,
+        rms_norm_eps=1e-6 if lisa and not lisa_13b else 1e-5,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
@@ -384,9 +411,21 @@ def make_tiny_checkpoint(
         f"model.text_hidden_fcs.{n}": t.detach().clone() for n, t in text_fcs.state_dict().items()
     }
     second_shard.update({f"model.visual_model.{n}": t.clone() for n, t in sam_state.items()})
-    _write_shards(model_dir, [first_shard, second_shard], safetensors=safetensors)
+    shards = [first_shard, second_shard]
+    if lisa_13b:
+        # LISA-13B-llama2-v1 ships three shards (…-0000{1,2,3}-of-00003.bin). Where save_pretrained's 10 GB
+        # limit cut the real state dict is not known (inferred: it follows the module order); the tiny one puts
+        # the embeddings and the first LLaMA layer in shard 1, the other LLaMA tensors and the projector in
+        # shard 2, and text_hidden_fcs and SAM in shard 3.
+        early = ("model.embed_tokens.", "model.layers.0.")
+        shards = [
+            {n: t for n, t in first_shard.items() if n.startswith(early)},
+            {n: t for n, t in first_shard.items() if not n.startswith(early)},
+            second_shard,
+        ]
+    _write_shards(model_dir, shards, safetensors=safetensors)
 
-    config = _lisa_config(llama, vocab_size) if lisa else _read_config(llama, vocab_size)
+    config = _lisa_config(llama, vocab_size, layout) if lisa else _read_config(llama, vocab_size)
     config["transformers_version"] = "4.31.0"  # what the released folders record
     (model_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
     if lisa:
@@ -427,10 +466,18 @@ def _read_config(llama: LlamaConfig, vocab_size: int) -> dict[str, object]:
     }
 
 
-def _lisa_config(llama: LlamaConfig, vocab_size: int) -> dict[str, object]:
-    """config.json fields of LISA-7B-v1 (LLaVA-Lightning-7B-v1-1 based): no mm_projector_type, the 224 px CLIP."""
+def _lisa_config(llama: LlamaConfig, vocab_size: int, layout: str = "7b") -> dict[str, object]:
+    """config.json fields of LISA-7B-v1 (LLaVA-Lightning-7B-v1-1 based): no mm_projector_type, the 224 px CLIP.
+
+    layout "13b": LISA-13B-llama2-v1, whose config.json was not seen. Inferred as its base model's config
+    (liuhaotian/llava-llama-2-13b-chat-lightning-preview: openai/clip-vit-large-patch14, select layer -2, no
+    mm_projector_type; LLaMA-2's eps 1e-5 and 4096 positions, set in ``llama``) plus what LISA's code sets
+    before saving, as for the 7B: mm_use_im_start_end true (false in the base; LISA forces it), out_dim 256,
+    train_mask_decoder true, use_cache false, the adapter flags. ``_name_or_path`` is assumed to be the base's
+    hub name, and LLaMA-2 configs carry no ``max_sequence_length`` (a LLaMA-1 conversion field), so it is left out.
+    """
     clip = "openai/clip-vit-large-patch14"
-    return {
+    config: dict[str, object] = {
         **llama.to_diff_dict(),
         "_name_or_path": "./LLaVA/LLaVA-Lightning-7B-v1-1",
         "architectures": ["LISAForCausalLM"],
@@ -459,6 +506,10 @@ def _lisa_config(llama: LlamaConfig, vocab_size: int) -> dict[str, object]:
         "use_cache": False,
         "tie_word_embeddings": False,
     }
+    if layout == "13b":
+        config["_name_or_path"] = "liuhaotian/llava-llama-2-13b-chat-lightning-preview"  # inferred
+        del config["max_sequence_length"]  # inferred (see above)
+    return config
 
 
 def _write_shards(folder: Path, shards: list[dict[str, torch.Tensor]], *, safetensors: bool) -> None:
