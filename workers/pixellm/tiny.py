@@ -68,7 +68,7 @@ def _write_clip(folder: Path) -> None:
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2), encoding="utf-8")
 
 
-def _write_tokenizer(folder: Path, layout: str) -> None:
+def write_pixellm_tokenizer(folder: Path, layout: str) -> None:
     model = train_tiny_sentencepiece()
     (folder / SENTENCEPIECE_FILE).write_bytes(model)
     base = sentencepiece.SentencePieceProcessor(model_proto=model).get_piece_size()
@@ -129,7 +129,7 @@ def make_tiny_pixellm(out_dir: Path, *, seed: int = 0, answer: str = PIXELLM_ANS
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     _write_clip(clip_dir)
-    _write_tokenizer(model_dir, layout)
+    write_pixellm_tokenizer(model_dir, layout)
     chain = _answer_chain(model_dir, answer)
     vocab_size = len(load_read_tokenizer(model_dir))
     llama = LlamaConfig(
