@@ -163,3 +163,16 @@ def test_curves_of_a_one_class_scope_are_empty() -> None:
     counts = curves.histograms(state)
     assert curves.pixel_roc(counts).empty and curves.pro_curve(counts).empty
     assert curves.image_roc(state.image_scores, state.image_labels).empty
+
+
+def test_panel_titles_wrap_to_the_figure_in_at_most_two_lines() -> None:
+    from matplotlib.figure import Figure
+
+    from metrics.reporting.panels import literal_title
+
+    narrow, wide = Figure(figsize=(6.5, 3.7)), Figure(figsize=(13.0, 3.7))
+    title = "run: brick/test/crack/000.png · image score 0.614 · threshold p=0.538 · prompt " + "“long words” " * 30
+    assert literal_title(wide, "short $x$ title") == 1 and wide._suptitle.get_text() == "short $x$ title"
+    assert literal_title(narrow, title) == 2
+    first, second = narrow._suptitle.get_text().split("\n")
+    assert len(first) <= 78 and len(second) <= 78 and second.endswith("…")

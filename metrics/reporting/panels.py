@@ -9,6 +9,7 @@ points (positive, negative, neutral) on the image.
 from __future__ import annotations
 
 import io
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,14 +146,21 @@ def render_panel(data: PanelData, path: str | Path, *, dpi: int = 72) -> Path:
         view.set_ylim(height, 0)
         view.set_xticks([])
         view.set_yticks([])
-    literal_title(figure, data.title)
-    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.84, wspace=0.04)
+    lines = literal_title(figure, data.title)
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.84 if lines == 1 else 0.78, wspace=0.04)
     return save_figure(figure, path, dpi=dpi)
 
 
-def literal_title(figure: Figure, title: str) -> None:
-    """The figure's one-line title, drawn as written: names with ``$`` are not math, and no LaTeX runs."""
-    figure.suptitle(visible(title), fontsize=10, x=0.01, ha="left", usetex=False, parse_math=False)
+def literal_title(figure: Figure, title: str) -> int:
+    """The figure's title, drawn as written: names with ``$`` are not math, and no LaTeX runs. It wraps to the
+    figure's width (a two-view panel is half as wide as a four-view one) in at most two lines, the second cut
+    with an ellipsis. Returns the number of lines, for the caller's top margin."""
+    per_line = max(30, int(figure.get_figwidth() * 12))  # characters of 10 pt DejaVu Sans per inch, about
+    lines = textwrap.wrap(visible(title), per_line) or [""]
+    if len(lines) > 2:
+        lines = [lines[0], textwrap.shorten(" ".join(lines[1:]), per_line, placeholder=" …")]
+    figure.suptitle("\n".join(lines), fontsize=10, x=0.01, ha="left", usetex=False, parse_math=False)
+    return len(lines)
 
 
 def save_figure(figure: Figure, path: str | Path, *, dpi: int) -> Path:
