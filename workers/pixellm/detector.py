@@ -19,8 +19,6 @@ Diagnostics: ``seg_found``, ``num_seg`` (masks stored), ``num_seg_tokens`` and `
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,10 +48,9 @@ from workers.pixellm.loader import (
 from workers.pixellm.model import PixelLMModel
 from workers.read import MAX_NEW_TOKENS, MAX_NEW_TOKENS_CAP
 from workers.read.conversation import conversation_text, question_text, tokenize_query
-from workers.read.errors import ClipFolderError
-from workers.read.loader import check_weight_files, resolve_dtype
+from workers.read.loader import check_model_folders, folders_digest, resolve_dtype
 from workers.read.preprocess import as_rgb_uint8, sam_pixels
-from workers.read.tokenizer import SENTENCEPIECE_FILE, ReadTokenizer
+from workers.read.tokenizer import ReadTokenizer
 
 CASE = "PixelLM checkpoint, PixelLM's own inference"
 
@@ -212,24 +209,10 @@ class PixelLMDetector(Detector):
 
     def preflight(self) -> None:
         check_device(self.config.device)
-        if self.checkpoint is not None:
-            check_weight_files(self.checkpoint)
-        if self.clip_dir is not None and not any(
-            (self.clip_dir / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")
-        ):
-            raise ClipFolderError(f"CLIP folder {self.clip_dir} has no model.safetensors or pytorch_model.bin")
+        check_model_folders(self.checkpoint, self.clip_dir)
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256(self.name.encode())
-        for folder in (self.checkpoint, self.clip_dir):
-            if folder is None:
-                continue
-            for path in sorted(folder.iterdir()):
-                if path.suffix == ".json" or path.name == SENTENCEPIECE_FILE:
-                    digest.update(path.name.encode() + path.read_bytes())
-                elif path.suffix in (".bin", ".safetensors"):
-                    digest.update(json.dumps([path.name, path.stat().st_size]).encode())
-        return f"pixellm:{digest.hexdigest()[:16]}"
+        return f"pixellm:{folders_digest(self.name, (self.checkpoint, self.clip_dir))}"
 
 
 def _ms(start: float, device: torch.device) -> float:

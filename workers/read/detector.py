@@ -33,8 +33,6 @@ batch, with ``batch_size``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,12 +63,13 @@ from workers.read.conversation import (
     tokenize_query,
 )
 from workers.read.decode import QueryRow, run_queries
-from workers.read.errors import ClipFolderError, WrongDetectorError
+from workers.read.errors import WrongDetectorError
 from workers.read.loader import (
     cached_read_model,
+    check_model_folders,
     check_projector_layout,
-    check_weight_files,
     clip_preprocessing,
+    folders_digest,
     load_clip_config,
     resolve_dtype,
 )
@@ -78,7 +77,7 @@ from workers.read.model import ReadModel
 from workers.read.preprocess import SAM_FRAME, ClipPreprocessing, as_rgb_uint8, clip_pixels, sam_pixels
 from workers.read.prompting import decode_many, frame_points, sparse_prompt
 from workers.read.sasp import similarity_to_points
-from workers.read.tokenizer import SENTENCEPIECE_FILE, ReadTokenizer, TokenIds, load_tokenizer
+from workers.read.tokenizer import ReadTokenizer, TokenIds, load_tokenizer
 
 _SASP_OPTIONS = {"down_sample": int, "num_points": int, "t_pos": float, "t_neg": float}
 
@@ -411,25 +410,11 @@ class ReadDetector(Detector):
     def preflight(self) -> None:
         """Device present and every weight file there and readable-looking, before any image is claimed."""
         check_device(self.config.device)
-        if self.checkpoint is not None:
-            check_weight_files(self.checkpoint)
-        if self.clip_dir is not None and not any(
-            (self.clip_dir / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")
-        ):
-            raise ClipFolderError(f"CLIP folder {self.clip_dir} has no model.safetensors or pytorch_model.bin")
+        check_model_folders(self.checkpoint, self.clip_dir)
 
     def fingerprint(self) -> str:
         """sha256 over the checkpoint's config, tokenizer, index and shard sizes and the CLIP config (no weight reading)."""
-        digest = hashlib.sha256(self.name.encode())
-        for folder in (self.checkpoint, self.clip_dir):
-            if folder is None:  # built from parts: random weights
-                continue
-            for path in sorted(folder.iterdir()):
-                if path.suffix == ".json" or path.name == SENTENCEPIECE_FILE:
-                    digest.update(path.name.encode() + path.read_bytes())
-                elif path.suffix in (".bin", ".safetensors"):
-                    digest.update(json.dumps([path.name, path.stat().st_size]).encode())
-        return f"{self._fingerprint_name()}:{digest.hexdigest()[:16]}"
+        return f"{self._fingerprint_name()}:{folders_digest(self.name, (self.checkpoint, self.clip_dir))}"
 
     def _fingerprint_name(self) -> str:
         return self.name

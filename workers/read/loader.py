@@ -13,6 +13,7 @@ tensors (LISA's) are cast to the model's dtype on loading.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import threading
 from collections.abc import Iterable, Iterator
@@ -35,6 +36,7 @@ from workers.read.errors import (
 from workers.read.model import ReadModel, build_projector, build_text_hidden_fcs, fast_init
 from workers.read.preprocess import ClipPreprocessing
 from workers.read.sam_keys import official_to_hf, sam_config_from_weights
+from workers.read.tokenizer import SENTENCEPIECE_FILE
 
 # Released state-dict prefixes → the ReadModel part that owns them.
 _LANGUAGE_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
@@ -158,6 +160,30 @@ def check_projector_layout(checkpoint: Path, config: ReadConfig) -> None:
             if problem:
                 raise CheckpointError(problem)
             return
+
+
+def check_model_folders(checkpoint: Path | None, clip_dir: Path | None) -> None:
+    """Cheap checks before any image is claimed: every weight file of the checkpoint there and readable-looking,
+    and the CLIP folder holding its weights (None: a model built from parts)."""
+    if checkpoint is not None:
+        check_weight_files(checkpoint)
+    if clip_dir is not None and not any((clip_dir / name).is_file() for name in _SINGLE_FILES):
+        raise ClipFolderError(f"CLIP folder {clip_dir} has no {' or '.join(_SINGLE_FILES)}")
+
+
+def folders_digest(name: str, folders: Iterable[Path | None]) -> str:
+    """16 hex digits of sha256 over ``name``, the folders' JSON and tokenizer files and their weight files' names
+    and sizes (no weight is read); None folders (a model built from parts) are left out."""
+    digest = hashlib.sha256(name.encode())
+    for folder in folders:
+        if folder is None:
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.suffix == ".json" or path.name == SENTENCEPIECE_FILE:
+                digest.update(path.name.encode() + path.read_bytes())
+            elif path.suffix in (".bin", ".safetensors"):
+                digest.update(json.dumps([path.name, path.stat().st_size]).encode())
+    return digest.hexdigest()[:16]
 
 
 def check_weight_files(checkpoint: Path) -> None:
