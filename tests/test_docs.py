@@ -74,8 +74,33 @@ def configuration_rows(text: str) -> list[tuple[list[str], list[str]]]:
     return rows
 
 
+def _section(text: str, heading: str) -> str:
+    """The text from ``heading`` (a line of its own) up to the next heading of the same level."""
+    level = heading.split(" ")[0]
+    start = text.index(f"\n{heading}\n")
+    following = re.search(rf"\n{level} ", text[start + len(heading) + 2 :])
+    return text[start : start + len(heading) + 2 + following.start()] if following else text[start:]
+
+
+def test_readme_lever_table_states_the_code_defaults() -> None:
+    """Every speed lever is in the README's lever table with the defaults workers.read.levers gives it."""
+    from workers.read.levers import Levers
+
+    section = _section(README, "## Configuration").split("### Speed levers")[1]
+    stated = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| `READAR_") and len(cells) == 4:
+            stated[cells[0].strip("`")] = (cells[1] == "on", cells[2] == "on")
+    expected = {
+        Levers.variable(name): (getattr(Levers.from_env("cuda", {}), name), getattr(Levers.from_env("cpu", {}), name))
+        for name in Levers.names()
+    }
+    assert stated == expected
+
+
 def test_readme_configuration_table_states_the_code_defaults() -> None:
-    rows = configuration_rows(README)
+    rows = configuration_rows(_section(README, "## Configuration").split("\n### ")[0])
     documented = {variable for variables, _ in rows for variable in variables}
     expected = {f"READAR_{name.upper()}" for name in Settings.model_fields}
     assert documented == expected, (
