@@ -20,6 +20,8 @@ from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM, SamConf
 
 from workers.read.config import LINEAR_PROJECTOR, projector_depth
 from workers.read.errors import ReadError
+from workers.read.levers import Levers
+from workers.read.sam_fast import apply_sam_levers
 
 
 def build_projector(vision_width: int, text_width: int, projector_type: str = "mlp2x_gelu") -> nn.Module:
@@ -144,8 +146,13 @@ class ReadModel(nn.Module):
         patches = outputs.hidden_states[self.vision_select_layer][:, 1:]
         return self.projector(patches)
 
-    def sam_image_embeddings(self, sam_pixels: torch.Tensor) -> torch.Tensor:
-        """SAM image encoder: (B, 3, 1024, 1024) normalised, padded pixels → (B, 256, 64, 64)."""
+    def sam_image_embeddings(self, sam_pixels: torch.Tensor, levers: Levers | None = None) -> torch.Tensor:
+        """SAM image encoder: (B, 3, 1024, 1024) normalised, padded pixels → (B, 256, 64, 64).
+
+        ``levers`` sets the encoder's speed levers (fused attention, compile) before the call; None is the eager
+        encoder, so a model left with levers on by an earlier call returns to the reference path.
+        """
+        apply_sam_levers(self.sam, levers or Levers())
         return self.sam.vision_encoder(pixel_values=sam_pixels.to(self.device, self.dtype)).last_hidden_state
 
     def seg_projection(self, seg_states: torch.Tensor) -> torch.Tensor:
