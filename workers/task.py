@@ -18,10 +18,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from storage.jsonvalue import json_value
-from storage.logits import encode_logits, full_resolution_logits
+from storage.logits import encode_logits, full_resolution_logits, max_full_resolution_logit
 from storage.models import ACTIVE_STATUSES, ImageStatus
 from storage.objects import ObjectStore, ObjectStoreError, image_object_key
 from storage.paths import PathEscapeError, PathMap, RootResolver, reference_folder
@@ -170,11 +168,23 @@ def _load_sample(info: RunInfo, row: Any) -> ImageSample:
     )
 
 
-def image_score(detection: Detection) -> tuple[float, np.ndarray]:
-    """(max probability of the score map, full-resolution float16 logits)."""
-    logits = full_resolution_logits(detection.logits)
-    top = float(logits.max())
-    return 1.0 / (1.0 + math.exp(-top)) if top > -700 else 0.0, logits
+def switch_on(value: str | None) -> bool:
+    """An on/off environment switch that defaults to on: ``0``, ``off``, ``false`` or ``no`` turn it off."""
+    return (value or "on").strip().lower() not in {"0", "off", "false", "no"}
+
+
+# READAR_FAST_IMAGE_SCORE (read once): find the image score's top logit without building the full-resolution
+# map (storage.logits.max_full_resolution_logit, the same value bit for bit); off builds the map as the metrics do.
+FAST_IMAGE_SCORE = switch_on(os.environ.get("READAR_FAST_IMAGE_SCORE"))
+
+
+def image_score(detection: Detection) -> float:
+    """Max probability of the image's score map: the sigmoid of its top full-resolution float16 logit."""
+    if FAST_IMAGE_SCORE:
+        top = max_full_resolution_logit(detection.logits)
+    else:
+        top = float(full_resolution_logits(detection.logits).max())
+    return 1.0 / (1.0 + math.exp(-top)) if top > -700 else 0.0
 
 
 def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> Outcome:
@@ -223,7 +233,7 @@ def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> Outcome:
             ) from None
         timings["detect_ms"] = (time.perf_counter() - started) * 1e3
         started = time.perf_counter()
-        score, _ = image_score(detection)
+        score = image_score(detection)
         key = image_object_key(run_id, image_id)
         ctx.store.put(key, encode_logits(detection.logits))
         timings["store_ms"] = (time.perf_counter() - started) * 1e3
