@@ -1,7 +1,8 @@
 """The embedded executor: runs every pending image of a run on this machine, no servers needed.
 
-It uses the same per-image task function as the Celery workers, through a thread pool whose size is the
-batch size, so concurrently processed images share batched forwards. Because SQL holds all state, an
+It uses the same per-image task function as the Celery workers, through a thread pool of batch size × pipeline
+depth threads (``workers/batcher.py task_threads``), so concurrently processed images share batched forwards and
+the next batch is prepared while one runs. Because SQL holds all state, an
 interrupted run (Ctrl-C, kill -9) resumes where it stopped: finished images are never redone.
 """
 
@@ -29,8 +30,10 @@ from metrics.output import shown
 from storage.models import ImageStatus, Run, RunStatus
 from storage.objects import ObjectStore
 from storage.repository import Repository
-from workers.batcher import Batcher
+from storage.settings import DEFAULT_PIPELINE_DEPTH
+from workers.batcher import Batcher, task_threads
 from workers.detectors.base import Detector, SetupError
+from workers.runtime import set_torch_threads
 from workers.task import Outcome, WorkerContext, dead_local_owners, process_image, worker_identity
 
 log = logging.getLogger(__name__)
@@ -61,9 +64,12 @@ def execute_run(
     repo: Repository, store: ObjectStore, run: Run, detector: Detector, *, batch_size: int, lease_seconds: int,
     max_attempts: int, device: str, console: Console | None = None, secrets: list[str] | None = None,
     image_hook: Callable[[int, str], None] | None = None, resume: str | None = None,
+    pipeline_depth: int = DEFAULT_PIPELINE_DEPTH, torch_threads: int | None = None,
 ) -> RunOutcome:
     """Process every pending image, aggregating each category as it completes. ``resume``: the command that
-    continues this run, shown when it stops early (default ``readar resume <name>``)."""
+    continues this run, shown when it stops early (default ``readar resume <name>``). ``pipeline_depth`` and
+    ``torch_threads``: READAR_PIPELINE_DEPTH and READAR_TORCH_THREADS (unset: every CPU, the only process)."""
+    set_torch_threads(torch_threads)  # before the first forward; the model loads lazily on it
     console = console or Console(stderr=True)
     resume = resume or f"readar resume {run.name}"
     released = repo.release_expired_or_orphaned(run.id, dead_local_owners(repo.running_owners(run.id)))
@@ -111,7 +117,8 @@ def execute_run(
             pending = repo.pending_image_ids(run.id)
             bar = progress.add_task(f"run {run.name}", total=len(pending))
             stalled_passes = 0
-            with ThreadPoolExecutor(max_workers=batch_size, thread_name_prefix="readar-task") as pool:
+            threads = task_threads(batch_size, pipeline_depth)
+            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="readar-task") as pool:
                 while pending and not stop.is_set():
                     futures = [pool.submit(task, image_id) for image_id in pending]
                     finished_this_pass = 0
@@ -156,7 +163,8 @@ def execute_run(
     if repo.pending_image_ids(run.id):  # results found lost while aggregating: compute those images again
         again = execute_run(repo, store, run, detector, batch_size=batch_size, lease_seconds=lease_seconds,
                             max_attempts=max_attempts, device=device, console=console, secrets=secrets,
-                            image_hook=image_hook, resume=resume)
+                            image_hook=image_hook, resume=resume, pipeline_depth=pipeline_depth,
+                            torch_threads=torch_threads)
         for outcome, count in outcomes.items():
             again.processed[outcome] = again.processed.get(outcome, 0) + count
         return again

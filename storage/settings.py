@@ -19,6 +19,8 @@ from storage.redact import redact_text, redact_url
 # Upper bounds of the durations: far above any sensible value, far below what datetime arithmetic overflows on.
 DAY_S = 86_400
 WEEK_S = 7 * DAY_S
+# Batches in flight per worker process (READAR_PIPELINE_DEPTH): 2 prepares the next batch while one runs.
+DEFAULT_PIPELINE_DEPTH = 2
 
 
 def broker_kind(url: str | None) -> str:
@@ -52,6 +54,19 @@ class Settings(BaseSettings):
     clip: Path | None = Field(None, description="Local folder of CLIP ViT-L/14-336 (HF format).")
     device: str = Field("cpu", description="cpu, cuda or cuda:N.")
     batch_size: int = Field(4, ge=1, le=1024, description="Images per batched forward.")
+    pipeline_depth: int = Field(
+        DEFAULT_PIPELINE_DEPTH, ge=1, le=4, description="Batches in flight per worker process: task threads (and so "
+        "Celery prefetch) = batch size × this. 2 (double buffering) prepares the next batch while one runs on the "
+        "device, so batches stay full; 1 gives one batch's worth of threads (the device waits while they prepare "
+        "the next). A task may wait for the batches ahead of its own: keep the soft time limit above this × the "
+        "longest batch."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, le=1024, description="Most torch intra-op threads per worker process, set once before its first "
+        "model runs (uncapped, the processes' threads compete with each other and with the task threads for the "
+        "CPUs); unset: the CPUs divided by the worker processes the supervisor starts on the machine. Never raises "
+        "torch's own default (one per core), so `readar run` keeps it."
+    )
     lease_seconds: int = Field(
         1200, ge=2, le=WEEK_S, description="How long a claimed image is owned before another worker may retry it; above the "
         "hard time limit, at most the visibility timeout."
@@ -146,13 +161,17 @@ class Settings(BaseSettings):
         return str((self.work_dir / "objects").resolve())
 
     def child_environment(self) -> dict[str, str]:
-        """The resolved connection settings as ``READAR_*`` variables, for processes this one starts: a child
-        must use what the parent resolved (flags over environment over defaults), not re-read the environment."""
+        """The resolved connection settings (and the pipeline depth and torch threads the supervisor plans its
+        children with) as ``READAR_*`` variables, for processes this one starts: a child must use what the
+        parent resolved (flags over environment over defaults), not re-read the environment."""
         env = {
             "READAR_WORK_DIR": str(self.work_dir.resolve()),
             "READAR_DATABASE_URL": self.resolved_database_url,
             "READAR_OBJECT_STORE_URL": self.resolved_object_store_url,
+            "READAR_PIPELINE_DEPTH": str(self.pipeline_depth),
         }
+        if self.torch_threads is not None:
+            env["READAR_TORCH_THREADS"] = str(self.torch_threads)
         if self.broker_url:
             env["READAR_BROKER_URL"] = self.broker_url
         if self.path_map:

@@ -3,8 +3,9 @@
 Settings follow DESIGN.md section 2: late acknowledgement, reject on worker loss, prefetch 1, soft and hard
 time limits, a Redis visibility timeout above the lease (the same value on every client), retries with
 backoff for transient errors only, cancelling long-running tasks when the broker connection is lost.
-Workers use a thread pool whose size is the batch size, so concurrently delivered tasks share batched
-forwards through the in-process batcher (DESIGN.md section 3).
+Workers use a thread pool of batch size × pipeline depth threads (``READAR_PIPELINE_DEPTH``, default 2), so
+concurrently delivered tasks share batched forwards through the in-process batcher, and the next batch is
+prepared while one runs (DESIGN.md section 3).
 
 Apps come from :func:`make_app` and the caller's Settings; importing this module reads no environment (``app``,
 for ``celery -A``, is built from it on first access).
@@ -63,6 +64,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend": None,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # Prefetch = concurrency × 1 = batch size × pipeline depth (workers/supervisor.py): about two batches.
+        # The extra messages come from more threads, not from a larger multiplier, and that keeps late ack safe:
+        # every message the worker holds is running on a thread of its own at once, so none waits unacknowledged
+        # in a local buffer. How long a message stays unacknowledged is still bounded by its task (at most the
+        # hard time limit, below the lease and the visibility timeout), so Redis never redelivers a message a
+        # live worker holds; and a worker that dies leaves all of them unacknowledged, to be sent again (the
+        # supervisor gives their rows back at once, workers/recovery.py): double buffering only doubles how many.
         "worker_prefetch_multiplier": 1,
         "task_soft_time_limit": settings.soft_time_limit,
         "task_time_limit": settings.hard_time_limit,

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import json
+import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +26,10 @@ from storage.settings import Settings  # a leaf module: pydantic + storage.redac
 from workers.batcher import Batcher
 from workers.detectors.base import DetectorConfig, build_detector
 from workers.monitoring import record_batch
+from workers.supervisor import torch_threads_per_process
 from workers.task import WorkerContext
+
+log = logging.getLogger(__name__)
 
 
 def import_plugins(spec: str) -> None:
@@ -31,6 +37,26 @@ def import_plugins(spec: str) -> None:
     for module in (m.strip() for m in spec.split(",")):
         if module:
             importlib.import_module(module)
+
+
+def set_torch_threads(requested: int | None, *, processes: int = 1) -> int | None:
+    """Cap torch's intra-op threads in this process, once, before its first model runs: left alone, every
+    worker process on a machine starts one per core, and they compete with each other and with the task threads
+    for the CPUs. The cap is ``requested`` (READAR_TORCH_THREADS), else an equal share of the machine's CPUs;
+    it only ever lowers torch's own default (one per core, or OMP_NUM_THREADS), so a single process such as
+    ``readar run`` keeps exactly what it had. Returns the count, or None when torch is not installed.
+
+    Only the thread count changes, never what is computed; on the CPU a reduction split over fewer threads may
+    round differently in the last bit, as it does between two machines with different core counts."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        if importlib.util.find_spec("torch") is None:
+            return None
+        torch = importlib.import_module("torch")
+    count = min(requested or torch_threads_per_process(processes), torch.get_num_threads())
+    torch.set_num_threads(count)
+    log.info("torch uses %d intra-op thread(s) in this process", count)
+    return count
 
 
 def detector_config_from_run(stored: dict[str, Any], *, device: str | None = None,
@@ -56,6 +82,8 @@ class WorkerRuntime:
         self.batch_size = batch_size or settings.batch_size
         self.on_category_complete = on_category_complete
         self.path_map = PathMap(settings.path_map)
+        self.torch_threads: int | None = None  # set with the first detector (torch is imported with it)
+        self._torch_capped = False
         import_plugins(settings.plugins)
         self.database = Database(settings.resolved_database_url,
                                  tls_ca_file=str(settings.database_tls_ca_file) if settings.database_tls_ca_file else None)
@@ -82,6 +110,7 @@ class WorkerRuntime:
                 key = json.dumps({"detector": run.detector, **config.public()}, sort_keys=True)
                 self._runs[run_id] = key
                 if key not in self._contexts:
+                    self._cap_torch_threads()
                     detector = build_detector(run.detector, config)
                     detector.preflight()  # a broken setup stops the worker before it claims an image
                     self._contexts[key] = WorkerContext(
@@ -89,10 +118,23 @@ class WorkerRuntime:
                         batcher=Batcher(detector.detect, max_batch=config.batch_size, on_batch=record_batch),
                         lease_seconds=self.settings.lease_seconds, max_attempts=self.settings.max_attempts,
                         device=config.device, on_category_complete=self.on_category_complete,
+                        # With pipeline depth d (READAR_PIPELINE_DEPTH) an item may queue behind up to d - 1
+                        # batches before its own runs (the threads cap what is queued at d batches), so this wait
+                        # covers d forwards, not one: the soft limit (600 s by default) must stay above d × the
+                        # longest batch (seconds on a GPU). A task that does give up still frees its thread, and
+                        # its item still runs: the batcher cannot take back a queued item.
                         secrets=self.settings.secrets(), detect_timeout_s=float(self.settings.soft_time_limit),
                         path_map=self.path_map,
                     )
             return self._contexts[key]
+
+    def _cap_torch_threads(self) -> None:
+        """Once per process, before its first model is built (at worker start for the runs in progress): the
+        supervisor pins each child's share in READAR_TORCH_THREADS (workers/supervisor.py plan_children). Not in
+        ``__init__``: a runtime that builds no detector (aggregation, tests) need not import torch."""
+        if not self._torch_capped:
+            self._torch_capped = True
+            self.torch_threads = set_torch_threads(self.settings.torch_threads)
 
     def run_status(self, run_id: int, *, max_age_s: float = 5.0) -> str:
         """The run's status, re-read at most every ``max_age_s`` (cancellation reaches workers within that)."""

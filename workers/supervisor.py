@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from storage.settings import DEFAULT_PIPELINE_DEPTH
+from workers.batcher import task_threads
 from workers.monitoring import heartbeat_age
 
 if TYPE_CHECKING:
@@ -68,10 +70,14 @@ def children_progressing(children: list[Child], *, grace: float, now: float | No
 
 
 def plan_children(*, gpus: list[int] | None, processes: int, batch_size: int, queues: str, work_dir: Path,
-                  metrics_port: int | None, loglevel: str, settings_env: dict[str, str] | None = None
-                  ) -> list[ChildSpec]:
+                  metrics_port: int | None, loglevel: str, settings_env: dict[str, str] | None = None,
+                  pipeline_depth: int | None = None, torch_threads: int | None = None) -> list[ChildSpec]:
     """One child per GPU (or CPU process). ``settings_env`` (Settings.child_environment) pins the supervisor's
-    resolved broker, database, object store and work folder in every child, over whatever the environment says."""
+    resolved broker, database, object store and work folder in every child, over whatever the environment says.
+
+    Each child runs batch size × pipeline depth task threads (``workers/batcher.py task_threads``) and caps
+    torch's intra-op threads at ``torch_threads``; both default to what ``settings_env`` pins, then to the
+    environment, then to the depth's default and to this machine's CPUs shared among the children."""
     host = socket.gethostname()
     slots: list[tuple[str, dict[str, str]]] = []
     if gpus:
@@ -80,18 +86,38 @@ def plan_children(*, gpus: list[int] | None, processes: int, batch_size: int, qu
     else:
         for index in range(processes):
             slots.append((f"cpu{index}", {"CUDA_VISIBLE_DEVICES": "", "READAR_DEVICE": "cpu"}))
+    inherited = dict(os.environ, **(settings_env or {}))
+    depth = pipeline_depth or int(inherited.get("READAR_PIPELINE_DEPTH") or DEFAULT_PIPELINE_DEPTH)
+    torch_count = torch_threads or int(inherited.get("READAR_TORCH_THREADS") or
+                                       torch_threads_per_process(len(slots)))
     specs = []
     for position, (label, extra) in enumerate(slots):
-        env = dict(os.environ, **(settings_env or {}), **extra, READAR_BATCH_SIZE=str(batch_size),
+        env = dict(inherited, **extra, READAR_BATCH_SIZE=str(batch_size), READAR_PIPELINE_DEPTH=str(depth),
+                   READAR_TORCH_THREADS=str(torch_count),
                    READAR_HEARTBEAT_FILE=str(work_dir / "heartbeats" / f"{label}-{os.getpid()}"))
         if metrics_port:
             env["READAR_METRICS_PORT"] = str(metrics_port + position)
         else:
             env.pop("READAR_METRICS_PORT", None)
         command = [sys.executable, "-m", "workers.worker_main", "--name", f"readar-{label}@{host}",
-                   "--queues", queues, "--concurrency", str(batch_size), "--loglevel", loglevel]
+                   "--queues", queues, "--concurrency", str(task_threads(batch_size, depth)),
+                   "--loglevel", loglevel]
         specs.append(ChildSpec(label, env, command))
     return specs
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's cpuset), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def torch_threads_per_process(processes: int) -> int:
+    """Default torch intra-op threads of one of ``processes`` worker processes on this machine: an equal share of
+    its CPUs, so the processes' thread pools do not oversubscribe the cores their task threads also need."""
+    return max(1, available_cpus() // max(1, processes))
 
 
 def unhealthy_marker(heartbeat_file: Path) -> Path:

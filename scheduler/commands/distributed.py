@@ -131,7 +131,7 @@ def reconcile_command(app: AppContext, run_name: str | None) -> None:
 @click.option("--device", type=click.Choice(["cpu"]), help="Run on the CPU instead of GPUs.")
 @click.option("--processes", default=1, show_default=True, type=click.IntRange(1, 64),
               help="CPU worker processes (with --device cpu).")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward = task threads per process.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward (task threads per process: this × READAR_PIPELINE_DEPTH).")
 @click.option("--queues", default="readar.images,readar.aggregate", show_default=True,
               help="Queues to take tasks from: readar.images (one task per image) and/or readar.aggregate "
               "(category metrics; CPU work that reads the masks).")

@@ -42,6 +42,7 @@ def execute(app: AppContext, detector_name: str, config: DetectorConfig, request
         repo, app.store, run, detector, batch_size=config.batch_size, lease_seconds=app.settings.lease_seconds,
         max_attempts=app.settings.max_attempts, device=config.device, console=app.err,
         secrets=app.settings.secrets(), resume=shown(resume_hint(app, run.name)),  # the runner prints markup
+        pipeline_depth=app.settings.pipeline_depth, torch_threads=app.settings.torch_threads,
     )
     if outcome.interrupted:
         raise SystemExit(outcome.exit_code)
