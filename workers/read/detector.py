@@ -33,8 +33,9 @@ batch, with ``batch_size``).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,9 @@ from workers.read.conversation import (
     question_text,
     tokenize_query,
 )
-from workers.read.decode import QueryRow, run_queries
+from workers.read.decode import BatchStates, QueryRow, run_queries
 from workers.read.errors import WrongDetectorError
+from workers.read.levers import Levers
 from workers.read.loader import (
     cached_read_model,
     check_model_folders,
@@ -74,8 +76,18 @@ from workers.read.loader import (
     resolve_dtype,
 )
 from workers.read.model import ReadModel
-from workers.read.preprocess import SAM_FRAME, ClipPreprocessing, as_rgb_uint8, clip_pixels, sam_pixels
-from workers.read.prompting import decode_many, frame_points, sparse_prompt
+from workers.read.preprocess import (
+    SAM_FRAME,
+    ClipPreprocessing,
+    as_rgb_uint8,
+    clip_pixels,
+    host_to_device,
+    sam_frames_on_device,
+    sam_pixels,
+    sam_resized,
+    stack_to_device,
+)
+from workers.read.prompting import decode_many, frame_points, sparse_prompt, sparse_prompts
 from workers.read.sasp import similarity_to_points
 from workers.read.tokenizer import ReadTokenizer, TokenIds, load_tokenizer
 
@@ -94,7 +106,9 @@ class PreparedQuery:
 @dataclass(frozen=True)
 class PreparedImage:
     """CPU-side inputs of one image. clip: (3, S, S), S = the CLIP's input side (336 READ, 224 LISA v1);
-    sam: (3, 1024, 1024); sizes as (h, w)."""
+    sam: the float32 (3, 1024, 1024) SAM frame, or, when ``sam_resized`` (the ``device_frames`` lever was on
+    at prepare time), the uint8 (h_in, w_in, 3) resized image that ``detect`` turns into that frame on the
+    device; sizes as (h, w)."""
 
     clip: torch.Tensor
     sam: torch.Tensor
@@ -103,6 +117,7 @@ class PreparedImage:
     queries: tuple[PreparedQuery, ...]
     key: str
     prepare_ms: float
+    sam_resized: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,10 +132,95 @@ class SegPrompt:
     labels: torch.Tensor | None
 
 
-def _elapsed_ms(start: float, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return round((time.perf_counter() - start) * 1000.0, 3)
+class StageClock:
+    """Stage timings of one batch in ms, read once at its end (:meth:`read`).
+
+    Device stages: with ``events`` on CUDA (the ``cuda_events`` lever) bracketed by CUDA events, so the host
+    never waits between stages; otherwise perf_counter, synchronizing at the end of each stage on CUDA (the
+    eager path). Host stages (``host=True``: CPU work while the device runs, the ``overlap`` lever's SasP) are
+    perf_counter alone and never synchronize. A stage entered twice adds up.
+    """
+
+    def __init__(self, device: torch.device, *, events: bool) -> None:
+        self.device = device
+        self.events = events and device.type == "cuda"
+        self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self._ms: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str, *, host: bool = False) -> Iterator[None]:
+        if self.events and not host:
+            stream = torch.cuda.current_stream(self.device)
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record(stream)
+            yield
+            end.record(stream)
+            self._pending.append((name, begin, end))
+            return
+        start = time.perf_counter()
+        yield
+        if not host and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._add(name, (time.perf_counter() - start) * 1000.0)
+
+    def read(self) -> dict[str, float]:
+        """Every stage's milliseconds, rounded to µs; waits for the events' stages to finish."""
+        for name, begin, end in self._pending:
+            end.synchronize()
+            self._add(name, begin.elapsed_time(end))
+        self._pending.clear()
+        return {name: round(ms, 3) for name, ms in self._ms.items()}
+
+    def _add(self, name: str, ms: float) -> None:
+        self._ms[name] = self._ms.get(name, 0.0) + ms
+
+
+def _seg_owners(rows: Sequence[QueryRow], results: Sequence[Any]) -> list[tuple[int, int]]:
+    """(image index, row index) of every [SEG] of a batch, in row order, then answer order."""
+    return [
+        (row.image_index, row_index)
+        for row_index, (row, result) in enumerate(zip(rows, results, strict=True))
+        if result.seg_states is not None
+        for _ in range(result.seg_states.shape[0])
+    ]
+
+
+def batched_similarity(
+    image_states: torch.Tensor, image_index: torch.Tensor, seg_states: torch.Tensor
+) -> torch.Tensor:
+    """(K, N) float32 raw dot products of K [SEG] states (K, hidden) with the image-token states (B, N, hidden)
+    of their images (``image_index``: (K,)), in one batched product.
+
+    Written as (K, 1, hidden) @ (K, hidden, N): on the CPU each row then gives the same float32 numbers as the
+    eager path's per-[SEG] ``image_states[i] @ seg_state`` (a batched (K, N, hidden) @ (K, hidden, 1) does not).
+    """
+    gathered = image_states[image_index].float()
+    return torch.bmm(seg_states.float()[:, None, :], gathered.transpose(1, 2))[:, 0]
+
+
+def _to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """One device→host copy that leaves the host free: on CUDA into page-locked memory, ``non_blocking``, with
+    an event to wait on before reading it; on the CPU the tensor itself and no event."""
+    if tensor.device.type != "cuda":
+        return tensor, None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(tensor.device))
+    return host, ready
+
+
+def _image_maps(
+    masks: list[torch.Tensor], prompts: list[SegPrompt], count: int, *, one_copy: bool
+) -> list[np.ndarray]:
+    """Each image's (k, 256, 256) float32 mask logits on the host. one_copy (the ``overlap`` lever): all masks
+    of the batch cross in one device→host copy instead of one per image."""
+    owned = [[i for i, prompt in enumerate(prompts) if prompt.image_index == index] for index in range(count)]
+    empty = np.zeros((0, SAM_FRAME // 4, SAM_FRAME // 4), dtype=np.float32)
+    if one_copy and masks:
+        host = torch.stack(masks).float().cpu().numpy()
+        return [host[mine] if mine else empty for mine in owned]
+    return [torch.stack([masks[i] for i in mine]).float().cpu().numpy() if mine else empty for mine in owned]
 
 
 # Why a config.json belongs to its family, for the wrong-detector message.
@@ -203,10 +303,13 @@ class ReadDetector(Detector):
         self.config, self.read_config = config, read_config
         self.tokenizer, self.token_ids, self.clip_settings = tokenizer, token_ids, clip_settings
         self.dtype = resolve_dtype(config.device, config.dtype)
+        self.levers = Levers.from_env(config.device)
         extra = dict(config.extra)
         self.max_new_tokens = int(extra.pop("max_new_tokens", MAX_NEW_TOKENS))
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_CAP:
-            raise DetectorError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_CAP}; got {self.max_new_tokens}")
+            raise DetectorError(
+                f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_CAP}; got {self.max_new_tokens}"
+            )
         # stop_at_eos=False decodes exactly max_new_tokens tokens (benchmarks); never for real runs.
         self.stop_at_eos = bool(extra.pop("stop_at_eos", True))
         self.forced_answer = str(extra.pop("forced_answer", self._default_forced_answer(read_config)))
@@ -268,7 +371,12 @@ class ReadDetector(Detector):
     def prepare(self, sample: ImageSample) -> PreparedImage:
         start = time.perf_counter()
         image = as_rgb_uint8(sample.image)
-        sam_input, input_size = sam_pixels(image)
+        resized_only = self.levers.device_frames
+        if resized_only:
+            resized, input_size = sam_resized(image)
+            sam_input = torch.tensor(resized)
+        else:
+            sam_input, input_size = sam_pixels(image)
         queries = tuple(self._query(question) for question in self._questions(sample))
         return PreparedImage(
             clip=clip_pixels(image, self.clip_settings),
@@ -278,6 +386,7 @@ class ReadDetector(Detector):
             queries=queries,
             key=sample.key,
             prepare_ms=round((time.perf_counter() - start) * 1000.0, 3),
+            sam_resized=resized_only,
         )
 
     # -- model side ---------------------------------------------------------------------------------------
@@ -291,66 +400,170 @@ class ReadDetector(Detector):
 
     @torch.no_grad()
     def detect(self, batch: Sequence[PreparedImage]) -> list[Detection]:
+        """Vision, language, then SAM for every [SEG] of the batch. ``self.levers`` is read at each call (a
+        benchmark swaps it between rows); its ``overlap`` picks :meth:`_masks_overlapped` over
+        :meth:`_masks_eager`."""
         if not batch:
             return []
-        model = self._model()
-        device, timings = model.device, {"batch_size": len(batch)}
+        model, levers = self._model(), self.levers
         befores = {query.tokens.before_image for item in batch for query in item.queries}
         if len(befores) != 1:
             raise DetectorError("all prompts of a batch must share the conversation template")
-        start = time.perf_counter()
-        features = model.image_features(torch.stack([item.clip for item in batch]))
-        timings["vision"] = _elapsed_ms(start, device)
-        start = time.perf_counter()
+        clock = StageClock(model.device, events=levers.cuda_events)
+        with clock.stage("vision"):
+            clip = stack_to_device([item.clip for item in batch], model.device, pinned=levers.pinned)
+            features = model.image_features(clip)
         rows = [
             QueryRow(index, query.tokens.after_image, query.answer_start)
             for index, item in enumerate(batch)
             for query in item.queries
         ]
-        states = run_queries(
-            model,
-            next(iter(befores)),
-            features,
-            rows,
-            seg_id=self.token_ids.seg,
-            eos_id=self.token_ids.eos,
-            pad_id=self.token_ids.pad,
-            teacher_forced=self.config.decode_mode == "teacher_forced",
-            max_new_tokens=self.max_new_tokens,
-            stop_at_eos=self.stop_at_eos,
-        )
-        timings["language"] = _elapsed_ms(start, device)
-        start = time.perf_counter()
-        embeddings = model.sam_image_embeddings(torch.stack([item.sam for item in batch]))
-        timings["sam_encoder"] = _elapsed_ms(start, device)
-
-        start = time.perf_counter()
-        jobs: list[tuple[int, torch.Tensor]] = []  # one SAM job per [SEG], in the order of prompts
-        prompts: list[SegPrompt] = []
-        for row_index, (row, result) in enumerate(zip(rows, states.rows, strict=True)):
-            if result.seg_states is None:
-                continue
-            item = batch[row.image_index]
-            projected = model.seg_projection(result.seg_states)
-            for seg_state, seg_embedding in zip(result.seg_states, projected, strict=True):
-                similarity = states.image_states[row.image_index].float() @ seg_state.float()
-                points = labels = None
-                if self.use_points:
-                    points, labels = similarity_to_points(similarity, item.original_size, **self.sasp_options)
-                framed = (
-                    frame_points(points, item.original_size, item.input_size) if points is not None else None
-                )
-                sparse = sparse_prompt(model.sam, seg_embedding, framed, labels, padding_point=self.padding_point)
-                jobs.append((row.image_index, sparse))
-                prompts.append(SegPrompt(row.image_index, row_index, similarity, points, labels))
-        timings["sasp"] = _elapsed_ms(start, device)
-        start = time.perf_counter()
-        masks = decode_many(model.sam, embeddings, jobs)
-        timings["mask_decoder"] = _elapsed_ms(start, device)
+        with clock.stage("language"):
+            states = run_queries(
+                model,
+                next(iter(befores)),
+                features,
+                rows,
+                seg_id=self.token_ids.seg,
+                eos_id=self.token_ids.eos,
+                pad_id=self.token_ids.pad,
+                teacher_forced=self.config.decode_mode == "teacher_forced",
+                max_new_tokens=self.max_new_tokens,
+                stop_at_eos=self.stop_at_eos,
+                levers=levers,
+            )
+        masks_of = self._masks_overlapped if levers.overlap else self._masks_eager
+        prompts, maps = masks_of(model, batch, rows, states, clock, levers)
+        timings = {"batch_size": len(batch), **clock.read()}
         return [
-            self._detection(index, item, rows, states.rows, prompts, masks, timings)
+            self._detection(index, item, rows, states.rows, prompts, maps[index], timings)
             for index, item in enumerate(batch)
         ]
+
+    def _masks_eager(
+        self,
+        model: ReadModel,
+        batch: Sequence[PreparedImage],
+        rows: list[QueryRow],
+        states: BatchStates,
+        clock: StageClock,
+        levers: Levers,
+    ) -> tuple[list[SegPrompt], list[np.ndarray]]:
+        """SAM stage after stage: the image encoder, then per [SEG] its similarity, SasP and prompt encoder,
+        then the batched mask decoder; each image's masks cross to the host on their own."""
+        with clock.stage("sam_encoder"):
+            embeddings = model.sam_image_embeddings(
+                self._sam_frames(batch, model, levers.pinned), levers=levers
+            )
+        jobs: list[tuple[int, torch.Tensor]] = []  # one SAM job per [SEG], in the order of prompts
+        prompts: list[SegPrompt] = []
+        with clock.stage("sasp"):
+            for row_index, (row, result) in enumerate(zip(rows, states.rows, strict=True)):
+                if result.seg_states is None:
+                    continue
+                item = batch[row.image_index]
+                projected = model.seg_projection(result.seg_states)
+                for seg_state, seg_embedding in zip(result.seg_states, projected, strict=True):
+                    similarity = states.image_states[row.image_index].float() @ seg_state.float()
+                    points, labels, framed = self._seg_points(similarity, item)
+                    sparse = sparse_prompt(
+                        model.sam, seg_embedding, framed, labels, padding_point=self.padding_point
+                    )
+                    jobs.append((row.image_index, sparse))
+                    prompts.append(SegPrompt(row.image_index, row_index, similarity, points, labels))
+        with clock.stage("mask_decoder"):
+            masks = decode_many(model.sam, embeddings, jobs)
+        return prompts, _image_maps(masks, prompts, len(batch), one_copy=False)
+
+    def _masks_overlapped(
+        self,
+        model: ReadModel,
+        batch: Sequence[PreparedImage],
+        rows: list[QueryRow],
+        states: BatchStates,
+        clock: StageClock,
+        levers: Levers,
+    ) -> tuple[list[SegPrompt], list[np.ndarray]]:
+        """The ``overlap`` lever: the device does not wait for the host's SasP, nor the host for the device.
+
+        Every [SEG]'s similarity in one batched product and one device→host copy, queued before the SAM image
+        encoder; while the encoder runs (asynchronously on CUDA) the host runs SasP for every [SEG]; then one
+        prompt-encoder call for all point sets, the batched mask decoder, and one copy of all masks. The
+        numbers are the eager path's (tests/test_detector_levers.py). ``sam_encoder`` times the encoder and
+        the SasP run meanwhile, so it reads the longer of the two; ``sasp`` is host time alone.
+        """
+        owners = _seg_owners(rows, states.rows)
+        with clock.stage("sasp", host=True):
+            seg_states = self._seg_states(states)
+            image_index = host_to_device(
+                torch.tensor([image for image, _ in owners], dtype=torch.long), model.device, True
+            )
+            similarities, ready = _to_host(batched_similarity(states.image_states, image_index, seg_states))
+            projected = model.seg_projection(seg_states)
+        with clock.stage("sam_encoder"):
+            embeddings = model.sam_image_embeddings(
+                self._sam_frames(batch, model, levers.pinned), levers=levers
+            )
+            with clock.stage("sasp", host=True):
+                if ready is not None:
+                    ready.synchronize()
+                found = [
+                    self._seg_points(similarity, batch[image])
+                    for similarity, (image, _) in zip(similarities, owners, strict=True)
+                ]
+        with clock.stage("mask_decoder"):
+            framed = [framed_points for _, _, framed_points in found]
+            labels = [point_labels for _, point_labels, _ in found]
+            sparse = sparse_prompts(model.sam, projected, framed, labels, padding_point=self.padding_point)
+            masks = decode_many(
+                model.sam,
+                embeddings,
+                [(image, tokens) for (image, _), tokens in zip(owners, sparse, strict=True)],
+            )
+        prompts = [
+            SegPrompt(image, row_index, similarity, points, point_labels)
+            for (image, row_index), similarity, (points, point_labels, _) in zip(
+                owners, similarities, found, strict=True
+            )
+        ]
+        return prompts, _image_maps(masks, prompts, len(batch), one_copy=True)
+
+    @staticmethod
+    def _seg_states(states: BatchStates) -> torch.Tensor:
+        """(K, hidden): every [SEG] state of the batch in :func:`_seg_owners` order (K may be 0)."""
+        found = [result.seg_states for result in states.rows if result.seg_states is not None]
+        if not found:
+            return states.image_states.new_zeros((0, states.image_states.shape[-1]))
+        return torch.cat(found)
+
+    def _seg_points(
+        self, similarity: torch.Tensor, item: PreparedImage
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """SasP of one [SEG]: points (original-image pixels) and labels, and the points in SAM's frame; all
+        None for the detectors that prompt without points."""
+        if not self.use_points:
+            return None, None, None
+        points, labels = similarity_to_points(similarity, item.original_size, **self.sasp_options)
+        return points, labels, frame_points(points, item.original_size, item.input_size)
+
+    @staticmethod
+    def _sam_frames(batch: Sequence[PreparedImage], model: ReadModel, pinned: bool) -> torch.Tensor:
+        """The batch's SAM frames for the image encoder, whichever form each item holds (PreparedImage): float
+        frames stacked as before; uint8 resized images made into frames on the model's device."""
+        resized = [index for index, item in enumerate(batch) if item.sam_resized]
+        framed = [index for index, item in enumerate(batch) if not item.sam_resized]
+        if not resized:
+            return stack_to_device([item.sam for item in batch], model.device, pinned=pinned)
+        made = sam_frames_on_device(
+            [batch[i].sam for i in resized], model.device, model.dtype, pin_memory=pinned
+        )
+        if not framed:
+            return made
+        frames = made.new_empty((len(batch), *made.shape[1:]))
+        frames[resized] = made
+        stacked = stack_to_device([batch[i].sam for i in framed], model.device, pinned=pinned)
+        frames[framed] = stacked.to(model.device, model.dtype)
+        return frames
 
     def _detection(
         self,
@@ -359,15 +572,10 @@ class ReadDetector(Detector):
         rows: list[QueryRow],
         results: list[Any],
         prompts: list[SegPrompt],
-        masks: list[torch.Tensor],
+        maps: np.ndarray,
         timings: dict[str, Any],
     ) -> Detection:
         mine = [i for i, prompt in enumerate(prompts) if prompt.image_index == image_index]
-        maps = (
-            torch.stack([masks[i] for i in mine]).float().cpu().numpy()
-            if mine
-            else np.zeros((0, SAM_FRAME // 4, SAM_FRAME // 4), dtype=np.float32)
-        )
         finfo = np.finfo(np.float16)  # saturate instead of overflowing to inf when stored as float16
         logits = StoredLogits(
             maps=np.clip(maps, finfo.min, finfo.max),
@@ -391,9 +599,11 @@ class ReadDetector(Detector):
             "similarity": similarity.reshape(side, side).tolist() if similarity is not None else None,
             "similarity_kind": "raw dot product",
             # None when this detector prompts without points (lisa, read_as_published); [] when SasP found none.
-            "points": (first.points.tolist() if first and first.points is not None else []) if self.use_points
+            "points": (first.points.tolist() if first and first.points is not None else [])
+            if self.use_points
             else None,
-            "labels": (first.labels.tolist() if first and first.labels is not None else []) if self.use_points
+            "labels": (first.labels.tolist() if first and first.labels is not None else [])
+            if self.use_points
             else None,
             "seg_found": bool(mine),
             "num_seg": len(mine),

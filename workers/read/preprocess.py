@@ -9,6 +9,7 @@ CLIPImageProcessor and segment-anything's ResizeLongestSide, which resizes a PIL
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,20 +86,87 @@ def sam_input_size(original_size: tuple[int, int], frame: int = SAM_FRAME) -> tu
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+def sam_resized(image: np.ndarray, frame: int = SAM_FRAME) -> tuple[np.ndarray, tuple[int, int]]:
+    """The uint8 (h_in, w_in, 3) image SAM's frame is made of, and ``input_size`` (h_in, w_in).
+
+    segment-anything's ResizeLongestSide.apply_image: bilinear PIL resize of the longest side to ``frame``. On
+    its own because the ``device_frames`` lever ships this (a quarter of the float frame's bytes) to the device
+    and finishes the frame there with :func:`sam_frames_on_device`.
+    """
+    in_h, in_w = sam_input_size((int(image.shape[0]), int(image.shape[1])), frame)
+    resized = np.asarray(Image.fromarray(image).resize((in_w, in_h), resample=Image.Resampling.BILINEAR))
+    return resized, (in_h, in_w)
+
+
 def sam_pixels(image: np.ndarray, frame: int = SAM_FRAME) -> tuple[torch.Tensor, tuple[int, int]]:
     """SAM input of one image: float32 (3, frame, frame) and its ``input_size`` (h_in, w_in).
 
     segment-anything (ResizeLongestSide.apply_image + Sam.preprocess): bilinear PIL resize of the longest side
     to ``frame``, normalise with SAM's mean/std, zero-pad bottom and right.
     """
-    in_h, in_w = sam_input_size((int(image.shape[0]), int(image.shape[1])), frame)
-    resized = np.asarray(Image.fromarray(image).resize((in_w, in_h), resample=Image.Resampling.BILINEAR))
+    resized, (in_h, in_w) = sam_resized(image, frame)
     normalised = (resized.astype(np.float32) - np.asarray(SAM_PIXEL_MEAN, np.float32)) / np.asarray(
         SAM_PIXEL_STD, np.float32
     )
     framed = np.zeros((3, frame, frame), dtype=np.float32)
     framed[:, :in_h, :in_w] = normalised.transpose(2, 0, 1)
     return torch.from_numpy(framed), (in_h, in_w)
+
+
+def sam_frames_on_device(
+    resized: Sequence[torch.Tensor | np.ndarray],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    *,
+    frame: int = SAM_FRAME,
+    pin_memory: bool = False,
+) -> torch.Tensor:
+    """(B, 3, frame, frame) SAM frames in ``dtype`` on ``device`` from uint8 (h_in, w_in, 3) resized images.
+
+    The same float32 operations as :func:`sam_pixels` (convert, subtract SAM's mean, divide by its std, zero
+    the padding at the bottom and right), run where the model is, so they give the same bits; only then the
+    cast to ``dtype``. The images cross in one uint8 copy, from page-locked memory without blocking when
+    ``pin_memory`` (the ``pinned`` lever; CUDA only).
+    """
+    device = torch.device(device)
+    pin_memory = pin_memory and device.type == "cuda"
+    # Bytes outside each image are never read: the mask below puts zeros there.
+    packed = torch.empty((len(resized), frame, frame, 3), dtype=torch.uint8, pin_memory=pin_memory)
+    for index, image in enumerate(resized):
+        height, width = image.shape[:2]
+        packed.numpy()[index, :height, :width] = np.asarray(image)
+    sizes = torch.tensor([tuple(image.shape[:2]) for image in resized], dtype=torch.long)
+    mean, std = host_to_device(
+        torch.tensor([SAM_PIXEL_MEAN, SAM_PIXEL_STD], dtype=torch.float32), device, pin_memory
+    )
+    sizes = host_to_device(sizes, device, pin_memory)
+    normalised = (host_to_device(packed, device, pin_memory).float() - mean) / std
+    span = torch.arange(frame, device=device)
+    inside = (span[None, :, None] < sizes[:, 0, None, None]) & (span[None, None, :] < sizes[:, 1, None, None])
+    framed = torch.where(inside[..., None], normalised, 0.0)
+    return framed.permute(0, 3, 1, 2).to(dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def stack_to_device(
+    tensors: Sequence[torch.Tensor], device: torch.device | str, *, pinned: bool
+) -> torch.Tensor:
+    """Stack host tensors into one batch; with ``pinned`` (the lever) and a CUDA ``device``, stacked straight
+    into page-locked memory and copied ``non_blocking``, so the host goes on queueing work during the copy.
+    Otherwise the stack stays on the host and the model moves it, as the eager path always did."""
+    if not (pinned and torch.device(device).type == "cuda"):
+        return torch.stack(list(tensors))
+    buffer = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=True)
+    torch.stack(list(tensors), out=buffer)
+    return host_to_device(buffer, device, True)
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device | str, pinned: bool) -> torch.Tensor:
+    """``tensor.to(device)``; with ``pinned`` on CUDA from page-locked memory and ``non_blocking``: a copy from
+    pageable memory would make the host wait for everything already queued on the device."""
+    if not (pinned and torch.device(device).type == "cuda"):
+        return tensor.to(device)
+    page_locked = tensor if tensor.is_pinned() else tensor.pin_memory()
+    return page_locked.to(device, non_blocking=True)
 
 
 def as_rgb_uint8(image: np.ndarray) -> np.ndarray:

@@ -7,7 +7,8 @@ prompt is SAM's "no mask" embedding.
 
 The setting behind the published READAR numbers (``read_as_published``) lost its SasP points to a swallowed
 exception, so its prompt was segment-anything's padding point alone (label −1) and then [SEG]: two tokens. transformers' SamPromptEncoder gives label −1 the "not a point" embedding
-exactly as segment-anything does (it reserves −10 for its own batch padding, which is not used here).
+exactly as segment-anything does (it reserves −10 for its own batch padding, which :func:`point_tokens` uses
+to encode point sets of different sizes in one call).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from collections.abc import Sequence
 
 import torch
 from transformers import SamModel
+
+# transformers' SamPromptEncoder label for batch padding: its point token becomes zeros (segment-anything has none).
+PAD_LABEL = -10
 
 
 def frame_points(
@@ -54,18 +58,74 @@ def sparse_prompt(
 
     seg_embedding: (D,) text_hidden_fcs output. points: (n, 2) frame coordinates; labels: (n,) in {1, 0, −1}.
     """
+    return sparse_prompts(sam, seg_embedding[None], [points], [labels], padding_point=padding_point)[0]
+
+
+def sparse_prompts(
+    sam: SamModel,
+    seg_embeddings: torch.Tensor,
+    points: Sequence[torch.Tensor | None],
+    labels: Sequence[torch.Tensor | None],
+    *,
+    padding_point: bool = False,
+) -> list[torch.Tensor]:
+    """:func:`sparse_prompt` of K masks, with one prompt-encoder call for all their point sets (the ``overlap``
+    lever batches a whole batch's [SEG]s this way).
+
+    seg_embeddings: (K, D); points / labels: K entries as in :func:`sparse_prompt` (None or empty: no points).
+    """
     parameter = sam.prompt_encoder.no_mask_embed.weight
-    seg = seg_embedding.to(parameter.device, parameter.dtype)[None]
-    if points is None or points.shape[0] == 0:
-        if padding_point:
-            return torch.cat([padding_point_token(sam).to(parameter.dtype), seg], dim=0)
-        return seg
-    coordinates = points.to(parameter.device, torch.float32)[None, None]
-    point_labels = labels.to(parameter.device, torch.long)[None, None]
-    point_tokens, _ = sam.prompt_encoder(
-        input_points=coordinates, input_labels=point_labels, input_boxes=None, input_masks=None
+    segs = seg_embeddings.to(parameter.device, parameter.dtype)
+    pointed = [k for k, set_points in enumerate(points) if set_points is not None and set_points.shape[0] > 0]
+    tokens = dict(
+        zip(
+            pointed,
+            point_tokens(sam, [points[k] for k in pointed], [labels[k] for k in pointed]),
+            strict=True,
+        )
     )
-    return torch.cat([point_tokens[0, 0].to(parameter.dtype), seg], dim=0)
+    prompts = []
+    for k, seg in enumerate(segs):
+        if k in tokens:
+            prompts.append(torch.cat([tokens[k].to(parameter.dtype), seg[None]], dim=0))
+        elif padding_point:
+            prompts.append(torch.cat([padding_point_token(sam).to(parameter.dtype), seg[None]], dim=0))
+        else:
+            prompts.append(seg[None])
+    return prompts
+
+
+def point_tokens(
+    sam: SamModel, points: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """SAM's prompt-encoder tokens of several point sets in one call: set i, (n_i, 2) frame coordinates and
+    (n_i,) labels, → (n_i + 1, D), its points then segment-anything's padding point.
+
+    Shorter sets are padded to the longest with transformers' own padding label, whose tokens the encoder
+    zeroes and which are dropped here. Each kept token is a function of its own point and label alone
+    (positional projection, sin/cos, label embedding), so padding changes no kept bit; against a call per set
+    a token can differ in the last float32 bits, where the BLAS multiplies a few rows by the (2, 128)
+    positional matrix on another code path than many (tests/test_detector_levers.py).
+    """
+    if not points:
+        return []
+    device = sam.prompt_encoder.no_mask_embed.weight.device
+    counts = [int(set_points.shape[0]) for set_points in points]
+    coordinates = torch.zeros((len(points), 1, max(counts), 2), dtype=torch.float32)
+    point_labels = torch.full((len(points), 1, max(counts)), PAD_LABEL, dtype=torch.long)
+    for index, (set_points, set_labels) in enumerate(zip(points, labels, strict=True)):
+        coordinates[index, 0, : counts[index]] = set_points.to(torch.float32)
+        point_labels[index, 0, : counts[index]] = set_labels.to(torch.long)
+    tokens, _ = sam.prompt_encoder(
+        input_points=coordinates.to(device),
+        input_labels=point_labels.to(device),
+        input_boxes=None,
+        input_masks=None,
+    )
+    return [
+        torch.cat([tokens[index, 0, :count], tokens[index, 0, -1:]], dim=0)
+        for index, count in enumerate(counts)
+    ]
 
 
 @torch.no_grad()
