@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -418,6 +418,7 @@ class ReadDetector(Detector):
             for index, item in enumerate(batch)
             for query in item.queries
         ]
+        encoder = self._sam_encoder(model, batch, clock, levers)
         with clock.stage("language"):
             states = run_queries(
                 model,
@@ -433,7 +434,7 @@ class ReadDetector(Detector):
                 levers=levers,
             )
         masks_of = self._masks_overlapped if levers.overlap else self._masks_eager
-        prompts, maps = masks_of(model, batch, rows, states, clock, levers)
+        prompts, maps = masks_of(model, batch, rows, states, clock, levers, encoder)
         timings = {"batch_size": len(batch), **clock.read()}
         return [
             self._detection(index, item, rows, states.rows, prompts, maps[index], timings)
@@ -448,13 +449,11 @@ class ReadDetector(Detector):
         states: BatchStates,
         clock: StageClock,
         levers: Levers,
+        encoder: Callable[[bool], torch.Tensor],
     ) -> tuple[list[SegPrompt], list[np.ndarray]]:
         """SAM stage after stage: the image encoder, then per [SEG] its similarity, SasP and prompt encoder,
         then the batched mask decoder; each image's masks cross to the host on their own."""
-        with clock.stage("sam_encoder"):
-            embeddings = model.sam_image_embeddings(
-                self._sam_frames(batch, model, levers.pinned), levers=levers
-            )
+        embeddings = encoder(True)
         jobs: list[tuple[int, torch.Tensor]] = []  # one SAM job per [SEG], in the order of prompts
         prompts: list[SegPrompt] = []
         with clock.stage("sasp"):
@@ -483,6 +482,7 @@ class ReadDetector(Detector):
         states: BatchStates,
         clock: StageClock,
         levers: Levers,
+        encoder: Callable[[bool], torch.Tensor],
     ) -> tuple[list[SegPrompt], list[np.ndarray]]:
         """The ``overlap`` lever: the device does not wait for the host's SasP, nor the host for the device.
 
@@ -501,9 +501,7 @@ class ReadDetector(Detector):
             similarities, ready = _to_host(batched_similarity(states.image_states, image_index, seg_states))
             projected = model.seg_projection(seg_states)
         with clock.stage("sam_encoder"):
-            embeddings = model.sam_image_embeddings(
-                self._sam_frames(batch, model, levers.pinned), levers=levers
-            )
+            embeddings = encoder(False)  # timed by this stage, which includes the SasP run meanwhile
             with clock.stage("sasp", host=True):
                 if ready is not None:
                     ready.synchronize()
@@ -545,6 +543,46 @@ class ReadDetector(Detector):
             return None, None, None
         points, labels = similarity_to_points(similarity, item.original_size, **self.sasp_options)
         return points, labels, frame_points(points, item.original_size, item.input_size)
+
+    def _sam_encoder(
+        self, model: ReadModel, batch: Sequence[PreparedImage], clock: StageClock, levers: Levers
+    ) -> Callable[[bool], torch.Tensor]:
+        """SAM's image encoder for the batch, as a call that returns its (B, 256, 64, 64) embeddings; its
+        argument says whether the call times itself as ``sam_encoder`` (False: the caller's stage does).
+
+        Eager: the call runs the encoder then. The ``sam_stream`` lever, in generate
+        mode on CUDA: the encoder is queued now on a second stream, so its kernels fill the GPU while the
+        one-token decode steps leave it mostly idle; the call makes the current stream wait for it. Its
+        ``sam_encoder`` time is then that stream's (CUDA events; without the ``cuda_events`` lever the stage's
+        synchronize would end the overlap before decoding starts). Teacher-forced runs decode nothing, so
+        there is nothing to overlap.
+        """
+        overlap = (
+            levers.sam_stream and model.device.type == "cuda" and self.config.decode_mode != "teacher_forced"
+        )
+        if not overlap:
+
+            def run_now(timed: bool) -> torch.Tensor:
+                with clock.stage("sam_encoder") if timed else contextlib.nullcontext():
+                    return model.sam_image_embeddings(
+                        self._sam_frames(batch, model, levers.pinned), levers=levers
+                    )
+
+            return run_now
+        main = torch.cuda.current_stream(model.device)
+        frames = self._sam_frames(batch, model, levers.pinned)
+        side = torch.cuda.Stream(model.device)
+        side.wait_stream(main)  # the frames are made on the main stream
+        with torch.cuda.stream(side), clock.stage("sam_encoder"):
+            frames.record_stream(side)
+            embeddings = model.sam_image_embeddings(frames, levers=levers)
+
+        def joined(timed: bool) -> torch.Tensor:  # timed on its own stream when queued
+            main.wait_stream(side)
+            embeddings.record_stream(main)  # made on the side stream, used (and freed) on the main one
+            return embeddings
+
+        return joined
 
     @staticmethod
     def _sam_frames(batch: Sequence[PreparedImage], model: ReadModel, pinned: bool) -> torch.Tensor:
