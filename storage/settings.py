@@ -58,8 +58,7 @@ class Settings(BaseSettings):
         DEFAULT_PIPELINE_DEPTH, ge=1, le=4, description="Batches in flight per worker process: task threads (and so "
         "Celery prefetch) = batch size × this. 2 (double buffering) prepares the next batch while one runs on the "
         "device, so batches stay full; 1 gives one batch's worth of threads (the device waits while they prepare "
-        "the next). A task may wait for the batches ahead of its own: keep the soft time limit above this × the "
-        "longest batch."
+        "the next). The soft time limit counts from when an image's own batch starts."
     )
     torch_threads: int | None = Field(
         None, ge=1, le=1024, description="Most torch intra-op threads per worker process, set once before its first "

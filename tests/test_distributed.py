@@ -308,7 +308,8 @@ def test_read_lisa_and_pixellm_run_through_the_workers(cluster: Cluster, sample_
     for detector in folders:
         cluster.wait_finished(f"three-{detector}", timeout=300)
         run = cluster.repo.get_run(f"three-{detector}")
-        assert {row.status for row in cluster.repo.images(run.id)} == {"done"}
+        rows = cluster.repo.images(run.id)
+        assert {row.status for row in rows} == {"done"}, [row.error for row in rows]
         assert cluster.metrics(f"three-{detector}")[("category", "chelsea", "")][5] != "0"
         report = tmp_path / f"report-{detector}"
         cluster.readar("report", f"three-{detector}", "--out", str(report))

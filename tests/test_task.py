@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from storage.objects import ObjectStore
 from storage.repository import Repository
 from workers.batcher import Batcher
 from workers.detectors.base import Detection, Detector, DetectorConfig, ImageSample
-from workers.task import WorkerContext, process_image
+from workers.task import WorkerContext, await_detection, process_image
 
 
 class SlowConstant(Detector):
@@ -116,3 +117,34 @@ def test_a_claim_that_raced_a_give_back_keeps_the_message(postgres_url: str, sam
     assert repo.image(image_id).status == "queued"  # given back since
     assert process_image(ctx, run_id, image_id) == "held"  # the Celery task retries it after a pause
     ctx.batcher.close()
+
+
+def _sleeping_batcher(delay_s: float) -> Batcher:
+    def run(items: Sequence[Any]) -> list[Any]:
+        time.sleep(delay_s)
+        return list(items)
+
+    return Batcher(run, max_batch=1, max_wait_s=0.0)
+
+
+def test_the_soft_limit_counts_from_when_the_batch_starts() -> None:
+    """Queued behind a batch that takes most of the limit, an item still gets the whole limit for its own."""
+    batcher = _sleeping_batcher(0.4)
+    try:
+        ahead, mine = batcher.submit("ahead"), batcher.submit("mine")
+        assert await_detection(mine, 0.6, depth=2) == "mine"  # 0.8 s after submitting: over 0.6 from submit
+        assert ahead.result() == "ahead"
+    finally:
+        batcher.close()
+
+
+def test_a_queued_item_gives_up_after_the_batches_ahead_had_their_limit() -> None:
+    batcher = _sleeping_batcher(1.0)
+    try:
+        batcher.submit("ahead")
+        mine = batcher.submit("mine")
+        with pytest.raises(FutureTimeoutError):
+            await_detection(mine, 0.2, depth=2)  # the batch ahead outlasts its 0.2 s
+        assert not mine.running()
+    finally:
+        batcher.close()

@@ -118,6 +118,9 @@ class Batcher:
 
     def _execute(self, batch: list[tuple[Any, Future]]) -> None:
         items = [item for item, _ in batch]
+        for _, future in batch:  # the soft limit of a waiting task counts from here (workers/task.py)
+            if not future.running():  # already running when retried alone after its batch failed
+                future.set_running_or_notify_cancel()
         started = time.perf_counter()
         try:
             results = self._run_batch(items)

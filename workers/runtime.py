@@ -118,12 +118,12 @@ class WorkerRuntime:
                         batcher=Batcher(detector.detect, max_batch=config.batch_size, on_batch=record_batch),
                         lease_seconds=self.settings.lease_seconds, max_attempts=self.settings.max_attempts,
                         device=config.device, on_category_complete=self.on_category_complete,
-                        # With pipeline depth d (READAR_PIPELINE_DEPTH) an item may queue behind up to d - 1
-                        # batches before its own runs (the threads cap what is queued at d batches), so this wait
-                        # covers d forwards, not one: the soft limit (600 s by default) must stay above d × the
-                        # longest batch (seconds on a GPU). A task that does give up still frees its thread, and
-                        # its item still runs: the batcher cannot take back a queued item.
+                        # The soft limit counts from when an item's batch starts; with pipeline depth d
+                        # (READAR_PIPELINE_DEPTH) it may first queue behind up to d - 1 batches, each bounded the
+                        # same way (workers/task.py await_detection). A task that gives up still frees its thread,
+                        # and its item still runs: the batcher cannot take back a queued item.
                         secrets=self.settings.secrets(), detect_timeout_s=float(self.settings.soft_time_limit),
+                        pipeline_depth=self.settings.pipeline_depth,
                         path_map=self.path_map,
                     )
             return self._contexts[key]

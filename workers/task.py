@@ -12,6 +12,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, wait
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -111,9 +112,10 @@ class WorkerContext:
     # Called with (run_id, category) by the one task that wins a category's aggregation compare-and-set.
     on_category_complete: Callable[[int, str], None] | None = None
     secrets: list[str] = field(default_factory=list)
-    # Longest wait for a detection (the soft time limit): thread pools cannot interrupt a task, so the task
-    # stops waiting, records a retryable failure and frees its slot.
+    # Longest wait for a detection (the soft time limit) once its batch runs: thread pools cannot interrupt a
+    # task, so the task stops waiting, records a retryable failure and frees its slot (:func:`await_detection`).
     detect_timeout_s: float | None = None
+    pipeline_depth: int = 1  # batches in flight per process: an item may queue behind depth - 1 of them
     # Stored dataset roots → where this machine mounts them (READAR_PATH_MAP).
     path_map: PathMap = field(default_factory=PathMap)
     _runs: dict[int, RunInfo] = field(default_factory=dict)
@@ -178,6 +180,28 @@ def switch_on(value: str | None) -> bool:
 FAST_IMAGE_SCORE = switch_on(os.environ.get("READAR_FAST_IMAGE_SCORE"))
 
 
+def await_detection(future: Future, limit_s: float | None, depth: int) -> Detection:
+    """The detection of a submitted item, waiting at most ``limit_s`` from when its batch starts (the batcher
+    marks the future running then).
+
+    Queueing is not the detector's time on this image: with double buffering an item normally waits for the
+    batch ahead. That wait is bounded too — by ``depth - 1`` batches, each of which runs at most the limit before
+    its own tasks give up — so a hung forward still frees every waiting thread. Raises TimeoutError.
+    """
+    if limit_s is None:
+        return future.result()
+    queued_until = time.monotonic() + limit_s * max(depth - 1, 0)
+    while not future.running() and not future.done():
+        remaining = queued_until - time.monotonic()
+        if remaining <= 0:
+            raise FutureTimeoutError
+        wait([future], timeout=min(remaining, _QUEUE_POLL_S))  # returns at once when it is done
+    return future.result(timeout=limit_s)
+
+
+_QUEUE_POLL_S = 0.01  # a queued item notices its batch starting within this
+
+
 def image_score(detection: Detection) -> float:
     """Max probability of the image's score map: the sigmoid of its top full-resolution float16 logit."""
     if FAST_IMAGE_SCORE:
@@ -225,7 +249,7 @@ def process_image(ctx: WorkerContext, run_id: int, image_id: int) -> Outcome:
             future = ctx.batcher.submit(prepared)
         started = time.perf_counter()
         try:
-            detection: Detection = future.result(timeout=ctx.detect_timeout_s)
+            detection = await_detection(future, ctx.detect_timeout_s, ctx.pipeline_depth)
         except FutureTimeoutError:
             raise DetectionTimeout(
                 f"the detector took longer than the soft time limit ({ctx.detect_timeout_s:.0f} s) on "
