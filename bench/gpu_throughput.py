@@ -2,11 +2,12 @@
 to a real Celery worker, lever by lever, with equality checks. Its defaults are sized for about 8 minutes on an
 H200 (not yet measured there: each row's ``seconds`` in the JSON says what it cost, and the row-size flags trim).
 
-One command on the H200 (bf16 random weights built on the GPU, no checkpoint files). The device image lacks the
-SQLAlchemy, Alembic and Mako wheels (carry them, see bench/RESULTS.md) and a Redis server: carry one for the
-worker row — ``cp -L /usr/bin/redis-server`` plus the libraries ``ldd`` lists beyond libc (about 6 MB) into a
-folder, then ``--redis-server DIR/redis-server`` with ``LD_LIBRARY_PATH=DIR``; without it the worker row is
-recorded as an error ("no broker") and every other row still runs.
+One command on the H200 (bf16 random weights built on the GPU, no checkpoint files). The device image lacks
+READAR's services stack (Celery, SQLAlchemy, pydantic, …) and a Redis server: ``bash bench/device_prep.sh``
+here puts their wheels in ``.whl`` and a redis-server with its libraries in ``.devbin``; then on the device
+``bash bench/device_run.sh`` (carry ``.whl`` and ``.devbin``) installs them and runs this script into $OUT. With
+no PostgreSQL there, the worker row keeps its results in SQLite and says so; without a broker it is recorded as
+an error ("no broker") and every other row still runs.
 
     python bench/gpu_throughput.py                       # writes $OUT/gpu_throughput.json (or ./)
     python bench/gpu_throughput.py --detector lisa       # or pixellm (rows a, b, d only)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The one device command for "READ at H200 speed" (run from the repository root on the H200, after
+# bench/device_prep.sh here; carry .whl and .devbin):
+#   run(command="bash bench/device_run.sh", carry=[".whl", ".devbin"], timeout_s=600)
+# Installs the carried wheels, puts the carried redis-server on PATH, and runs bench/gpu_throughput.py, which
+# writes $OUT/gpu_throughput.json after every row (rows that finish survive a timeout). Whatever it prints also
+# goes to $OUT/gpu_throughput.log.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "device_run: the carried wheels did not install" >&2; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+if [ -x .devbin/redis-server ]; then
+    export LD_LIBRARY_PATH=$PWD/.devbin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    redis=(--redis-server "$PWD/.devbin/redis-server")
+else
+    redis=()
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+timeout 560 python3 bench/gpu_throughput.py --out "${OUT:-.}/gpu_throughput.json" "${redis[@]}" "$@" 2>&1 \
+    | tee "${OUT:-.}/gpu_throughput.log"
