@@ -7,9 +7,13 @@
 # goes to $OUT/gpu_throughput.log.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "device_run: the carried wheels did not install" >&2; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD
+if [ -d .whl ]; then  # absent when trying this script on the development machine, whose venv has them
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || { echo "device_run: the carried wheels did not install" >&2; exit 1; }
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
 if [ -x .devbin/redis-server ]; then
     export LD_LIBRARY_PATH=$PWD/.devbin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     redis=(--redis-server "$PWD/.devbin/redis-server")
