@@ -20,6 +20,12 @@ if [ -x .devbin/redis-server ]; then
 else
     redis=()
 fi
+# Rows (b) and (d) measure the levers as a worker would run them: every non-compile lever on, unless the
+# caller's environment says otherwise (no lever is a CUDA default before these figures exist).
+for lever in READAR_DEVICE_FRAMES READAR_PINNED READAR_OVERLAP READAR_CUDA_EVENTS READAR_PREFIX_CACHE \
+             READAR_STATIC_CACHE READAR_SAM_ATTENTION READAR_SAM_STREAM; do
+    export "$lever=${!lever:-on}"
+done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 timeout 560 python3 bench/gpu_throughput.py --out "${OUT:-.}/gpu_throughput.json" "${redis[@]}" "$@" 2>&1 \
     | tee "${OUT:-.}/gpu_throughput.log"
