@@ -205,6 +205,10 @@ def test_poison_image_is_quarantined_and_the_category_still_aggregates(
     victim = sorted((root / "brick" / "test" / "good").glob("*.png"))[0]
     victim.rename(victim.with_name("poison_" + victim.name))
     cluster.env["READAR_MAX_ATTEMPTS"] = "2"
+    # One image in flight per process: a process crash charges an attempt to every image it holds (batch size ×
+    # pipeline depth of them), so with more an innocent image sharing the process twice with the poison would be
+    # quarantined too, which is not what this test is about.
+    cluster.env["READAR_PIPELINE_DEPTH"] = "1"
     cluster.start_workers(processes=2, batch_size=1)
     cluster.readar("submit", "--mvtec-root", str(root), "--detector", "poison", "--run-name", "poisoned")
     cluster.wait_finished("poisoned", timeout=240)
