@@ -185,12 +185,13 @@ def await_detection(future: Future, limit_s: float | None, depth: int) -> Detect
     marks the future running then).
 
     Queueing is not the detector's time on this image: with double buffering an item normally waits for the
-    batch ahead. That wait is bounded too — by ``depth - 1`` batches, each of which runs at most the limit before
-    its own tasks give up — so a hung forward still frees every waiting thread. Raises TimeoutError.
+    batch ahead. That wait is bounded too — by ``depth`` limits (up to depth − 1 batches ahead, each of which runs
+    at most the limit before its own tasks give up, plus the batcher picking the item up; with depth 1 that pick-up
+    still takes a moment) — so a hung forward still frees every waiting thread. Raises TimeoutError.
     """
     if limit_s is None:
         return future.result()
-    queued_until = time.monotonic() + limit_s * max(depth - 1, 0)
+    queued_until = time.monotonic() + limit_s * max(depth, 1)  # depth - 1 batches ahead, and the batcher's own pick-up
     while not future.running() and not future.done():
         remaining = queued_until - time.monotonic()
         if remaining <= 0:
