@@ -7,10 +7,10 @@ token j, so the mask selects the state *before* each [SEGk], i.e. the one that p
 a cache reaches the same states at the step that emits each [SEGk]; tests/test_pixellm.py checks the two against
 each other on a tiny model. The order of the gathered states is the order of generation.
 
-Differences from :mod:`workers.read.decode`: a set of [SEG] ids instead of one, and the image tokens over CLIP
-padding are masked out as keys (PixelLM concatenates its 16×16 validity mask into the attention mask; those
-tokens keep their positions). Rows are batched as there: a shared per-image prefix, suffixes left-padded between
-prefix and suffix with real tokens keeping their true positions, so a row does not depend on its batch.
+The batching and the greedy loop are :mod:`workers.read.decode`'s (a shared per-image prefix, suffixes
+left-padded between prefix and suffix with real tokens keeping their true positions, so a row does not depend on
+its batch). What differs: a set of [SEG] ids instead of one, and the image tokens over CLIP padding are masked out
+as keys (PixelLM concatenates its 16×16 validity mask into the attention mask; those tokens keep their positions).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from workers.pixellm.model import PixelLMModel
+from workers.read.decode import greedy_decode, new_cache, suffix_inputs
 
 
 @dataclass
@@ -32,13 +32,6 @@ class PixelRow:
     after_image: tuple[int, ...]
     answer_ids: list[int] = field(default_factory=list)
     seg_states: list[torch.Tensor] = field(default_factory=list)
-
-
-def _cache(model: PixelLMModel) -> DynamicCache:
-    try:
-        return DynamicCache(config=model.language_model.config)
-    except TypeError:
-        return DynamicCache()
 
 
 @torch.no_grad()
@@ -52,37 +45,18 @@ def generate_rows(model: PixelLMModel, before_image: Sequence[int], image_tokens
     prefix = torch.cat([model.embed_tokens(before), image_tokens.to(model.dtype)], dim=1)
     prefix_mask = torch.cat([torch.ones_like(before), image_mask.to(device, torch.long)], dim=1)
     length = prefix.shape[1]
-    cache = _cache(model)
+    cache = new_cache(model)
     model.decoder_states(prefix, prefix_mask, torch.arange(length, device=device).expand(batch, -1), cache)
     indices = torch.tensor([row.image_index for row in rows], device=device)
     cache.batch_select_indices(indices)
     suffixes = [list(row.after_image) for row in rows]
-    width = max(len(ids) for ids in suffixes)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.cat([prefix_mask[indices], torch.zeros((len(rows), width), dtype=torch.long, device=device)], 1)
-    positions = torch.full((len(rows), width), length, dtype=torch.long, device=device)
-    for index, suffix in enumerate(suffixes):
-        offset = width - len(suffix)
-        ids[index, offset:] = torch.tensor(suffix, dtype=torch.long, device=device)
-        mask[index, length + offset :] = 1
-        positions[index, offset:] = torch.arange(length, length + len(suffix), device=device)
+    ids, mask, positions = suffix_inputs(suffixes, max(map(len, suffixes)), length, 0, pad_id, device)
+    mask[:, :length] = prefix_mask[indices]  # padded image tokens stay masked out as keys
     states = model.decoder_states(model.embed_tokens(ids), mask, positions, cache)[:, -1]
-    next_positions = torch.tensor([length + len(s) for s in suffixes], dtype=torch.long, device=device)
-    seg_set = set(int(i) for i in seg_ids)
-    finished = [False] * len(rows)
-    for step in range(max_new_tokens):
-        tokens = model.next_token_logits(states).argmax(dim=-1)
-        for index, token in enumerate(tokens.tolist()):
-            if finished[index]:
-                continue
-            if token == eos_id and stop_at_eos:
-                finished[index] = True
-                continue
-            if token in seg_set:
-                rows[index].seg_states.append(states[index])
-            rows[index].answer_ids.append(token)
-        if all(finished) or step == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
-        states = model.decoder_states(model.embed_tokens(tokens[:, None]), mask, next_positions[:, None], cache)[:, -1]
-        next_positions = next_positions + 1
+    decoded = greedy_decode(model, cache, mask, states, [length + len(s) for s in suffixes],
+                            seg_ids=frozenset(int(i) for i in seg_ids), eos_id=eos_id,
+                            max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos)
+    for row, result in zip(rows, decoded, strict=True):
+        row.answer_ids.extend(result.answer_ids)
+        if result.seg_states is not None:
+            row.seg_states.extend(result.seg_states.unbind(0))

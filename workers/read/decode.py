@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache, StaticCache
@@ -93,7 +94,22 @@ _BEFORE_IMAGE: weakref.WeakKeyDictionary[ReadModel, tuple[tuple, list[tuple[torc
 Decoder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
-def _new_cache(model: ReadModel) -> DynamicCache:
+class LanguageDecoder(Protocol):
+    """What greedy decoding needs of a model: :class:`ReadModel`, and PixelLM's model (workers/pixellm/decode.py
+    batches its rows with these same functions)."""
+
+    language_model: torch.nn.Module
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def decoder_states(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                       cache: object) -> torch.Tensor: ...
+
+    def next_token_logits(self, states: torch.Tensor) -> torch.Tensor: ...
+
+
+def new_cache(model: LanguageDecoder) -> DynamicCache:
+    """An empty dynamic key/value cache for ``model``'s language model."""
     try:
         return DynamicCache(config=model.language_model.config)
     except TypeError:  # older transformers: no config argument
@@ -159,7 +175,7 @@ def run_queries(
     in_place = levers.static_cache and _one_row_per_image(rows, batch)
     prefill = _prefill_function(model, levers)
 
-    cache = _static_cache(model, batch, static_length) if in_place else _new_cache(model)
+    cache = _static_cache(model, batch, static_length) if in_place else new_cache(model)
     lead_ids = torch.tensor([rows[0].after_image[:lead]] * batch, dtype=torch.long, device=device)
     image_states, prefix_last = _prefix_states(
         model, before_image, image_features, lead_ids, cache, prefill, reuse=levers.prefix_cache
@@ -170,7 +186,7 @@ def run_queries(
         cache = _selected_static_cache(model, cache, image_of_row, static_length)
     elif not levers.static_cache:
         cache.batch_select_indices(image_of_row)
-    padded, mask, suffix_positions = _suffix_inputs(suffixes, width, prefix_length, new_slots, pad_id, device)
+    padded, mask, suffix_positions = suffix_inputs(suffixes, width, prefix_length, new_slots, pad_id, device)
     suffix_states = prefill(model.embed_tokens(padded), mask, suffix_positions, cache)
 
     if teacher_forced:
@@ -180,7 +196,7 @@ def run_queries(
         ]
         return BatchStates(image_states, results, prefix_length)
     greedy_options = {
-        "seg_id": seg_id,
+        "seg_ids": frozenset({seg_id}),
         "eos_id": eos_id,
         "max_new_tokens": max_new_tokens,
         "stop_at_eos": stop_at_eos,
@@ -192,7 +208,7 @@ def run_queries(
             model, step, cache, mask, suffix_states[:, -1], next_positions, **greedy_options
         )
     else:
-        results = _greedy(model, cache, mask, suffix_states[:, -1], next_positions, **greedy_options)
+        results = greedy_decode(model, cache, mask, suffix_states[:, -1], next_positions, **greedy_options)
     return BatchStates(image_states, results, prefix_length)
 
 
@@ -238,7 +254,7 @@ def _before_image_cache(
     key = (tuple(before_image), model.dtype, model.device)
     entry = _BEFORE_IMAGE.get(model)
     if entry is None or entry[0] != key:
-        cache = _new_cache(model)
+        cache = new_cache(model)
         ids = torch.tensor([list(before_image)], dtype=torch.long, device=model.device)
         positions = torch.arange(ids.shape[1], device=model.device)[None]
         model.decoder_states(model.embed_tokens(ids), torch.ones_like(ids), positions, cache)
@@ -258,7 +274,7 @@ def _selected_static_cache(
     return selected
 
 
-def _suffix_inputs(
+def suffix_inputs(
     suffixes: list[list[int]],
     width: int,
     prefix_length: int,
@@ -309,19 +325,20 @@ def _forced_row(
     return RowStates(answer, torch.stack(picked) if picked else None, positions)
 
 
-def _greedy(
-    model: ReadModel,
+def greedy_decode(
+    model: LanguageDecoder,
     cache: DynamicCache,
     mask: torch.Tensor,
     last_states: torch.Tensor,
     next_positions: list[int],
     *,
-    seg_id: int,
+    seg_ids: Collection[int],
     eos_id: int,
     max_new_tokens: int,
     stop_at_eos: bool,
 ) -> list[RowStates]:
-    """Greedy decoding from the suffix's last states; records the state that emits each [SEG]."""
+    """Greedy decoding from the suffix's last states; records the state that emits each [SEG] token (any of
+    ``seg_ids``: READ and LISA have one, PixelLM a codebook of six), in generation order."""
     device = mask.device
     count = last_states.shape[0]
     results = [RowStates() for _ in range(count)]
@@ -337,7 +354,7 @@ def _greedy(
             if token == eos_id and stop_at_eos:
                 finished[index] = True
                 continue
-            if token == seg_id:
+            if token in seg_ids:
                 picked[index].append(states[index])
                 results[index].seg_positions.append(int(positions[index]) - 1)
             results[index].answer_ids.append(token)
@@ -361,12 +378,12 @@ def _greedy_on_device(
     last_states: torch.Tensor,
     next_positions: list[int],
     *,
-    seg_id: int,
+    seg_ids: Collection[int],
     eos_id: int,
     max_new_tokens: int,
     stop_at_eos: bool,
 ) -> list[RowStates]:
-    """:func:`_greedy` on a static cache without a host sync per step.
+    """:func:`greedy_decode` on a static cache without a host sync per step.
 
     Each step's tokens and the states that predicted them go into preallocated device tensors; ``mask`` already
     covers every slot, so it is passed unchanged. The rows are read back once at the end.
@@ -389,7 +406,7 @@ def _greedy_on_device(
         states = step_function(model.embed_tokens(emitted[:, None]), mask, positions, cache)[:, -1]
         positions = positions + 1
     return _rows_from_steps(
-        tokens[:, :steps].tolist(), step_states, next_positions, seg_id, eos_id, stop_at_eos
+        tokens[:, :steps].tolist(), step_states, next_positions, seg_ids, eos_id, stop_at_eos
     )
 
 
@@ -397,18 +414,18 @@ def _rows_from_steps(
     tokens: list[list[int]],
     step_states: torch.Tensor,
     next_positions: list[int],
-    seg_id: int,
+    seg_ids: Collection[int],
     eos_id: int,
     stop_at_eos: bool,
 ) -> list[RowStates]:
-    """RowStates from the per-step tokens (R lists) and states (R, steps, hidden), as :func:`_greedy` builds
+    """RowStates from the per-step tokens (R lists) and states (R, steps, hidden), as :func:`greedy_decode` builds
     them: a row's answer ends before its first </s> (when ``stop_at_eos``); step s's state sits at position
     next_position + s − 1."""
     results = []
     for row, ids in enumerate(tokens):
         if stop_at_eos and eos_id in ids:
             ids = ids[: ids.index(eos_id)]
-        seg_steps = [step for step, token in enumerate(ids) if token == seg_id]
+        seg_steps = [step for step, token in enumerate(ids) if token in seg_ids]
         seg_states = step_states[row, seg_steps] if seg_steps else None
         results.append(RowStates(ids, seg_states, [next_positions[row] + step - 1 for step in seg_steps]))
     return results
