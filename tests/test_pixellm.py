@@ -279,6 +279,32 @@ def test_sam_image_encoder_weights_are_refused_by_the_pixellm_loader(tmp_path: P
         load_pixellm_model(folder, clip_dir)
 
 
+@pytest.mark.parametrize(("folder", "text"), [
+    ("model", '{"architectures": ["PixelLMForCausalLM"], "hidden_size": '),
+    ("model", '{"architectures": ["PixelLMForCausalLM"], "hidden_size": "wide"}'),
+    ("clip", "[1, 2]"),
+    ("clip", '{"model_type": "clip", "vision_config": {"hidden_size": "wide"}}'),
+])
+def test_a_hostile_config_json_stops_the_cli_with_one_line_naming_it(tmp_path: Path, folder: str, text: str) -> None:
+    from scheduler.cli import cli
+    from scheduler.sample_data import make_sample_data
+
+    model_dir, clip_dir = tiny_pixellm()
+    copies = {"model": tmp_path / "model", "clip": tmp_path / "clip"}
+    shutil.copytree(model_dir, copies["model"])
+    shutil.copytree(clip_dir, copies["clip"])
+    (copies[folder] / "config.json").write_text(text)
+    data = tmp_path / "data"
+    make_sample_data(data, categories=("brick",), size=64, per_class=4, train_per_class=1)
+    result = CliRunner().invoke(cli, [
+        "--work-dir", str(tmp_path / "work"), "run", "--mvtec-root", str(data), "--max-per-class", "2",
+        "--detector", "pixellm", "--checkpoint", str(copies["model"]), "--clip", str(copies["clip"]),
+    ])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if str(copies[folder] / "config.json") in line]
+    assert len(lines) == 1, result.output
+
+
 def test_cli_writes_a_pixellm_folder_and_runs_it(tmp_path: Path) -> None:
     from scheduler.cli import cli
     from scheduler.sample_data import make_sample_data

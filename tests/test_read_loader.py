@@ -10,6 +10,7 @@ import pytest
 import torch
 from read_fixtures import tiny_checkpoint
 
+from workers.read.config import ReadConfig
 from workers.read.errors import (
     CheckpointError,
     ClipFolderError,
@@ -170,3 +171,79 @@ def test_default_dtypes() -> None:
     assert resolve_dtype("cuda:1", None) == torch.bfloat16
     with pytest.raises(CheckpointError, match="unknown dtype"):
         resolve_dtype("cpu", "float8")
+
+
+# -- hostile folder files: every one is refused with an error naming the file, never a raw exception ----------
+def _rewrite(path: Path, edit) -> None:
+    """Replace a JSON file by edit(its object); edit returns the new text (bytes or str) or a new object."""
+    value = edit(json.loads(path.read_text()))
+    if isinstance(value, bytes):
+        path.write_bytes(value)
+    else:
+        path.write_text(value if isinstance(value, str) else json.dumps(value))
+
+
+HOSTILE_CONFIGS = {
+    "not JSON": lambda raw: '{"hidden_size": 64,',
+    "not UTF-8": lambda raw: b'{"hidden_size": "\xff\xfe"}',
+    "a list": lambda raw: [raw],
+    "a string size": lambda raw: raw | {"hidden_size": "64"},
+    "a negative size": lambda raw: raw | {"num_hidden_layers": -1},
+    "a boolean size": lambda raw: raw | {"mm_hidden_size": True},
+    "a string select layer": lambda raw: raw | {"mm_vision_select_layer": "-2"},
+    "unusable llama settings": lambda raw: raw | {"rope_scaling": 7},
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_CONFIGS))
+def test_hostile_checkpoint_config_is_refused_naming_the_file(copy, case: str) -> None:
+    read_dir, clip_dir = copy
+    _rewrite(read_dir / "config.json", HOSTILE_CONFIGS[case])
+    with pytest.raises(CheckpointError, match=r"config\.json") as raised:
+        load_read_model(read_dir, clip_dir)
+    assert "\n" not in str(raised.value)
+
+
+def test_architectures_that_are_not_a_list_are_ignored(copy) -> None:
+    """The field only tells PixelLM from READ/LISA; a mangled one falls back to the other signs (it raised
+    TypeError before)."""
+    read_dir, clip_dir = copy
+    _rewrite(read_dir / "config.json", lambda raw: raw | {"architectures": 5})
+    assert ReadConfig.from_folder(read_dir).kind == "read"
+    load_read_model(read_dir, clip_dir)
+
+
+HOSTILE_CLIP_CONFIGS = {
+    "not JSON": lambda raw: "{",
+    "a list": lambda raw: [raw],
+    "no vision_config": lambda raw: {k: v for k, v in raw.items() if k != "vision_config"} | {"vision_config": 3},
+    "a string width": lambda raw: raw | {"vision_config": raw["vision_config"] | {"hidden_size": "wide"}},
+    "a zero patch": lambda raw: raw | {"vision_config": raw["vision_config"] | {"patch_size": 0}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_CLIP_CONFIGS))
+def test_hostile_clip_config_is_refused_naming_the_file(copy, tmp_path: Path, case: str) -> None:
+    read_dir, clip_dir = copy
+    hostile = tmp_path / "clip"
+    shutil.copytree(clip_dir, hostile)
+    _rewrite(hostile / "config.json", HOSTILE_CLIP_CONFIGS[case])
+    with pytest.raises(ClipFolderError, match=rf"{hostile}.*expected a local folder") as raised:
+        load_read_model(read_dir, hostile)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("case", "edit", "message"),
+    [
+        ("weight_map a list", lambda raw: raw | {"weight_map": list(raw["weight_map"])}, "not a weight index"),
+        ("a shard outside the folder", lambda raw: raw | {"weight_map": {"x": "../" + SHARD_1}}, "not a file in"),
+        ("a shard in a subfolder", lambda raw: raw | {"weight_map": {"x": "sub/" + SHARD_1}}, "not a file in"),
+        ("not JSON", lambda raw: "[", "not valid JSON"),
+    ],
+)
+def test_hostile_weight_index_is_refused_naming_it(copy, case: str, edit, message: str) -> None:
+    read_dir, clip_dir = copy
+    _rewrite(read_dir / INDEX, edit)
+    with pytest.raises(CheckpointError, match=rf"{INDEX}.*{message}|{message}.*{INDEX}"):
+        load_read_model(read_dir, clip_dir)

@@ -10,7 +10,6 @@ added_tokens.json (six in the releases: three per scale).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 from transformers import LlamaConfig
 
-from workers.read.config import _LLAMA_FIELDS, KIND_NAMES, KIND_PIXELLM, checkpoint_kind
+from workers.read.config import KIND_NAMES, KIND_PIXELLM, checkpoint_kind, json_object, llava_fields
 from workers.read.errors import CheckpointError, WrongDetectorError
 
 # Forced by PixelLMForCausalLM.__init__ (model/PixelLM.py).
@@ -50,14 +49,7 @@ class PixelLMConfig:
     @classmethod
     def from_folder(cls, folder: Path) -> PixelLMConfig:
         path = Path(folder) / "config.json"
-        if not path.is_file():
-            raise CheckpointError(f"{folder} is not a PixelLM checkpoint folder (its hf_model/): it has no config.json")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path} must hold a JSON object")
+        raw = json_object(path, hint="it is not a PixelLM checkpoint folder (point at its hf_model/)")
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
@@ -68,10 +60,6 @@ class PixelLMConfig:
                 f"{source} is a {KIND_NAMES[kind]} checkpoint, not PixelLM (no PixelLMForCausalLM architecture, "
                 f"separate_mm_projector or image_feature_scale_num): use --detector {kind}"
             )
-        missing = [name for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-                                     "intermediate_size", "mm_hidden_size") if name not in raw]
-        if missing:
-            raise CheckpointError(f"{source} lacks the fields {missing}; is it a PixelLM (LLaVA-LLaMA) config?")
         for name, forced in (("image_feature_scale_num", SCALE_NUM), ("resize_vision_tower_size", CLIP_SIDE)):
             if name in raw and raw[name] != forced:
                 raise CheckpointError(
@@ -80,20 +68,8 @@ class PixelLMConfig:
                 )
         if raw.get("separate_mm_projector") is False:
             raise CheckpointError(f"{source}: separate_mm_projector false is not PixelLM's released setting")
-        select_layer = int(raw.get("mm_vision_select_layer", -2))
-        if select_layer >= 0:
-            raise CheckpointError(f"{source}: mm_vision_select_layer must be negative (PixelLM uses -2)")
-        llama = LlamaConfig(**{k: raw[k] for k in _LLAMA_FIELDS if k in raw and raw[k] is not None})
-        return cls(
-            llama=llama,
-            mm_hidden_size=int(raw["mm_hidden_size"]),
-            vision_select_layer=select_layer,
-            use_im_start_end=bool(raw.get("mm_use_im_start_end", True)),
-            out_dim=int(raw.get("out_dim", 256)),
-            vision_tower=str(raw.get("mm_vision_tower") or raw.get("vision_tower")
-                             or "openai/clip-vit-large-patch14-336"),
-            source=source,
-        )
+        default_tower = f"openai/clip-vit-large-patch14-{SOURCE_CLIP_SIDE}"
+        return cls(**llava_fields(raw, source=source, family="PixelLM", vision_tower=default_tower), source=source)
 
 
 def seg_token_ids(added: dict[str, int], source: str) -> tuple[int, ...]:

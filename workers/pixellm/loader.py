@@ -9,7 +9,6 @@ The CLIP folder must hold the 336 px ViT the config names; it is resized to 448 
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from workers.read.errors import (
     UnexpectedWeightsError,
     WeightShapeError,
 )
-from workers.read.loader import quiet_transformers, read_state_dict
+from workers.read.loader import clip_vision_config, quiet_transformers, read_state_dict
 from workers.read.model import fast_init
 from workers.read.tokenizer import ReadTokenizer, load_read_tokenizer
 
@@ -71,13 +70,7 @@ def load_pixellm_tokenizer(folder: Path, vocab_size: int) -> tuple[ReadTokenizer
 def load_pixellm_clip_config(clip_dir: Path | None, config: PixelLMConfig) -> CLIPVisionConfig:
     expected = (f"expected a local folder with {config.vision_tower} (336 px, patch 14, width "
                 f"{config.mm_hidden_size}) in transformers' CLIP format; PixelLM resizes it to 448 px itself")
-    path = Path(clip_dir) / "config.json" if clip_dir else None
-    if path is None or not path.is_file():
-        raise ClipFolderError(f"CLIP folder {clip_dir} has no config.json; {expected}")
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    if raw.get("model_type") not in ("clip", "clip_vision_model"):
-        raise ClipFolderError(f"{clip_dir} holds a {raw.get('model_type')!r} model, not CLIP; {expected}")
-    vision = CLIPVisionConfig(**raw["vision_config"]) if raw["model_type"] == "clip" else CLIPVisionConfig(**raw)
+    vision = clip_vision_config(clip_dir, expected)
     if vision.hidden_size != config.mm_hidden_size:
         raise ClipFolderError(f"{clip_dir} has width {vision.hidden_size}, the projectors take "
                               f"{config.mm_hidden_size}; {expected}")

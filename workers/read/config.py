@@ -54,6 +54,66 @@ _LLAMA_FIELDS = (
     "pad_token_id",
     "tie_word_embeddings",
 )
+# The sizes every LLaVA-LLaMA config here must give (positive integers).
+_REQUIRED_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size",
+                   "mm_hidden_size")
+
+
+def json_object(path: Path, *, hint: str, error: type[Exception] = CheckpointError) -> dict[str, Any]:
+    """The JSON object in ``path``. No file, an unreadable one, one that is not UTF-8 JSON or not an object raises
+    ``error`` naming the file and ending with ``hint`` (what to do about it)."""
+    if not path.is_file():
+        raise error(f"{path.parent} has no {path.name}; {hint}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}); {hint}") from exc
+    if not isinstance(value, dict):
+        raise error(f"{path} must hold a JSON object, not a {type(value).__name__}; {hint}")
+    return value
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's text on one line (transformers' validation errors span several)."""
+    return " ".join(str(exc).split())
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def llava_fields(raw: dict[str, Any], *, source: str, family: str, vision_tower: str) -> dict[str, Any]:
+    """The LLaVA-LLaMA settings READ, LISA and PixelLM configs share, as keyword arguments of their config classes
+    (``llama``, ``mm_hidden_size``, ``vision_select_layer``, ``use_im_start_end``, ``out_dim``, ``vision_tower``;
+    ``vision_tower`` is the default when the file names none). A missing or unusable field raises CheckpointError
+    naming ``source`` and the field; ``family`` (e.g. "READ/LISA") goes into the message."""
+    missing = [name for name in _REQUIRED_SIZES if name not in raw]
+    if missing:
+        raise CheckpointError(f"{source} lacks the fields {missing}; is it a {family} (LLaVA-LLaMA) config?")
+    for name in (*_REQUIRED_SIZES, "out_dim"):
+        if name in raw and not _positive_int(raw[name]):
+            raise CheckpointError(
+                f"{source}: {name} is {raw[name]!r}, not a positive integer; copy config.json from the released "
+                "folder again"
+            )
+    select_layer = raw.get("mm_vision_select_layer", -2)
+    if not isinstance(select_layer, int) or isinstance(select_layer, bool) or select_layer >= 0:
+        raise CheckpointError(
+            f"{source}: mm_vision_select_layer must be a negative integer ({family} use -2); got {select_layer!r}"
+        )
+    try:
+        llama = LlamaConfig(**{name: raw[name] for name in _LLAMA_FIELDS if raw.get(name) is not None})
+    except Exception as exc:  # transformers validates with error classes that vary by release
+        raise CheckpointError(f"{source}: the language model's settings are unusable ({one_line(exc)})") from exc
+    return {
+        "llama": llama,
+        "mm_hidden_size": raw["mm_hidden_size"],
+        "vision_select_layer": select_layer,
+        "use_im_start_end": bool(raw.get("mm_use_im_start_end", True)),
+        "out_dim": raw.get("out_dim", 256),
+        "vision_tower": str(raw.get("mm_vision_tower") or raw.get("vision_tower") or vision_tower),
+    }
+
 
 # The extra tokens LISA/READ add to the LLaMA vocabulary (ids 32000-32002 in the released 7B model).
 SEG_TOKEN = "[SEG]"
@@ -105,7 +165,7 @@ def expected_clip_image_size(vision_tower: str) -> int | None:
     return int(match.group(1)) if match.group(1) else 224
 
 
-_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def projector_in_index(folder: Path) -> str | None:
@@ -114,14 +174,16 @@ def projector_in_index(folder: Path) -> str | None:
 
     A config without ``mm_projector_type`` is read by LLaVA's rule (one Linear) only when the weights cannot
     say: a READ folder whose config omitted the field is still READ, because its tensors are ``.0.``/``.2.``."""
-    for name in _WEIGHT_INDEXES:
+    for name in WEIGHT_INDEXES:
         path = folder / name
         if not path.is_file():
             continue
         try:
-            weight_map = json.loads(path.read_text(encoding="utf-8")).get("weight_map") or {}
-        except (OSError, json.JSONDecodeError, AttributeError):
+            weight_map = json.loads(path.read_text(encoding="utf-8")).get("weight_map")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             return None  # the loader reports a broken index with its own message
+        if not isinstance(weight_map, dict):
+            return None
         if "model.mm_projector.weight" in weight_map:
             return LINEAR_PROJECTOR
         layers = {key.split(".")[2] for key in weight_map
@@ -132,7 +194,9 @@ def projector_in_index(folder: Path) -> str | None:
 
 def checkpoint_kind(raw: dict[str, Any]) -> str:
     """``read``, ``lisa`` or ``pixellm`` for a parsed ``config.json`` (the rule is in the module docstring)."""
-    architectures = raw.get("architectures") or []
+    architectures = raw.get("architectures")
+    if not isinstance(architectures, list):
+        architectures = []
     if (
         "PixelLMForCausalLM" in architectures
         or raw.get("separate_mm_projector")
@@ -176,13 +240,9 @@ class ReadConfig:
     def from_folder(cls, folder: Path) -> ReadConfig:
         """Read ``folder/config.json``; raises CheckpointError naming the file and field when it is unusable."""
         path = Path(folder) / "config.json"
-        if not path.is_file():
-            raise CheckpointError(f"{folder} is not a READ or LISA checkpoint folder: it has no config.json")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-        if isinstance(raw, dict) and "mm_projector_type" not in raw:
+        raw = json_object(path, hint="it is not a READ or LISA checkpoint folder (the one holding config.json, "
+                          "the weight shards and the tokenizer files)")
+        if "mm_projector_type" not in raw:
             held = projector_in_index(Path(folder))
             if held is not None:  # the weights say what the config leaves out
                 raw = {**raw, "mm_projector_type": held}
@@ -190,26 +250,9 @@ class ReadConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str = "config.json") -> ReadConfig:
-        required = (
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "vocab_size",
-            "intermediate_size",
-        )
-        missing = [name for name in (*required, "mm_hidden_size") if name not in raw]
-        if missing:
-            raise CheckpointError(
-                f"{source} lacks the fields {missing}; is it a READ/LISA (LLaVA-LLaMA) config?"
-            )
-        llama_kwargs = {name: raw[name] for name in _LLAMA_FIELDS if name in raw and raw[name] is not None}
-        llama = LlamaConfig(**llama_kwargs)
-        select_layer = int(raw.get("mm_vision_select_layer", -2))
-        if select_layer >= 0:
-            raise CheckpointError(
-                f"{source}: mm_vision_select_layer must be negative (READ uses -2); got {select_layer}"
-            )
         kind = checkpoint_kind(raw)
+        default_tower = "openai/clip-vit-large-patch14" if kind == KIND_LISA else "openai/clip-vit-large-patch14-336"
+        fields = llava_fields(raw, source=source, family="READ/LISA", vision_tower=default_tower)
         if kind == KIND_PIXELLM:
             raise WrongDetectorError(
                 f"{source} is a PixelLM checkpoint (two projectors, multi-scale mask decoder, no SAM image "
@@ -224,20 +267,7 @@ class ReadConfig:
                 f"{source}: mm_vision_select_feature {select_feature!r} is not supported; READ and LISA use 'patch'"
             )
         return cls(
-            llama=llama,
-            mm_hidden_size=int(raw["mm_hidden_size"]),
-            vision_select_layer=select_layer,
-            use_im_start_end=bool(raw.get("mm_use_im_start_end", True)),
-            out_dim=int(raw.get("out_dim", 256)),
-            vision_tower=str(
-                raw.get("mm_vision_tower")
-                or raw.get("vision_tower")
-                or (
-                    "openai/clip-vit-large-patch14"
-                    if kind == KIND_LISA
-                    else "openai/clip-vit-large-patch14-336"
-                )
-            ),
+            **fields,
             projector_type=projector,
             kind=kind,
             source=source,

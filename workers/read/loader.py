@@ -24,7 +24,14 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaForCausalLM, SamModel
 
-from workers.read.config import ReadConfig, expected_clip_image_size, projector_weight_names
+from workers.read.config import (
+    WEIGHT_INDEXES,
+    ReadConfig,
+    expected_clip_image_size,
+    json_object,
+    one_line,
+    projector_weight_names,
+)
 from workers.read.errors import (
     CheckpointError,
     ClipFolderError,
@@ -48,7 +55,6 @@ _SAM_PREFIX = "model.visual_model."
 _IGNORED_PREFIXES = ("model.vision_tower.",)
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
-_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 
 DTYPES = {
@@ -71,6 +77,33 @@ def resolve_dtype(device: str, dtype: str | None) -> torch.dtype:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
 
 
+def clip_vision_config(clip_dir: Path | None, expected: str) -> CLIPVisionConfig:
+    """The vision tower's settings from a CLIP folder's config.json (a whole CLIP or a vision-only config).
+
+    Whatever is wrong with the file — missing, not a JSON object, not CLIP, no vision settings, sizes that are
+    not positive integers — raises ClipFolderError naming it and ending with ``expected`` (what belongs there).
+    """
+    if clip_dir is None:
+        raise ClipFolderError(f"no CLIP folder was given; {expected}")
+    path = Path(clip_dir) / "config.json"
+    raw = json_object(path, hint=expected, error=ClipFolderError)
+    model_type = raw.get("model_type")
+    if model_type not in ("clip", "clip_vision_model"):
+        raise ClipFolderError(f"{clip_dir} holds a {model_type!r} model, not CLIP; {expected}")
+    fields = raw.get("vision_config") if model_type == "clip" else raw
+    if not isinstance(fields, dict):
+        raise ClipFolderError(f"{path} has no vision_config object; {expected}")
+    try:
+        vision = CLIPVisionConfig(**fields)
+    except Exception as exc:  # transformers validates with error classes that vary by release
+        raise ClipFolderError(f"{path}: the vision tower's settings are unusable ({one_line(exc)}); {expected}") from exc
+    for name in ("hidden_size", "image_size", "patch_size", "num_hidden_layers", "num_attention_heads"):
+        value = getattr(vision, name, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ClipFolderError(f"{path}: {name} is {value!r}, not a positive integer; {expected}")
+    return vision
+
+
 def load_clip_config(clip_dir: Path | None, config: ReadConfig) -> CLIPVisionConfig:
     """The vision config of the CLIP folder, checked against what the READ checkpoint was trained with."""
     expected = (
@@ -78,14 +111,7 @@ def load_clip_config(clip_dir: Path | None, config: ReadConfig) -> CLIPVisionCon
         f"(config.json with a vision tower of width {config.mm_hidden_size}, weights, preprocessor_config.json)"
     )
     family = config.family
-    if clip_dir is None or not (Path(clip_dir) / "config.json").is_file():
-        raise ClipFolderError(f"CLIP folder {clip_dir} has no config.json; {expected}")
-    raw = json.loads((Path(clip_dir) / "config.json").read_text(encoding="utf-8"))
-    if raw.get("model_type") not in ("clip", "clip_vision_model"):
-        raise ClipFolderError(f"{clip_dir} holds a {raw.get('model_type')!r} model, not CLIP; {expected}")
-    vision = (
-        CLIPVisionConfig(**raw["vision_config"]) if raw["model_type"] == "clip" else CLIPVisionConfig(**raw)
-    )
+    vision = clip_vision_config(clip_dir, expected)
     if vision.hidden_size != config.mm_hidden_size:
         raise ClipFolderError(
             f"{clip_dir} has a vision tower of width {vision.hidden_size} but the {family} checkpoint's projector "
@@ -106,17 +132,22 @@ def load_clip_config(clip_dir: Path | None, config: ReadConfig) -> CLIPVisionCon
 
 def weight_files(checkpoint: Path) -> dict[Path, set[str] | None]:
     """Shard files of a checkpoint → the tensor names the index assigns them (None without an index)."""
-    for index_name in _INDEX_FILES:
+    for index_name in WEIGHT_INDEXES:
         index_path = checkpoint / index_name
         if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError) as exc:
+            hint = "copy the weight index again from the released folder"
+            weight_map = json_object(index_path, hint=hint).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(
-                    f"{index_path} is not a weight index (needs a 'weight_map'): {exc}"
-                ) from exc
+                    f"{index_path} is not a weight index (needs a 'weight_map' from tensor names to shard file "
+                    f"names); {hint}"
+                )
             files: dict[Path, set[str] | None] = {}
             for name, file_name in weight_map.items():
+                if not file_name or Path(file_name).name != file_name or file_name in (".", ".."):
+                    raise CheckpointError(
+                        f"{index_path} assigns {name} to {file_name!r}, which is not a file in the folder; {hint}"
+                    )
                 files.setdefault(checkpoint / file_name, set()).add(name)  # type: ignore[union-attr]
             absent = sorted(str(path) for path in files if not path.is_file())
             if absent:
@@ -126,7 +157,7 @@ def weight_files(checkpoint: Path) -> dict[Path, set[str] | None]:
         if (checkpoint / single).is_file():
             return {checkpoint / single: None}
     raise CheckpointError(
-        f"{checkpoint} has no weights: expected {' or '.join(_INDEX_FILES)} with its shards, or {' or '.join(_SINGLE_FILES)}"
+        f"{checkpoint} has no weights: expected {' or '.join(WEIGHT_INDEXES)} with its shards, or {' or '.join(_SINGLE_FILES)}"
     )
 
 
@@ -152,7 +183,7 @@ def _projector_error(config: ReadConfig, names: Iterable[str], source: Path) -> 
 def check_projector_layout(checkpoint: Path, config: ReadConfig) -> None:
     """Cheap cross-check of config.json's projector against the weight index's tensor names (no shard is read;
     without an index the check happens when the weights load)."""
-    for index_name in _INDEX_FILES:
+    for index_name in WEIGHT_INDEXES:
         path = Path(checkpoint) / index_name
         if path.is_file():
             names = {name for listed in weight_files(Path(checkpoint)).values() for name in listed or ()}

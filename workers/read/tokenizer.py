@@ -23,14 +23,13 @@ tests/fixtures/tokenizer pins the ids against transformers 4.31 itself.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workers.read.config import IM_END_TOKEN, IM_START_TOKEN, SEG_TOKEN
+from workers.read.config import IM_END_TOKEN, IM_START_TOKEN, SEG_TOKEN, json_object
 from workers.read.errors import CheckpointError
 
 SENTENCEPIECE_FILE = "tokenizer.model"
@@ -214,13 +213,7 @@ def _read_json(path: Path, *, required: bool) -> dict[str, Any]:
         if required:
             raise CheckpointError(f"{path.parent} has no {path.name}; {_LAYOUT_HINT}")
         return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); copy the tokenizer files again") from exc
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} must hold a JSON object; copy the tokenizer files again")
-    return value
+    return json_object(path, hint="copy the tokenizer files again from the released folder")
 
 
 _LAYOUT_HINT = (
