@@ -20,6 +20,7 @@ from workers.read.errors import (
     WeightShapeError,
 )
 from workers.read.loader import cached_read_model, load_read_model, read_state_dict, resolve_dtype
+from workers.read.preprocess import ClipPreprocessing
 from workers.read.sam_keys import official_to_hf
 from workers.read.tiny import make_tiny_checkpoint
 
@@ -247,3 +248,33 @@ def test_hostile_weight_index_is_refused_naming_it(copy, case: str, edit, messag
     _rewrite(read_dir / INDEX, edit)
     with pytest.raises(CheckpointError, match=rf"{INDEX}.*{message}|{message}.*{INDEX}"):
         load_read_model(read_dir, clip_dir)
+
+
+HOSTILE_PREPROCESSORS = {
+    "not JSON": "{",
+    "a list": "[336]",
+    "a string size": '{"size": "336"}',
+    "a zero crop": '{"size": {"shortest_edge": 336}, "crop_size": {"height": 0, "width": 0}}',
+    "a crop larger than the resize": '{"size": 224, "crop_size": 336}',
+    "two means": '{"image_mean": [0.5, 0.5]}',
+    "a text std": '{"image_std": ["a", "b", "c"]}',
+    "a zero std": '{"image_std": [0.2, 0.0, 0.2]}',
+    "a size dict that is a list": '{"size": [336]}',
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_PREPROCESSORS))
+def test_hostile_preprocessor_config_is_refused_naming_it(tmp_path: Path, case: str) -> None:
+    (tmp_path / "preprocessor_config.json").write_text(HOSTILE_PREPROCESSORS[case])
+    with pytest.raises(ClipFolderError, match=r"preprocessor_config\.json.*CLIP release") as raised:
+        ClipPreprocessing.from_folder(tmp_path)
+    assert "\n" not in str(raised.value)
+
+
+def test_both_released_preprocessor_layouts_are_read(tmp_path: Path) -> None:
+    (tmp_path / "preprocessor_config.json").write_text('{"size": 336, "crop_size": 336}')
+    assert ClipPreprocessing.from_folder(tmp_path) == ClipPreprocessing(336, 336)
+    (tmp_path / "preprocessor_config.json").write_text(
+        '{"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}, "image_std": [1, 1, 1]}'
+    )
+    assert ClipPreprocessing.from_folder(tmp_path) == ClipPreprocessing(224, 224, std=(1.0, 1.0, 1.0))

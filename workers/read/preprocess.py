@@ -8,7 +8,7 @@ CLIPImageProcessor and segment-anything's ResizeLongestSide, which resizes a PIL
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workers.read.errors import ReadError
+from workers.read.config import json_object
+from workers.read.errors import ClipFolderError, ReadError
 
 # segment-anything's Sam.pixel_mean / pixel_std (RGB, 0-255 scale).
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -47,17 +48,28 @@ class ClipPreprocessing:
         path = Path(clip_dir) / "preprocessor_config.json"
         if not path.is_file():
             return cls(fallback, fallback)
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        size = raw.get("size", fallback)
-        crop = raw.get("crop_size", size)
-        resize = size.get("shortest_edge", fallback) if isinstance(size, dict) else int(size)
-        crop_side = crop.get("height", resize) if isinstance(crop, dict) else int(crop)
-        return cls(
-            resize=int(resize),
-            crop=int(crop_side),
-            mean=tuple(raw.get("image_mean", CLIP_MEAN)),  # type: ignore[arg-type]
-            std=tuple(raw.get("image_std", CLIP_STD)),  # type: ignore[arg-type]
-        )
+        hint = "copy preprocessor_config.json again from the CLIP release (CLIPImageProcessor format)"
+        raw = json_object(path, hint=hint, error=ClipFolderError)
+        try:
+            size = raw.get("size", fallback)
+            crop = raw.get("crop_size", size)
+            resize = size.get("shortest_edge", fallback) if isinstance(size, dict) else size
+            crop_side = crop.get("height", resize) if isinstance(crop, dict) else crop
+            mean = tuple(float(value) for value in raw.get("image_mean", CLIP_MEAN))
+            std = tuple(float(value) for value in raw.get("image_std", CLIP_STD))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise ClipFolderError(f"{path}: unusable image settings ({exc}); {hint}") from exc
+        for name, side in (("size", resize), ("crop_size", crop_side)):
+            if not isinstance(side, int) or isinstance(side, bool) or side <= 0:
+                raise ClipFolderError(f"{path}: {name} gives {side!r}, not a positive number of pixels; {hint}")
+        if crop_side > resize:
+            raise ClipFolderError(f"{path}: crop_size {crop_side} is larger than size {resize}; {hint}")
+        for name, values in (("image_mean", mean), ("image_std", std)):
+            if len(values) != 3 or not all(math.isfinite(value) for value in values):
+                raise ClipFolderError(f"{path}: {name} must be three finite numbers (R, G, B); {hint}")
+        if min(std) <= 0:
+            raise ClipFolderError(f"{path}: image_std must be positive; {hint}")
+        return cls(resize=resize, crop=crop_side, mean=mean, std=std)  # type: ignore[arg-type]
 
 
 def clip_pixels(image: np.ndarray, settings: ClipPreprocessing) -> torch.Tensor:
