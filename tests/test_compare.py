@@ -9,25 +9,31 @@ from __future__ import annotations
 import math
 import shutil
 import sqlite3
-import subprocess
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 from PIL import Image
 
 from metrics.reporting.compare import best_flags
 from metrics.results import load_logits
-from scheduler.cli import cli
 from scheduler.context import AppContext
 from scheduler.sample_data import make_sample_data
 from storage.settings import Settings
+from tests.cli_pages import (
+    HEADER_BLUE,
+    METRIC_FIELDS,
+    Cell,
+    TablePage,
+    chromium_screenshot,
+    data_value,
+    invoke,
+    near,
+    ok,
+    one_line_error,
+)
 
-CHROMIUM = "/usr/bin/chromium"
-METRIC_FIELDS = {"iAUROC": "iauroc", "pAUROC": "pauroc", "PRO": "pro", "PRO_hard": "pro_hard", "F1_max": "f1_max"}
 # Names from folders and from older databases: each would run or break the page if written unescaped.
 CATEGORY = "<img src=x onerror=alert(1)>&amp;"
 DEFECT = '"><b>scratch'
@@ -48,23 +54,6 @@ class Work:
         return AppContext(settings=Settings(work_dir=self.path))
 
 
-def _invoke(work: Path, *args: str) -> Result:
-    return CliRunner().invoke(cli, ["--work-dir", str(work), *args], catch_exceptions=False)
-
-
-def _ok(work: Path, *args: str) -> str:
-    result = _invoke(work, *args)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def _one_line_error(result: Result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return " ".join(lines[0].split())
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Work:
     base = tmp_path_factory.mktemp("compare")
@@ -75,10 +64,10 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Work:
         (root / CATEGORY / part / "scratch").rename(root / CATEGORY / part / DEFECT)
     shutil.copytree(root, copy)
     folder = base / "work"
-    _ok(folder, "run", "--mvtec-root", str(root), "--run-name", "base")
+    ok(folder, "run", "--mvtec-root", str(root), "--run-name", "base")
     for name in ("noop", "old"):
-        _ok(folder, "run", "--mvtec-root", str(root), "--run-name", name, "--detector", "noop")
-    _ok(folder, "run", "--mvtec-root", str(copy), "--run-name", "other", "--detector", "noop")
+        ok(folder, "run", "--mvtec-root", str(root), "--run-name", name, "--detector", "noop")
+    ok(folder, "run", "--mvtec-root", str(copy), "--run-name", "other", "--detector", "noop")
     with sqlite3.connect(folder / "readar.sqlite") as connection:  # a name from before names were checked
         connection.execute("UPDATE runs SET name = ? WHERE name = 'old'", (HOSTILE_RUN,))
     work = Work(folder, root, copy)
@@ -87,57 +76,14 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Work:
     return work
 
 
-class _Page(HTMLParser):
-    """Table rows of an HTML page: per cell its text and attributes; linked pictures; the text."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tables: dict[str, list[list[tuple[str, dict[str, str | None]]]]] = {}
-        self.row_attributes: dict[str, list[dict[str, str | None]]] = {}
-        self.links: list[str] = []
-        self.text: list[str] = []
-        self._table: str | None = None
-        self._cell: list[str] | None = None
-        self._attributes: dict[str, str | None] = {}
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        attributes = dict(attrs)
-        if tag == "img" and attributes.get("src"):
-            self.links.append(attributes["src"] or "")
-        if tag == "table":
-            self._table = attributes.get("id") or f"table-{len(self.tables)}"
-            self.tables[self._table], self.row_attributes[self._table] = [], []
-        elif tag == "tr" and self._table is not None:
-            self.tables[self._table].append([])
-            self.row_attributes[self._table].append(attributes)
-        elif tag in ("td", "th"):
-            self._cell, self._attributes = [], attributes
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("td", "th") and self._cell is not None and self._table is not None:
-            self.tables[self._table][-1].append(("".join(self._cell).strip(), self._attributes))
-            self._cell = None
-        elif tag == "table":
-            self._table = None
-
-    def handle_data(self, data: str) -> None:
-        self.text.append(data)
-        if self._cell is not None:
-            self._cell.append(data)
-
-
-def _compare(work: Work, out: Path, *runs: str, top: int = 20) -> tuple[_Page, str]:
-    output = _ok(work.path, "compare", *runs, "--out", str(out), "--top", str(top))
+def _compare(work: Work, out: Path, *runs: str, top: int = 20) -> tuple[TablePage, str]:
+    output = ok(work.path, "compare", *runs, "--out", str(out), "--top", str(top))
     assert f"comparison: {out / 'index.html'}" in " ".join(output.split())
-    html = (out / "index.html").read_text(encoding="utf-8")
-    page = _Page()
-    page.feed(html)
-    page.close()
-    return page, html
+    return TablePage.read(out / "index.html"), (out / "index.html").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
-def compared(work: Work, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, _Page, str]:
+def compared(work: Work, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TablePage, str]:
     out = tmp_path_factory.mktemp("compared") / "cmp"
     page, html = _compare(work, out, "base", "noop")
     return out, page, html
@@ -154,11 +100,11 @@ def _value(rows: list, scope: str, category: str, metric: str, defect: str = "")
     return math.nan if value is None else value
 
 
-def _number(cell: tuple[str, dict[str, str | None]]) -> float:
-    return float(cell[1]["data-value"] or "nan")
+def _number(cell: Cell) -> float:
+    return float(data_value(cell) or "nan")
 
 
-def test_metrics_side_by_side_with_the_best_marked(work: Work, compared: tuple[Path, _Page, str]) -> None:
+def test_metrics_side_by_side_with_the_best_marked(work: Work, compared: tuple[Path, TablePage, str]) -> None:
     _, page, _ = compared
     rows = page.tables["metrics"]
     assert [name for name, _ in rows[0]] == ["category", "metric", "base", "noop"]
@@ -195,7 +141,7 @@ def test_best_flags_mark_ties_and_never_nan() -> None:
     assert best_flags([math.nan, math.nan]) == (False, False)
 
 
-def test_pro_deltas_per_defect_type(work: Work, compared: tuple[Path, _Page, str]) -> None:
+def test_pro_deltas_per_defect_type(work: Work, compared: tuple[Path, TablePage, str]) -> None:
     _, page, _ = compared
     rows = page.tables["defect-pro"]
     assert [name for name, _ in rows[0]] == ["category", "defect_type", "PRO base", "PRO noop", "Δ noop"]
@@ -223,7 +169,7 @@ def _decisions(work: Work, run_name: str) -> dict[str, bool]:
             for row in app.repo.images(run.id, status="done")}
 
 
-def test_disagreements_list_images_where_one_run_is_right(work: Work, compared: tuple[Path, _Page, str]) -> None:
+def test_disagreements_list_images_where_one_run_is_right(work: Work, compared: tuple[Path, TablePage, str]) -> None:
     out, page, _ = compared
     base, noop = _decisions(work, "base"), _decisions(work, "noop")
     assert all(noop.values())  # a constant map reaches its own threshold everywhere: every image is flagged
@@ -243,8 +189,8 @@ def test_disagreements_list_images_where_one_run_is_right(work: Work, compared: 
     text = " ".join(" ".join(page.text).split())
     assert f"{len(expected)} of {len(base)} images finished in every run are decided differently" in text
     # One panel per run and image, next to the page.
-    assert len(page.links) == 2 * len(rows)
-    for link in page.links:
+    assert len(page.images) == 2 * len(rows)
+    for link in page.images:
         assert not link.startswith(("/", "file:", "http")), link
         with Image.open(out / link) as picture:
             assert picture.format == "PNG" and picture.width > 200
@@ -252,9 +198,9 @@ def test_disagreements_list_images_where_one_run_is_right(work: Work, compared: 
 
 def test_top_limits_the_listed_images(work: Work, tmp_path: Path) -> None:
     page, _ = _compare(work, tmp_path / "one", "base", "noop", top=1)
-    assert len(page.tables["disagreement-list"]) == 2 and len(page.links) == 2
+    assert len(page.tables["disagreement-list"]) == 2 and len(page.images) == 2
     page, _ = _compare(work, tmp_path / "none", "noop", "base", top=0)
-    assert "disagreement-list" not in page.tables and not page.links
+    assert "disagreement-list" not in page.tables and not page.images
     assert [name for name, _ in page.tables["metrics"][0]][2:] == ["noop", "base"]
 
 
@@ -277,39 +223,24 @@ def test_hostile_names_are_escaped(work: Work, tmp_path: Path) -> None:
 ])
 def test_what_cannot_be_compared_is_one_line(work: Work, tmp_path: Path, runs: tuple[str, ...],
                                             message: str) -> None:
-    line = _one_line_error(_invoke(work.path, "compare", *runs, "--out", str(tmp_path / "out")))
+    line = " ".join(one_line_error(invoke(work.path, "compare", *runs, "--out", str(tmp_path / "out"))).split())
     assert message in line, line
     assert not (tmp_path / "out" / "index.html").exists()
 
 
 def test_runs_of_different_datasets_are_refused_naming_both_roots(work: Work, tmp_path: Path) -> None:
-    line = _one_line_error(_invoke(work.path, "compare", "base", "other", "--out", str(tmp_path / "out")))
+    line = " ".join(one_line_error(invoke(work.path, "compare", "base", "other", "--out", str(tmp_path / "out"))).split())
     assert "runs 'base' and 'other' are on different datasets" in line, line
     assert str(work.root) in line and str(work.copy) in line
     assert not (tmp_path / "out").exists()
 
 
-def test_compare_renders_in_headless_chromium(work: Work, compared: tuple[Path, _Page, str],
+def test_compare_renders_in_headless_chromium(work: Work, compared: tuple[Path, TablePage, str],
                                               tmp_path: Path) -> None:
-    if not Path(CHROMIUM).is_file() and shutil.which("chromium") is None:
-        pytest.fail("headless Chromium is needed to check the comparison renders: install Debian's chromium "
-                    "(`apt-get install -y chromium`); CI installs it")
-    binary = CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium")
     out, _, _ = compared
-    screenshot = tmp_path / "shot.png"
-    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={screenshot}", "--window-size=1400,1000",
-               (out / "index.html").resolve().as_uri()]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert screenshot.is_file(), completed.stderr[-2000:]
-    with Image.open(screenshot) as shot:
-        pixels = np.asarray(shot.convert("RGB"))
-    assert pixels.shape[:2] == (1000, 1400)
+    pixels = chromium_screenshot(out / "index.html", tmp_path)
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # a blank page has one colour
     # The runs table and the side-by-side metrics sit at the top: table headers' dark blue, and the marked
     # best cells' green.
-    header_blue = np.all(np.abs(pixels.astype(int) - np.array([0x24, 0x46, 0x6B])) <= 8, axis=2)
-    assert header_blue.sum() > 2000
-    best_green = np.all(np.abs(pixels.astype(int) - np.array([0xD5, 0xF5, 0xDC])) <= 4, axis=2)
-    assert best_green.sum() > 1000
+    assert near(pixels, HEADER_BLUE, 8).sum() > 2000
+    assert near(pixels, (0xD5, 0xF5, 0xDC), 4).sum() > 1000

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 
 from scheduler.cli import cli
 from scheduler.sample_data import make_sample_data
+from tests.cli_pages import invoke, ok, one_line_error
 
 CATEGORY = "[bold]$x^$"  # rich markup and matplotlib math (a parse error) in one folder name
 FORMULA_DEFECT = "=SUM(1)"  # a defect folder a spreadsheet would run
@@ -45,23 +46,6 @@ class Runs:
         return image_id
 
 
-def _invoke(work: Path, *args: str) -> Result:
-    return CliRunner().invoke(cli, ["--work-dir", str(work), *args], catch_exceptions=False)
-
-
-def _ok(work: Path, *args: str) -> str:
-    result = _invoke(work, *args)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def _one_line_error(result: Result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
-
-
 def _no_raw_controls(text: str) -> None:
     assert "\x1b" not in text, repr(text)
 
@@ -78,9 +62,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     good = sorted((root / CATEGORY / "test" / "good").iterdir())[0]
     good.rename(good.with_name(ESCAPE_FILE))
     work = base / "work"
-    _ok(work, "run", "--mvtec-root", str(root), "--run-name", "hostile")
+    ok(work, "run", "--mvtec-root", str(root), "--run-name", "hostile")
     for name in ("clean", "old-1", "old-2"):
-        _ok(work, "run", "--mvtec-root", str(plain), "--run-name", name)
+        ok(work, "run", "--mvtec-root", str(plain), "--run-name", name)
     with sqlite3.connect(work / "readar.sqlite") as connection:
         for old, new in (("old-1", PATH_NAME), ("old-2", MARKUP_NAME)):
             connection.execute("UPDATE runs SET name = ? WHERE name = ?", (new, old))
@@ -104,7 +88,7 @@ def test_run_names_outside_the_rule_are_refused(small_dataset: Path, tmp_path: P
                                                 name: str) -> None:
     work = tmp_path / "nested" / "work"
     name = name.replace("{tmp}", str(tmp_path))
-    result = _invoke(work, command, "--mvtec-root", str(small_dataset), "--run-name", name)
+    result = invoke(work, command, "--mvtec-root", str(small_dataset), "--run-name", name)
     assert result.exit_code == 2, result.output
     assert "run name" in result.output and "letters A-Z a-z, digits, '.', '_' and '-'" in result.output
     assert "at most 100 characters" in result.output
@@ -138,18 +122,18 @@ def test_a_run_under_an_older_default_name_goes_on(small_dataset: Path, tmp_path
     root = tmp_path / "my data"
     shutil.copytree(small_dataset, root)
     work = tmp_path / "work"
-    _ok(work, "run", "--mvtec-root", str(root))
+    ok(work, "run", "--mvtec-root", str(root))
     with sqlite3.connect(work / "readar.sqlite") as connection:
         (name,) = connection.execute("SELECT name FROM runs").fetchone()
         assert name.startswith("baseline-my_data-"), name
         connection.execute("UPDATE runs SET name = ?", (name.replace("my_data", "my data"),))
-    _ok(work, "run", "--mvtec-root", str(root))
+    ok(work, "run", "--mvtec-root", str(root))
     with sqlite3.connect(work / "readar.sqlite") as connection:
         assert connection.execute("SELECT name FROM runs").fetchall() == [(name.replace("my_data", "my data"),)]
 
 
 def test_metrics_of_a_run_with_a_path_for_a_name_writes_inside_the_work_folder(runs: Runs) -> None:
-    output = _ok(runs.work, "metrics", PATH_NAME)
+    output = ok(runs.work, "metrics", PATH_NAME)
     assert sorted(p.name for p in runs.work.parent.iterdir()) == ["data", "plain", "work"]
     written = [p.name for p in (runs.work / "results").iterdir()]
     assert any(name.startswith("evil-") and name.endswith(".csv") for name in written), written
@@ -160,28 +144,28 @@ def test_metrics_of_a_run_with_a_path_for_a_name_writes_inside_the_work_folder(r
 
 
 def test_runs_and_resume_show_a_name_with_brackets(runs: Runs) -> None:
-    listed = _ok(runs.work, "runs")
+    listed = ok(runs.work, "runs")
     assert MARKUP_NAME_SHOWN in listed
     _no_raw_controls(listed)
-    resumed = _ok(runs.work, "resume", MARKUP_NAME)
+    resumed = ok(runs.work, "resume", MARKUP_NAME)
     assert f"run {MARKUP_NAME_SHOWN} — metrics" in resumed
     _no_raw_controls(resumed)
 
 
 def test_categories_and_defect_types_with_brackets_are_shown(runs: Runs) -> None:
-    output = _ok(runs.work, "metrics", "hostile", "--defects")
+    output = ok(runs.work, "metrics", "hostile", "--defects")
     assert CATEGORY in output and FORMULA_DEFECT in output and "blob" in output
 
 
 def test_terminal_escapes_in_file_names_are_shown_not_emitted(runs: Runs, tmp_path: Path) -> None:
     for args in (["results", "hostile"], ["results", "hostile", "--format", "csv"]):
-        output = _ok(runs.work, *args)
+        output = ok(runs.work, *args)
         _no_raw_controls(output)
         assert "\\x1b[2Jclear.png" in output
     # in an error message: the close matches come from the database
-    result = _invoke(runs.work, "show", "hostile", f"{CATEGORY}/test/good/[2Jclear.png", "--out",
+    result = invoke(runs.work, "show", "hostile", f"{CATEGORY}/test/good/[2Jclear.png", "--out",
                      str(tmp_path / "p.png"))
-    line = _one_line_error(result)
+    line = one_line_error(result)
     assert "Did you mean" in line and "\\x1b[2Jclear.png" in line
     _no_raw_controls(result.output)
 
@@ -196,18 +180,18 @@ def test_log_lines_show_terminal_escapes() -> None:
 
 def test_show_and_report_draw_dollar_names_literally(runs: Runs, tmp_path: Path) -> None:
     panel = tmp_path / "panel.png"
-    output = _ok(runs.work, "show", "hostile", str(runs.image_id("hostile", label=1)), "--out", str(panel))
+    output = ok(runs.work, "show", "hostile", str(runs.image_id("hostile", label=1)), "--out", str(panel))
     assert panel.read_bytes().startswith(b"\x89PNG") and f"panel: {panel}" in output
-    _ok(runs.work, "report", "hostile", "--out", str(tmp_path / "report"))
+    ok(runs.work, "report", "hostile", "--out", str(tmp_path / "report"))
     assert (tmp_path / "report" / "index.html").is_file() and any((tmp_path / "report" / "plots").iterdir())
 
 
 def test_out_paths_with_brackets_are_printed(runs: Runs, tmp_path: Path) -> None:
     panel = tmp_path / "p[/]x.png"
-    output = _ok(runs.work, "show", "clean", str(runs.image_id("clean", label=1)), "--out", str(panel))
+    output = ok(runs.work, "show", "clean", str(runs.image_id("clean", label=1)), "--out", str(panel))
     assert f"panel: {panel}" in output and panel.is_file()
     folder = tmp_path / "r[/]x"
-    output = _ok(runs.work, "report", "clean", "--out", str(folder), "--best", "1", "--worst", "0",
+    output = ok(runs.work, "report", "clean", "--out", str(folder), "--best", "1", "--worst", "0",
                  "--examples", "0")
     assert f"report: {folder / 'index.html'}" in output
 
@@ -217,28 +201,28 @@ def test_out_paths_with_brackets_are_printed(runs: Runs, tmp_path: Path) -> None
 
 @pytest.mark.parametrize("reference", ["99999999999999999999999", "²"])
 def test_show_with_an_id_beyond_any_image_is_one_line(runs: Runs, tmp_path: Path, reference: str) -> None:
-    line = _one_line_error(_invoke(runs.work, "show", "clean", reference, "--out", str(tmp_path / "p.png")))
+    line = one_line_error(invoke(runs.work, "show", "clean", reference, "--out", str(tmp_path / "p.png")))
     assert "has no image" in line and "readar results clean" in line
     assert not (tmp_path / "p.png").exists()
 
 
 def test_report_into_an_unusable_folder_is_one_line(runs: Runs, tmp_path: Path) -> None:
-    line = _one_line_error(_invoke(runs.work, "report", "clean", "--out", "/proc/self"))
+    line = one_line_error(invoke(runs.work, "report", "clean", "--out", "/proc/self"))
     assert line == ("Error: cannot create the folder /proc/self/plots: No such file or directory; choose another "
                     "output path")
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    line = _one_line_error(_invoke(runs.work, "show", "clean", str(runs.image_id("clean", label=1)), "--out",
+    line = one_line_error(invoke(runs.work, "show", "clean", str(runs.image_id("clean", label=1)), "--out",
                                    str(blocker / "p.png")))
     assert line.startswith(f"Error: cannot create the folder {blocker}: ")
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_writes_to_a_full_disk_fail(runs: Runs) -> None:
-    line = _one_line_error(_invoke(runs.work, "show", "clean", str(runs.image_id("clean", label=1)), "--out",
+    line = one_line_error(invoke(runs.work, "show", "clean", str(runs.image_id("clean", label=1)), "--out",
                                    "/dev/full"))
     assert line == "Error: cannot write /dev/full: no space left on the device; choose another output path"
-    line = _one_line_error(_invoke(runs.work, "metrics", "clean", "--out-csv", "/dev/full"))
+    line = one_line_error(invoke(runs.work, "metrics", "clean", "--out-csv", "/dev/full"))
     assert line == "Error: cannot write /dev/full: no space left on the device; choose another output path"
 
 
@@ -258,10 +242,10 @@ def test_csv_cells_that_a_spreadsheet_would_run_get_a_quote(tmp_path: Path) -> N
 
 
 def test_csv_of_runs_neutralise_formula_cells(runs: Runs) -> None:
-    rows = list(csv.DictReader(io.StringIO(_ok(runs.work, "results", "hostile", "--format", "csv"))))
+    rows = list(csv.DictReader(io.StringIO(ok(runs.work, "results", "hostile", "--format", "csv"))))
     assert f"'{FORMULA_DEFECT}" in {row["defect"] for row in rows}
     assert all(not row["image_path"].startswith(("=", "+", "-", "@")) for row in rows)
-    _ok(runs.work, "metrics", "hostile", "--out-csv", str(runs.work / "m.csv"))
+    ok(runs.work, "metrics", "hostile", "--out-csv", str(runs.work / "m.csv"))
     with (runs.work / "m.csv").open(newline="") as handle:
         defects = {row["defect_type"] for row in csv.DictReader(handle)}
     assert f"'{FORMULA_DEFECT}" in defects and FORMULA_DEFECT not in defects
@@ -272,7 +256,7 @@ def test_export_leaves_out_broken_objects_and_refuses_an_unwritable_folder(small
     """One image's missing or damaged logit object costs that image, not the export; a target that cannot be a
     folder is one line."""
     work = tmp_path / "work"
-    _ok(work, "run", "--mvtec-root", str(small_dataset), "--run-name", "exported")
+    ok(work, "run", "--mvtec-root", str(small_dataset), "--run-name", "exported")
     objects = sorted((work / "objects").rglob("images/*.npz"))
     objects[0].unlink()
     objects[1].write_bytes(b"not a zip at all")
@@ -283,5 +267,5 @@ def test_export_leaves_out_broken_objects_and_refuses_an_unwritable_folder(small
     assert "2 image(s) left out" in result.output and "readar aggregate exported" in result.output
     assert len(list((tmp_path / "out").glob("*/pred_logits_0.npy"))) == len(objects) - 2
     (tmp_path / "file").write_text("x")
-    error = _one_line_error(_invoke(work, "export", "exported", str(tmp_path / "file" / "sub")))
+    error = one_line_error(invoke(work, "export", "exported", str(tmp_path / "file" / "sub")))
     assert "cannot create the folder" in error

@@ -5,10 +5,7 @@ render in headless Chromium (Debian's ``chromium`` package; CI installs it)."""
 from __future__ import annotations
 
 import math
-import shutil
-import subprocess
 from collections.abc import Iterator
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +17,8 @@ from scheduler.cli import cli
 from scheduler.commands.report import COMMANDS
 from scheduler.context import AppContext
 from storage.settings import Settings
+from tests.cli_pages import HEADER_BLUE, METRIC_FIELDS, TablePage, chromium_screenshot, data_value, near
 from tests.read_fixtures import tiny_checkpoint
-
-CHROMIUM = "/usr/bin/chromium"
-METRIC_FIELDS = {"iAUROC": "iauroc", "pAUROC": "pauroc", "PRO": "pro", "PRO_hard": "pro_hard", "F1_max": "f1_max"}
 
 
 @pytest.fixture(scope="module")
@@ -64,52 +59,10 @@ def work(tmp_path_factory: pytest.TempPathFactory, command_line: None) -> Path:
     return work
 
 
-class _Page(HTMLParser):
-    """Collects linked files, table rows (cells with their data-value) and the text of an HTML page."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.links: list[str] = []
-        self.tables: dict[str, list[list[tuple[str, str | None]]]] = {}
-        self.text: list[str] = []
-        self._table: str | None = None
-        self._cell: list[str] | None = None
-        self._value: str | None = None
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        attributes = dict(attrs)
-        if tag == "img" and attributes.get("src"):
-            self.links.append(attributes["src"])
-        if tag == "a" and attributes.get("href") and not attributes["href"].startswith("#"):
-            self.links.append(attributes["href"])
-        if tag == "table":
-            self._table = attributes.get("id") or f"table-{len(self.tables)}"
-            self.tables[self._table] = []
-        elif tag == "tr" and self._table is not None:
-            self.tables[self._table].append([])
-        elif tag in ("td", "th"):
-            self._cell, self._value = [], attributes.get("data-value")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("td", "th") and self._cell is not None and self._table is not None:
-            self.tables[self._table][-1].append(("".join(self._cell).strip(), self._value))
-            self._cell = None
-        elif tag == "table":
-            self._table = None
-
-    def handle_data(self, data: str) -> None:
-        self.text.append(data)
-        if self._cell is not None:
-            self._cell.append(data)
-
-
-def _report(work: Path, run: str, out: Path) -> _Page:
+def _report(work: Path, run: str, out: Path) -> TablePage:
     output = _invoke(["--work-dir", str(work), "report", run, "--out", str(out)])
     assert "index.html" in output
-    page = _Page()
-    page.feed((out / "index.html").read_text(encoding="utf-8"))
-    page.close()
-    return page
+    return TablePage.read(out / "index.html")
 
 
 @pytest.mark.parametrize("run_name", ["base", "read"])
@@ -119,8 +72,9 @@ def test_report_page(work: Path, tmp_path: Path, run_name: str) -> None:
     text = " ".join(page.text)
 
     # Every referenced file exists next to the page (relative links only) and is a real PNG.
-    assert len(page.links) >= 6
-    for link in page.links:
+    links = page.images + page.anchors
+    assert len(links) >= 6
+    for link in links:
         assert not link.startswith(("/", "file:", "http")), link
         target = out / link
         assert target.is_file(), link
@@ -143,26 +97,26 @@ def test_report_page(work: Path, tmp_path: Path, run_name: str) -> None:
         cells = by_key[(row.scope, row.category, row.defect_type)]
         for column, attribute in METRIC_FIELDS.items():
             expected = getattr(row, attribute)
-            shown = float(cells[column][1])
+            shown = float(data_value(cells[column]))
             if expected is None:
                 assert math.isnan(shown), (row.scope, column)
             else:
                 assert shown == pytest.approx(expected, abs=1e-12), (row.scope, row.category, column)
                 assert cells[column][0] == f"{100 * expected:.2f}"
-        assert int(cells["num_images"][1]) == row.num_images
-        assert int(cells["num_anom_images"][1]) == row.num_anom_images
+        assert int(data_value(cells["num_images"])) == row.num_images
+        assert int(data_value(cells["num_anom_images"])) == row.num_anom_images
 
     # Per defect type: every defect row, sorted by PRO (worst first).
     defect_rows = page.tables["defect-types"][1:]
     assert len(defect_rows) == sum(r.scope == "defect" for r in stored)
-    pros = [float(r[2][1]) for r in defect_rows]
+    pros = [float(data_value(r[2])) for r in defect_rows]
     assert pros == sorted(pros)
 
     # Failure breakdown: every finished anomalous image is counted exactly once.
     anomalous = [r for r in app.repo.images(run.id, status="done") if r.label == 1]
-    totals = [int(row[-1][1]) for row in page.tables["failures-by-category"][1:]]
+    totals = [int(data_value(row[-1])) for row in page.tables["failures-by-category"][1:]]
     assert sum(totals) == len(anomalous) > 0
-    assert sum(int(row[-1][1]) for row in page.tables["failures-by-defect"][1:]) == len(anomalous)
+    assert sum(int(data_value(row[-1])) for row in page.tables["failures-by-defect"][1:]) == len(anomalous)
     classes = [name for name, _ in page.tables["failures-by-category"][0]][1:-1]
     if run_name == "base":
         assert classes == ["no_seg", "miss", "success"]
@@ -174,35 +128,22 @@ def test_report_page(work: Path, tmp_path: Path, run_name: str) -> None:
     assert "model fingerprint" in text and run.model_fingerprint in text and run.code_version in text
 
 
+def test_report_renders_in_headless_chromium(work: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    _report(work, "read", out)
+    pixels = chromium_screenshot(out / "index.html", tmp_path)
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # text, shading, headers; a blank page has one
+    # The metrics table sits at the top: the table header's dark blue is there, and the top rows vary.
+    top = pixels[:400]
+    assert near(top, HEADER_BLUE, 8).sum() > 2000
+    non_uniform_rows = sum(len(np.unique(row, axis=0)) > 3 for row in top)
+    assert non_uniform_rows > 150
+
+
 def _distinct_colours(path: Path) -> tuple[int, np.ndarray]:
     with Image.open(path) as shot:
         pixels = np.asarray(shot.convert("RGB"))
     return len(np.unique(pixels.reshape(-1, 3), axis=0)), pixels
-
-
-def test_report_renders_in_headless_chromium(work: Path, tmp_path: Path) -> None:
-    if not Path(CHROMIUM).is_file() and shutil.which("chromium") is None:
-        pytest.fail("headless Chromium is needed to check the report renders: install Debian's chromium "
-                    "(`apt-get install -y chromium`); CI installs it")
-    binary = CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium")
-    out = tmp_path / "report"
-    _report(work, "read", out)
-    screenshot = tmp_path / "shot.png"
-    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={screenshot}", "--window-size=1400,1000",
-               (out / "index.html").resolve().as_uri()]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert screenshot.is_file(), completed.stderr[-2000:]
-    colours, pixels = _distinct_colours(screenshot)
-    assert pixels.shape[:2] == (1000, 1400)
-    assert colours > 50  # text, table shading and header colours; a blank page has one colour
-    # The metrics table sits at the top: the table header's dark blue is there, and the top rows vary.
-    top = pixels[:400]
-    header_blue = np.all(np.abs(top.astype(int) - np.array([0x24, 0x46, 0x6B])) <= 8, axis=2)
-    assert header_blue.sum() > 2000
-    non_uniform_rows = sum(len(np.unique(row, axis=0)) > 3 for row in top)
-    assert non_uniform_rows > 150
 
 
 def test_show_draws_one_image_by_path_and_by_id(work: Path, tmp_path: Path) -> None:
