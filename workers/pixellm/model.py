@@ -9,9 +9,6 @@ latter six under exactly those names, so ``"model." + name`` is the released nam
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +24,7 @@ from workers.pixellm.config import (
 )
 from workers.pixellm.modules import PROMPT_DIM, LayerNorm2d, MaskDecoderMultiScale, PromptEncoder
 from workers.read.errors import ReadError
+from workers.read.model import LlamaDecoding
 
 
 def _vision_body(vision_tower: nn.Module) -> nn.Module:
@@ -95,7 +93,7 @@ def valid_patch_mask(input_sizes: list[tuple[int, int]], device: torch.device) -
     return F.interpolate(pixels[:, None], size=(CLIP_GRID, CLIP_GRID), mode="nearest")[:, 0]
 
 
-class PixelLMModel(nn.Module):
+class PixelLMModel(LlamaDecoding, nn.Module):
     def __init__(self, vision_tower: CLIPVisionModel, language_model: LlamaForCausalLM, heads: PixelLMHeads,
                  *, vision_select_layer: int = -2) -> None:
         super().__init__()
@@ -103,8 +101,7 @@ class PixelLMModel(nn.Module):
         self.language_model = language_model
         self.heads = heads
         self.vision_select_layer = vision_select_layer
-        parameters = inspect.signature(language_model.model.forward).parameters
-        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self._find_cache_argument()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -169,20 +166,3 @@ class PixelLMModel(nn.Module):
             total = total + (1.0 / SCALE_NUM) * resized.to(masks)
             previous = masks
         return total[:, 0]
-
-    # -- language model (the interface workers.read.decode's callers use) ----------------------------------------
-    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.model.embed_tokens(token_ids.to(self.device))
-
-    def decoder_states(self, inputs_embeds, attention_mask, position_ids, cache: Any) -> torch.Tensor:
-        outputs = self.language_model.model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask.to(self.device),
-            position_ids=position_ids.to(self.device),
-            use_cache=True,
-            **{self._cache_argument: cache},
-        )
-        return outputs.last_hidden_state
-
-    def next_token_logits(self, states: torch.Tensor) -> torch.Tensor:
-        return self.language_model.lm_head(states).float()

@@ -31,7 +31,6 @@ import functools
 import weakref
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from transformers import DynamicCache, StaticCache
@@ -39,7 +38,7 @@ from transformers import DynamicCache, StaticCache
 from workers.read import MAX_NEW_TOKENS
 from workers.read.errors import ReadError
 from workers.read.levers import Levers
-from workers.read.model import ReadModel
+from workers.read.model import LlamaDecoding, ReadModel
 
 
 @dataclass(frozen=True)
@@ -94,21 +93,7 @@ _BEFORE_IMAGE: weakref.WeakKeyDictionary[ReadModel, tuple[tuple, list[tuple[torc
 Decoder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
-class LanguageDecoder(Protocol):
-    """What greedy decoding needs of a model: :class:`ReadModel`, and PixelLM's model (workers/pixellm/decode.py
-    batches its rows with these same functions)."""
-
-    language_model: torch.nn.Module
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor: ...
-
-    def decoder_states(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                       cache: object) -> torch.Tensor: ...
-
-    def next_token_logits(self, states: torch.Tensor) -> torch.Tensor: ...
-
-
-def new_cache(model: LanguageDecoder) -> DynamicCache:
+def new_cache(model: LlamaDecoding) -> DynamicCache:
     """An empty dynamic key/value cache for ``model``'s language model."""
     try:
         return DynamicCache(config=model.language_model.config)
@@ -326,7 +311,7 @@ def _forced_row(
 
 
 def greedy_decode(
-    model: LanguageDecoder,
+    model: LlamaDecoding,
     cache: DynamicCache,
     mask: torch.Tensor,
     last_states: torch.Tensor,

@@ -65,7 +65,55 @@ def fast_init(dtype: torch.dtype, device: torch.device | str) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-class ReadModel(nn.Module):
+class LlamaDecoding:
+    """The language-model side that :mod:`workers.read.decode` drives, shared by :class:`ReadModel` and PixelLM's
+    model: token embeddings, decoder passes that extend a key/value cache, and the lm_head. A subclass sets
+    ``language_model`` and calls :meth:`_find_cache_argument` once it is there, and has a ``device``."""
+
+    language_model: LlamaForCausalLM
+    device: torch.device
+
+    def _find_cache_argument(self) -> None:
+        # transformers renamed the cache argument of the decoder's forward (past_key_values → cache). Found once
+        # here, not per call: decoder_states runs inside torch.compile under the compile levers.
+        parameters = inspect.signature(self.language_model.model.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """(…, L) token ids → (…, L, hidden) input embeddings."""
+        return self.language_model.model.embed_tokens(token_ids.to(self.device))
+
+    def decoder_states(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any,
+    ) -> torch.Tensor:
+        """Run the LLaMA decoder on new positions, extending ``cache`` in place.
+
+        inputs_embeds: (B, L, hidden); attention_mask: (B, past + L) 1 = attend; position_ids: (B, L).
+        Returns the last-layer hidden states after the final norm, (B, L, hidden).
+        """
+        if attention_mask.shape[1] < inputs_embeds.shape[1]:
+            raise ReadError(
+                "attention mask is shorter than the new tokens; it must cover cached + new positions"
+            )
+        outputs = self.language_model.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask.to(self.device),
+            position_ids=position_ids.to(self.device),
+            use_cache=True,
+            **{self._cache_argument: cache},
+        )
+        return outputs.last_hidden_state
+
+    def next_token_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """lm_head: (…, hidden) → (…, vocab) logits in float32."""
+        return self.language_model.lm_head(states).float()
+
+
+class ReadModel(LlamaDecoding, nn.Module):
     """CLIP + projector + LLaMA + text_hidden_fcs + SAM.
 
     vision_select_layer: CLIP hidden-state index whose patch tokens are the image features (-2 in LLaVA-1.5).
@@ -88,9 +136,7 @@ class ReadModel(nn.Module):
         self.text_hidden_fcs = text_hidden_fcs
         self.sam = sam
         self.vision_select_layer = vision_select_layer
-        # transformers renamed the cache argument of the decoder's forward (past_key_values → cache).
-        parameters = inspect.signature(language_model.model.forward).parameters
-        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self._find_cache_argument()
 
     @classmethod
     def from_configs(
@@ -159,35 +205,3 @@ class ReadModel(nn.Module):
         """text_hidden_fcs: (K, hidden) [SEG] states → (K, out_dim) SAM prompt tokens."""
         return self.text_hidden_fcs[0](seg_states.to(self.dtype))
 
-    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """(…, L) token ids → (…, L, hidden) input embeddings."""
-        return self.language_model.model.embed_tokens(token_ids.to(self.device))
-
-    def decoder_states(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        cache: Any,
-    ) -> torch.Tensor:
-        """Run the LLaMA decoder on new positions, extending ``cache`` in place.
-
-        inputs_embeds: (B, L, hidden); attention_mask: (B, past + L) 1 = attend; position_ids: (B, L).
-        Returns the last-layer hidden states after the final norm, (B, L, hidden).
-        """
-        if attention_mask.shape[1] < inputs_embeds.shape[1]:
-            raise ReadError(
-                "attention mask is shorter than the new tokens; it must cover cached + new positions"
-            )
-        outputs = self.language_model.model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask.to(self.device),
-            position_ids=position_ids.to(self.device),
-            use_cache=True,
-            **{self._cache_argument: cache},
-        )
-        return outputs.last_hidden_state
-
-    def next_token_logits(self, states: torch.Tensor) -> torch.Tensor:
-        """lm_head: (…, hidden) → (…, vocab) logits in float32."""
-        return self.language_model.lm_head(states).float()
