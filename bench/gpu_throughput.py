@@ -130,6 +130,31 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
+def fused_attention_probe(device: str, dtype: torch.dtype) -> dict[str, str]:
+    """Which fused SDPA kernels take the ``sam_attention`` lever's folded global attention at ViT-H's shapes
+    (16 heads, 64×64 tokens, q'/k' head dim 80 + 64 + 64 = 208, v padded to it): per backend "ok" or its refusal.
+    With none, SDPA falls back to the unfused math kernel and the lever's row can show no gain; this says why."""
+    if not device.startswith("cuda"):
+        return {"skipped": "not a CUDA device"}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from workers.read.sam_fast import padded_sdpa
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    query = torch.randn((1, 16, 4096, 208), generator=generator, device=device, dtype=dtype)
+    value = torch.randn((1, 16, 4096, 80), generator=generator, device=device, dtype=dtype)
+    results = {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        try:
+            with sdpa_kernel([backend]):
+                padded_sdpa(query, query, value, scale=1.0)
+            torch.cuda.synchronize(device)
+            results[backend.name.lower()] = "ok"
+        except RuntimeError as exc:
+            results[backend.name.lower()] = " ".join(str(exc).split())[:300]
+    return results
+
+
 class Report:
     """Rows as they finish: a markdown line on stdout and the whole JSON rewritten (a crash keeps every row)."""
 
@@ -1051,6 +1076,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"## {header['title']} — {info.get('gpu') or platform.processor() or 'CPU'}\n")
     print(f"torch {info['torch']}, transformers {info['transformers']}, Python {info['python']}, "
           f"{info['cpu_count']} CPUs, dtype {dtype}; JSON: {args.out}")
+    header["sam_attention_kernels"] = fused_attention_probe(args.device, dtype)
+    print(f"fused SDPA kernels for the folded SAM attention: {header['sam_attention_kernels']}")
     with tempfile.TemporaryDirectory(prefix="readar-gpu-bench-") as temporary:
         workdir = Path(temporary)
         root = write_dataset(workdir / "mvtec", args.images, args.seed)

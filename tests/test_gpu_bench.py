@@ -57,6 +57,7 @@ def test_gpu_bench_runs_every_row_kind_on_the_cpu(tmp_path: Path, capsys: pytest
     printed = capsys.readouterr().out
 
     assert report["machine"]["torch"] and report["machine"]["transformers"]
+    assert report["sam_attention_kernels"] == {"skipped": "not a CUDA device"}  # probed on CUDA only
     rows = report["rows"]
     assert {row["kind"] for row in rows} == set(bench.ROW_KINDS)
     errors = [(row["label"], row["error"]) for row in rows if row["status"] == "error"]
