@@ -197,3 +197,29 @@ def test_the_embedded_runner_double_buffers_and_sets_torch_threads(
                                  max_attempts=1, device="cpu", torch_threads=2)
     assert outcome.processed.get("done") == len(repo.images(run.id)) > 0
     assert pools == [8] and torch_calls == [2]
+
+
+def test_a_setup_error_fails_the_whole_batch_at_once() -> None:
+    """Broken weights fail every image alike: the batch is not retried item by item (each retry would load
+    the weights again and print the same long error)."""
+    from workers.detectors.base import SetupError
+
+    calls: list[int] = []
+    release = threading.Event()
+
+    def run_batch(items: Sequence[Any]) -> list[Any]:
+        calls.append(len(items))
+        release.wait(5)
+        raise SetupError("weight shard x is truncated")
+
+    batcher = Batcher(run_batch, max_batch=4)
+    first = batcher.submit(0)
+    while not calls:
+        threading.Event().wait(0.01)
+    rest = [batcher.submit(i) for i in range(1, 5)]
+    release.set()
+    for future in [first, *rest]:
+        with pytest.raises(SetupError, match="truncated"):
+            future.result(timeout=5)
+    batcher.close()
+    assert calls == [1, 4]  # one call per batch, no retries one by one

@@ -132,3 +132,21 @@ def test_a_submitted_template_run_naming_the_defect_is_flagged_like_an_embedded_
     assert json.loads(config)["uses_ground_truth_names"] is True
     assert fingerprint
     assert "names the ground-truth defect folder" in " ".join(output.split())
+
+
+def test_a_truncated_shard_stops_the_run_before_planning_with_one_line(tmp_path: Path, data: Path) -> None:
+    import shutil
+
+    read_dir, clip_dir = tiny_checkpoint()
+    broken = tmp_path / "broken"
+    shutil.copytree(read_dir, broken)
+    shard = sorted(broken.glob("pytorch_model-*.bin"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    work = tmp_path / "work"
+    output = _invoke([
+        "--work-dir", str(work), "run", "--mvtec-root", str(data), "--max-per-class", "4",
+        "--detector", "read", "--checkpoint", str(broken), "--clip", str(clip_dir),
+    ], exit_code=1)
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and shard.name in lines[0] and "truncated" in lines[0], output
+    assert "planned" not in output and "Traceback" not in output

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from read_fixtures import tiny_checkpoint
+from safetensors.torch import save_file as save_safetensors
 
 from workers.read.config import ReadConfig
 from workers.read.errors import (
@@ -19,7 +20,13 @@ from workers.read.errors import (
     UnexpectedWeightsError,
     WeightShapeError,
 )
-from workers.read.loader import cached_read_model, load_read_model, read_state_dict, resolve_dtype
+from workers.read.loader import (
+    cached_read_model,
+    check_weight_files,
+    load_read_model,
+    read_state_dict,
+    resolve_dtype,
+)
 from workers.read.preprocess import ClipPreprocessing
 from workers.read.sam_keys import official_to_hf
 from workers.read.tiny import make_tiny_checkpoint
@@ -278,3 +285,32 @@ def test_both_released_preprocessor_layouts_are_read(tmp_path: Path) -> None:
         '{"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}, "image_std": [1, 1, 1]}'
     )
     assert ClipPreprocessing.from_folder(tmp_path) == ClipPreprocessing(224, 224, std=(1.0, 1.0, 1.0))
+
+
+# -- truncated shards are caught by the cheap pre-run check, before any image is planned ------------------------
+@pytest.mark.parametrize("keep", [0.5, 0.97])
+def test_a_truncated_torch_shard_fails_the_cheap_check(copy, keep: float) -> None:
+    read_dir, _ = copy
+    shard = read_dir / SHARD_2
+    data = shard.read_bytes()
+    shard.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CorruptShardError, match=rf"{SHARD_2} \(\d+ bytes\) is truncated.*copy it again"):
+        check_weight_files(read_dir)
+
+
+def test_a_truncated_safetensors_file_fails_the_cheap_check(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_safetensors({"a": torch.zeros(64, 64), "b": torch.ones(8)}, str(path))
+    check_weight_files(tmp_path)  # whole: passes
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])  # the header is whole, the last tensor is cut
+    with pytest.raises(CorruptShardError, match=r"is truncated: its header needs \d+ bytes"):
+        check_weight_files(tmp_path)
+    path.write_bytes(data[:20])  # the header itself is cut
+    with pytest.raises(CorruptShardError, match="truncated or not a safetensors file"):
+        check_weight_files(tmp_path)
+
+
+def test_whole_shards_pass_the_cheap_check(copy) -> None:
+    read_dir, _ = copy
+    check_weight_files(read_dir)

@@ -5,7 +5,8 @@ then hands the prepared item to :meth:`Batcher.submit` and waits on the returned
 thread forms batches: it takes what is queued, and waits (at most ``max_wait_s``) for more only while other
 tasks are still preparing items, so a batch is as full as the work in flight allows without idling the
 device for nothing. If a whole batch fails, its items are retried one by one, so a single bad input fails
-only its own task (DESIGN.md section 3).
+only its own task (DESIGN.md section 3); a SetupError (broken weights, no device) fails the whole batch at once,
+since every item would fail alike.
 
 Double buffering: a process runs :func:`task_threads` = batch size × pipeline depth task threads. With depth 2,
 while one batch runs on the device its tasks wait on their futures and the other half of the threads prepare and
@@ -24,6 +25,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
+
+from workers.detectors.base import SetupError
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +130,11 @@ class Batcher:
             if len(results) != len(items):
                 raise RuntimeError(f"detector returned {len(results)} results for a batch of {len(items)}")
         except BaseException as exc:  # noqa: BLE001 - delivered to the waiting tasks
-            if len(batch) == 1:
-                batch[0][1].set_exception(exc)
+            if len(batch) == 1 or isinstance(exc, SetupError):
+                # A broken setup (weights, device) fails every image alike: retrying them one by one would
+                # only repeat the failure, and its long message, once per image.
+                for _, future in batch:
+                    future.set_exception(exc)
                 return
             log.warning("batch of %d failed (%s); retrying its items one by one", len(batch), exc)
             for entry in batch:

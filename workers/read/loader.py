@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import threading
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,24 +219,55 @@ def folders_digest(name: str, folders: Iterable[Path | None]) -> str:
 
 
 def check_weight_files(checkpoint: Path) -> None:
-    """Cheap checks of every weight file before any image is claimed: present (as the index lists them), not
-    empty, and starting like what its name says (a safetensors header that parses; a torch zip or pickle)."""
+    """Cheap checks of every weight file before any image is claimed: present (as the index lists them), and
+    whole as far as its own directory can tell without reading the tensors — a safetensors header that parses
+    and whose tensors end within the file; a torch zip whose central directory (at the file's end) reads and
+    whose members lie within the file; a legacy pickle's first byte."""
     for path in weight_files(Path(checkpoint)):
         size = path.stat().st_size
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            if path.suffix == ".safetensors":
-                header_size = int.from_bytes(head, "little") if len(head) == 8 else -1
-                try:
-                    valid = 0 < header_size < size and isinstance(json.loads(handle.read(header_size)), dict)
-                except (ValueError, UnicodeDecodeError):
-                    valid = False
-            else:
-                valid = head.startswith((b"PK\x03\x04", b"\x80"))  # torch.save's zip, or the legacy pickle
-        if not valid:
-            raise CorruptShardError(
-                f"weight shard {path} ({size} bytes) is truncated or not a weight file; copy it again"
-            )
+        if path.suffix == ".safetensors":
+            problem = _safetensors_problem(path, size)
+        else:
+            problem = _torch_file_problem(path, size)
+        if problem:
+            raise CorruptShardError(f"weight shard {path} ({size} bytes) {problem}; copy it again")
+
+
+def _safetensors_problem(path: Path, size: int) -> str | None:
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        header_size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < header_size <= size - 8:
+            return "is truncated or not a safetensors file"
+        try:
+            header = json.loads(handle.read(header_size))
+        except (ValueError, UnicodeDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        return "has no readable safetensors header"
+    ends = [entry["data_offsets"][1] for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2 and isinstance(entry["data_offsets"][1], int)]
+    needed = 8 + header_size + max(ends, default=0)
+    return f"is truncated: its header needs {needed} bytes" if size < needed else None
+
+
+def _torch_file_problem(path: Path, size: int) -> str | None:
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head.startswith(b"\x80"):
+        return None  # torch.save's legacy pickle format: nothing cheap to check beyond its first byte
+    if not head.startswith(b"PK\x03\x04"):
+        return "is not a torch weight file (neither torch.save's zip nor its legacy pickle)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        return f"is truncated or damaged ({exc})"
+    # Each member's data follows its local header (30 bytes + name + extra, the extra not in the directory).
+    if any(member.header_offset + 30 + len(member.filename) + member.compress_size > size for member in members):
+        return "is truncated: its zip directory lists data beyond the file's end"
+    return None
 
 
 def read_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -246,8 +278,11 @@ def read_shard(path: Path) -> dict[str, torch.Tensor]:
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure to parse (pickle, zip, safetensors header) means an unusable file
+        # torch's own text runs to a paragraph of advice; its first sentence says what failed.
+        reason = one_line(exc).split(". ")[0][:200]
         raise CorruptShardError(
-            f"weight shard {path} cannot be read ({type(exc).__name__}: {exc}); it is truncated or corrupt — copy it again"
+            f"weight shard {path} cannot be read ({type(exc).__name__}: {reason}); it is truncated or corrupt — "
+            "copy it again"
         ) from exc
     if not isinstance(tensors, dict) or not all(
         isinstance(value, torch.Tensor) for value in tensors.values()
