@@ -314,3 +314,12 @@ def test_a_truncated_safetensors_file_fails_the_cheap_check(tmp_path: Path) -> N
 def test_whole_shards_pass_the_cheap_check(copy) -> None:
     read_dir, _ = copy
     check_weight_files(read_dir)
+
+
+def test_a_clip_folder_given_as_the_checkpoint_says_so(copy) -> None:
+    from workers.pixellm.loader import load_pixellm_model
+
+    _, clip_dir = copy
+    for load in (load_read_model, load_pixellm_model):
+        with pytest.raises(CheckpointError, match=r"is a CLIP model's config.*pass that folder as --clip"):
+            load(clip_dir, clip_dir)

@@ -17,7 +17,14 @@ from typing import Any
 
 from transformers import LlamaConfig
 
-from workers.read.config import KIND_NAMES, KIND_PIXELLM, checkpoint_kind, json_object, llava_fields
+from workers.read.config import (
+    KIND_NAMES,
+    KIND_PIXELLM,
+    checkpoint_kind,
+    json_object,
+    llava_fields,
+    refuse_clip_config,
+)
 from workers.read.errors import CheckpointError, WrongDetectorError
 
 # Forced by PixelLMForCausalLM.__init__ (model/PixelLM.py).
@@ -54,6 +61,7 @@ class PixelLMConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str = "config.json") -> PixelLMConfig:
+        refuse_clip_config(raw, source=source, family="PixelLM")
         kind = checkpoint_kind(raw)
         if kind != KIND_PIXELLM:
             raise WrongDetectorError(

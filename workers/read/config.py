@@ -82,6 +82,15 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def refuse_clip_config(raw: dict[str, Any], *, source: str, family: str) -> None:
+    """A CLIP folder given where the checkpoint belongs (the two sit side by side) gets an error that says so."""
+    if raw.get("model_type") in ("clip", "clip_vision_model"):
+        raise CheckpointError(
+            f"{source} is a CLIP model's config, not a {family} checkpoint: pass that folder as --clip and the "
+            f"{family} folder (config.json with mm_hidden_size, the weight shards, the tokenizer) as --checkpoint"
+        )
+
+
 def llava_fields(raw: dict[str, Any], *, source: str, family: str, vision_tower: str) -> dict[str, Any]:
     """The LLaVA-LLaMA settings READ, LISA and PixelLM configs share, as keyword arguments of their config classes
     (``llama``, ``mm_hidden_size``, ``vision_select_layer``, ``use_im_start_end``, ``out_dim``, ``vision_tower``;
@@ -250,6 +259,7 @@ class ReadConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str = "config.json") -> ReadConfig:
+        refuse_clip_config(raw, source=source, family="READ/LISA")
         kind = checkpoint_kind(raw)
         default_tower = "openai/clip-vit-large-patch14" if kind == KIND_LISA else "openai/clip-vit-large-patch14-336"
         fields = llava_fields(raw, source=source, family="READ/LISA", vision_tower=default_tower)
