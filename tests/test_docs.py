@@ -35,6 +35,14 @@ def test_every_command_is_documented() -> None:
     assert not missing, f"commands missing from the README: {missing}"
 
 
+def test_readme_lists_every_detector() -> None:
+    from workers.detectors.base import available_detectors
+
+    listed = re.search(r"`--detector ([a-z_]+(?:\|[a-z_]+)+)`", README)
+    assert listed, "the README's run options no longer list the detectors as `--detector a|b|…`"
+    assert listed.group(1).split("|") == available_detectors()
+
+
 def test_readme_opens_with_the_two_commands() -> None:
     blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
     assert "readar demo" in blocks[0] and "tests/run.sh" in blocks[1]
