@@ -323,3 +323,16 @@ def test_a_clip_folder_given_as_the_checkpoint_says_so(copy) -> None:
     for load in (load_read_model, load_pixellm_model):
         with pytest.raises(CheckpointError, match=r"is a CLIP model's config.*pass that folder as --clip"):
             load(clip_dir, clip_dir)
+
+
+def test_truncated_clip_weights_fail_the_cheap_check(copy, tmp_path: Path) -> None:
+    from workers.read.loader import check_model_folders
+
+    _, clip_dir = copy
+    clip = tmp_path / "clip"
+    shutil.copytree(clip_dir, clip)
+    check_model_folders(None, clip)
+    weights = next(path for path in clip.iterdir() if path.name in ("model.safetensors", "pytorch_model.bin"))
+    weights.write_bytes(weights.read_bytes()[:-64])
+    with pytest.raises(ClipFolderError, match=rf"CLIP weights {weights} \(\d+ bytes\) is truncated"):
+        check_model_folders(None, clip)

@@ -199,8 +199,16 @@ def check_model_folders(checkpoint: Path | None, clip_dir: Path | None) -> None:
     and the CLIP folder holding its weights (None: a model built from parts)."""
     if checkpoint is not None:
         check_weight_files(checkpoint)
-    if clip_dir is not None and not any((clip_dir / name).is_file() for name in _SINGLE_FILES):
+    if clip_dir is None:
+        return
+    weights = [clip_dir / name for name in _SINGLE_FILES if (clip_dir / name).is_file()]
+    if not weights:
         raise ClipFolderError(f"CLIP folder {clip_dir} has no {' or '.join(_SINGLE_FILES)}")
+    size = weights[0].stat().st_size
+    checked = _safetensors_problem if weights[0].suffix == ".safetensors" else _torch_file_problem
+    problem = checked(weights[0], size)
+    if problem:
+        raise ClipFolderError(f"CLIP weights {weights[0]} ({size} bytes) {problem}; copy them again")
 
 
 def folders_digest(name: str, folders: Iterable[Path | None]) -> str:
