@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -70,12 +71,22 @@ def test_truncated_shard_is_caught_before_the_run(tmp_path: Path, data: Path) ->
 
 
 def test_a_shard_unreadable_at_load_stops_the_run_and_charges_nothing(tmp_path: Path, data: Path) -> None:
-    """The header looks right (preflight passes) but the weights cannot load: the run stops at the first batch,
-    every image is given back untouched, and resume finishes it once the file is fixed."""
+    """The file looks whole (preflight passes: its zip directory reads) but the weights cannot load: the run
+    stops at the first batch, every image is given back untouched, and resume finishes it once the file is fixed.
+    (A truncated shard is caught before planning: tests/test_read_cli.py.)"""
     checkpoint, clip = _checkpoint_copy(tmp_path)
     shard = _shards(checkpoint)[0]
     good = shard.read_bytes()
-    shard.write_bytes(good[: len(good) // 2])  # starts like a torch zip, ends early
+    with zipfile.ZipFile(shard) as archive:  # garble the pickle inside, keeping every size and offset
+        pickle = next(member for member in archive.infolist() if member.filename.endswith("data.pkl"))
+    local = pickle.header_offset  # the local header's name and extra lengths (torch pads the extra to align)
+    start = local + 30 + int.from_bytes(good[local + 26 : local + 28], "little") + int.from_bytes(
+        good[local + 28 : local + 30], "little")
+    garbled = bytearray(good)
+    garbled[start : start + 16] = b"\xff" * 16
+    # One byte more: the size is part of the model cache's key (the digest reads no weights), so the process does
+    # not reuse a model loaded from the whole file by an earlier test.
+    shard.write_bytes(bytes(garbled) + b"\0")
     work = tmp_path / "work"
     result = _run(work, data, checkpoint, clip, "--batch-size", "2")
     assert result.exit_code == 1, result.output
