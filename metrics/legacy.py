@@ -27,9 +27,9 @@ import os
 import re
 import stat
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -79,6 +79,60 @@ class Skip:
     folder: str
     category: str | None
     reason: str
+
+
+@dataclass
+class RootSurvey:
+    """Where the predictions' images were when they were predicted, against ``--mvtec-root``.
+
+    recorded_roots: the folder above ``<category>/test/<defect>/<file>`` of each metadata.json image_path (as
+    written, from any machine) → how many predictions name it. anomalous: predictions of an anomalous image (of
+    the selected categories); anomalous_with_mask: those whose mask is under the MVTec root;
+    first_missing_mask: the relative path of the first mask that is not.
+    """
+
+    mvtec_root: Path
+    recorded_roots: Counter[str] = field(default_factory=Counter)
+    anomalous: int = 0
+    anomalous_with_mask: int = 0
+    first_missing_mask: str = ""
+
+    def foreign_roots(self) -> list[str]:
+        """The recorded roots that are not ``mvtec_root`` (most predictions first)."""
+        own = {os.path.normpath(self.mvtec_root.absolute()), str(self.mvtec_root.resolve())}
+        return [root for root, _ in self.recorded_roots.most_common()
+                if os.path.normpath(os.path.join(os.getcwd(), root)) not in own]
+
+    def _roots_text(self, roots: list[str]) -> str:
+        more = f" (and {len(roots) - 1} other folder(s))" if len(roots) > 1 else ""
+        return f"{roots[0]}{more}"
+
+    def mismatch_warning(self) -> str | None:
+        """One line when some predictions were made on images outside ``mvtec_root``, else None."""
+        roots = self.foreign_roots()
+        if not roots:
+            return None
+        return (f"the predictions' metadata.json image paths are under {self._roots_text(roots)}, not under "
+                f"--mvtec-root {self.mvtec_root}; masks are looked up under --mvtec-root by each image's "
+                "<category>/test/<defect>/<file> path, which is right only for a copy of the dataset they were "
+                "made on")
+
+    def no_match_error(self) -> str | None:
+        """One line when there are anomalous predictions and not one of them has its mask under ``mvtec_root``
+        (every metric would be NaN: ``mvtec_root`` is not the predictions' dataset), else None."""
+        if not self.anomalous or self.anomalous_with_mask:
+            return None
+        roots = self.foreign_roots()
+        made_on = (f"they were made on images under {self._roots_text(roots)}: give that dataset (or a copy) as "
+                   "--mvtec-root" if roots else "check that --mvtec-root holds the dataset's ground_truth folders")
+        return (f"no prediction matches --mvtec-root {self.mvtec_root}: none of the {self.anomalous} anomalous "
+                f"image(s) has its mask there (e.g. {self.first_missing_mask} is missing); {made_on}")
+
+
+def recorded_root(image_path: str) -> str:
+    """The folder above the ``<category>/test/<defect>/<file>`` tail of a (possibly foreign) image path."""
+    parts = PurePosixPath(str(image_path).replace("\\", "/")).parts
+    return str(PurePosixPath(*parts[:-4])) if len(parts) > 4 else "."
 
 
 def image_tail(image_path: str) -> tuple[str, str, str]:
@@ -187,10 +241,26 @@ def read_metadata(folder: Path) -> dict:
 
 def claimed_image(folder: Path) -> tuple[str, str, str]:
     """(category, defect, file) of the image a prediction folder's metadata.json names."""
+    return image_tail(_recorded_path(folder))
+
+
+def _recorded_path(folder: Path) -> str:
+    """The image_path a prediction folder's metadata.json records."""
     image_path = read_metadata(folder).get("image_path")
     if not isinstance(image_path, str) or not image_path:
         raise LegacyInputError(f"{folder / METADATA_FILE} has no string 'image_path'")
-    return image_tail(image_path)
+    return image_path
+
+
+def _mask_relative(category: str, defect: str, file_name: str) -> str:
+    return f"{category}/ground_truth/{defect}/{PurePosixPath(file_name).stem}_mask.png"
+
+
+def _has_mask(mvtec_root: Path, category: str, defect: str, file_name: str) -> bool:
+    try:
+        return resolve_inside(mvtec_root, _mask_relative(category, defect, file_name)).exists()
+    except (PathEscapeError, OSError, RuntimeError):
+        return False
 
 
 def _resolve(folder: Path, mvtec_root: Path, category: str, defect: str, file_name: str) -> LegacyImage:
@@ -215,7 +285,7 @@ def _resolve(folder: Path, mvtec_root: Path, category: str, defect: str, file_na
         )
     mask_path = None
     if defect != GOOD:
-        relative = f"{category}/ground_truth/{defect}/{PurePosixPath(file_name).stem}_mask.png"
+        relative = _mask_relative(category, defect, file_name)
         try:
             mask_path = resolve_inside(mvtec_root, relative)
         except (PathEscapeError, OSError, RuntimeError) as exc:
@@ -254,8 +324,9 @@ def _inside_pred_root(pred_root: Path, folder: Path) -> None:
 
 def discover(
     pred_root: Path, mvtec_root: Path, *, classes: Collection[str] | None = None,
-) -> tuple[list[LegacyImage], list[Skip]]:
-    """Every prediction folder under ``pred_root`` (sorted), resolved; folders that cannot be, as skips.
+) -> tuple[list[LegacyImage], list[Skip], RootSurvey]:
+    """Every prediction folder under ``pred_root`` (sorted), resolved; folders that cannot be, as skips; and
+    where the predictions' images were against ``mvtec_root`` (:class:`RootSurvey`).
 
     classes: keep only these categories (None keeps all). A folder whose category cannot be read is skipped
     whatever ``classes`` says. Folders claiming the same image are all skipped, each reason naming every one
@@ -267,13 +338,22 @@ def discover(
         raise LegacyInputError(f"MVTec root {mvtec_root} is not a folder; give the dataset of the predictions")
     claims: dict[str, list[LegacyImage]] = defaultdict(list)
     skips: list[Skip] = []
+    survey = RootSurvey(mvtec_root)
     for folder in sorted(p for p in pred_root.iterdir() if p.is_dir()):
         category = None
         try:
             _inside_pred_root(pred_root, folder)
-            category, defect, file_name = claimed_image(folder)
+            image_path = _recorded_path(folder)
+            category, defect, file_name = image_tail(image_path)
             if classes is not None and category not in classes:
                 continue
+            survey.recorded_roots[recorded_root(image_path)] += 1
+            if defect != GOOD:
+                survey.anomalous += 1
+                if _has_mask(mvtec_root, category, defect, file_name):
+                    survey.anomalous_with_mask += 1
+                elif not survey.first_missing_mask:
+                    survey.first_missing_mask = _mask_relative(category, defect, file_name)
             image = _resolve(folder, mvtec_root, category, defect, file_name)
         except LegacyInputError as exc:
             if classes is None or category is None or category in classes:
@@ -294,7 +374,7 @@ def discover(
         skips.extend(Skip(str(image.folder), image.category, reason) for image in claimants)
     images.sort(key=lambda image: image.folder)
     skips.sort(key=lambda skip: skip.folder)
-    return images, skips
+    return images, skips, survey
 
 
 def _npy_header(handle: BinaryIO, path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from metrics.errors import LegacyInputError, MetricInputError
-from metrics.legacy import LegacyImage, Skip, discover, load_prediction
+from metrics.legacy import LegacyImage, RootSurvey, Skip, discover, load_prediction
 from metrics.scopes import ALL, ScopedAccumulator, mean_row, scope_row
 from metrics.state import MetricState
 
@@ -30,11 +30,13 @@ _worker_queue: Any = None  # set in worker processes only: where per-image progr
 
 @dataclass
 class LegacyResult:
-    """rows: category and defect rows (categories sorted), then overall and mean; skips: every skipped image."""
+    """rows: category and defect rows (categories sorted), then overall and mean; skips: every skipped image;
+    survey: where the predictions' images were against the MVTec root (None before discovery)."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
     num_evaluated: int = 0
+    survey: RootSurvey | None = None
 
 
 @dataclass
@@ -118,13 +120,18 @@ def _drain(progress_queue: Any, on_image: ImageCallback | None) -> None:
 def evaluate_legacy(
     pred_root: Path, mvtec_root: Path, *, classes: Collection[str] | None = None, pro_hard: bool = True,
     workers: int = 1, on_image: ImageCallback | None = None, on_start: Callable[[int], None] | None = None,
+    require_match: bool = False,
 ) -> LegacyResult:
     """Metrics of every prediction folder under ``pred_root``.
 
     classes: categories to evaluate (None: all found). workers: processes (1 = in this process).
     on_start(total images) is called after discovery, on_image(category) after each image.
+    require_match: raise :class:`LegacyInputError` right after discovery, before any array is read, when there
+    are anomalous predictions and not one has its mask under ``mvtec_root`` (:meth:`RootSurvey.no_match_error`).
     """
-    images, skips = discover(Path(pred_root), Path(mvtec_root), classes=classes)
+    images, skips, survey = discover(Path(pred_root), Path(mvtec_root), classes=classes)
+    if require_match and survey.no_match_error():
+        raise LegacyInputError(survey.no_match_error())
     groups: dict[str, list[LegacyImage]] = defaultdict(list)
     for image in images:
         groups[image.category].append(image)
@@ -138,7 +145,7 @@ def evaluate_legacy(
     for skip in skips:
         skipped_per_category[skip.category or "?"] += 1
     overall = MetricState(BINNING)
-    result = LegacyResult(skips=list(skips))
+    result = LegacyResult(skips=list(skips), survey=survey)
     for category_result in sorted(results, key=lambda r: r.category):
         result.skips.extend(category_result.skips)
         skipped_per_category[category_result.category] += len(category_result.skips)

@@ -115,36 +115,62 @@ def write_metrics_csv(rows: Iterable[Mapping[str, Any]], path: str | Path,
     return write_output(path, buffer.getvalue())
 
 
-def _percent(value: Any) -> str:
+# The row order of every metrics CSV and table (README "Metrics"): mean, overall, categories, defect types.
+SCOPE_ORDER = {"mean": 0, "overall": 1, "category": 2, "defect": 3}
+# The legend under every printed metrics table.
+METRICS_LEGEND = "mean: average of the category rows; overall: all images pooled; anom.: anomalous images"
+
+
+def csv_order(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Rows in the CSV order: ``mean``, ``overall``, the category rows, the defect rows (each by name)."""
+    return sorted(rows, key=lambda r: (SCOPE_ORDER.get(str(r["scope"]), 9), str(r.get("category", "")),
+                                       str(r.get("defect_type", ""))))
+
+
+def display_order(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Rows in the printed order: ``mean``, ``overall``, then each category row followed by its defect rows."""
+    rows = csv_order(rows)
+    ordered = [r for r in rows if r["scope"] not in ("category", "defect")]
+    for category_row in (r for r in rows if r["scope"] == "category"):
+        ordered.append(category_row)
+        ordered.extend(r for r in rows if r["scope"] == "defect" and r["category"] == category_row["category"])
+    listed = {id(r) for r in ordered}
+    return ordered + [r for r in rows if id(r) not in listed]  # defect rows of a category without its row
+
+
+def percent_text(value: Any) -> str:
+    """A metric (0-1) as printed: percent with one decimal, ``—`` for NaN."""
     number = float(value)
-    return "–" if math.isnan(number) else f"{100.0 * number:.2f}"
+    return "—" if math.isnan(number) else f"{100.0 * number:.1f}"
 
 
 def _scope_name(row: Mapping[str, Any]) -> str:
-    if row["scope"] in ("overall", "mean"):
-        return str(row["scope"])
     if row["scope"] == "defect":
         return f"  {shown(row.get('defect_type', ''))}"  # under its category's row
-    return shown(row["category"])
+    if row["scope"] == "category":
+        return shown(row["category"])
+    return shown(row["scope"])  # mean, overall
 
 
 def metrics_table(rows: Iterable[Mapping[str, Any]], *, title: str = "READAR metrics (%)") -> Table:
-    """A rich Table of rows: scope name, the five metrics in percent, image counts (and skips if any).
+    """A rich Table of rows in :func:`display_order`: scope name, the five metrics in percent (one decimal),
+    image counts (and skips if any), with :data:`METRICS_LEGEND` under it.
 
     It fits 80 columns: no outer border, two spaces between columns, numbers that never wrap, and long scope
     names that wrap instead of being cut off."""
     rows = list(rows)
     show_skipped = any(int(row.get("num_skipped", 0)) for row in rows)
-    table = Table(title=shown(title), box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
-    table.add_column("scope", overflow="fold")
-    for column in METRIC_COLUMNS:
-        table.add_column(column, justify="right", no_wrap=True, min_width=max(len(column), 6))
-    table.add_column("images", justify="right", no_wrap=True, min_width=6)
-    table.add_column("anom.", justify="right", no_wrap=True, min_width=5)
+    has_defects = any(row["scope"] == "defect" for row in rows)
+    table = Table(title=shown(title), title_justify="left", caption=METRICS_LEGEND if rows else None,
+                  caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                  collapse_padding=True)
+    table.add_column("category / defect" if has_defects else "category", overflow="fold")
+    for column in (*METRIC_COLUMNS, "images", "anom."):
+        table.add_column(column, justify="right", no_wrap=True, min_width=len(column))
     if show_skipped:
         table.add_column("skip", justify="right", no_wrap=True, min_width=4)
-    for row in rows:
-        cells = [_scope_name(row), *(_percent(row[column]) for column in METRIC_COLUMNS),
+    for row in display_order(rows):
+        cells = [_scope_name(row), *(percent_text(row[column]) for column in METRIC_COLUMNS),
                  str(row["num_images"]), str(row["num_anom_images"])]
         if show_skipped:
             cells.append(str(row.get("num_skipped", 0)))

@@ -139,8 +139,8 @@ def test_cli_writes_csv_and_table(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     with out_csv.open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["scope"] for r in rows] == ["category", "defect", "defect", "category", "defect", "defect",
-                                          "overall", "mean"]
+    assert [r["scope"] for r in rows] == ["mean", "overall", "category", "category", "defect", "defect", "defect",
+                                          "defect"]  # the README's order, as `readar metrics`
     assert all(not math.isnan(float(r["PRO_hard"])) for r in rows)
     assert "overall" in result.output and "zipper" in result.output
 

@@ -172,4 +172,4 @@ def test_csv_and_table(tmp_path: Path) -> None:
     console = Console(record=True, width=200)
     console.print(metrics_table(rows))
     text = console.export_text()
-    assert "bottle" in text and "overall" in text and f"{100 * rows[0]['pAUROC']:.2f}" in text
+    assert "bottle" in text and "overall" in text and f"{100 * rows[0]['pAUROC']:.1f}" in text

@@ -8,7 +8,17 @@ from storage.models import ImageStatus, Run
 from storage.repository import Repository
 
 MAX_LISTED_PROBLEMS = 200
-PROMPTED_DETECTORS = ("read", "lisa", "read_as_published")  # detectors whose configuration's prompt/decoding settings apply
+# Set in a run's stored detector configuration exactly when its detector generates text from a prompt: `run` and
+# `submit` store it for every detector whose registered defaults have max_new_tokens, which are the ones that
+# read prompt_mode and conversation (workers/detectors/base.py DETECTOR_DEFAULTS); every other detector's
+# stored prompt_mode is the unused default.
+PROMPTED_MARK = "extra.max_new_tokens"
+
+
+def uses_prompt(run: Run) -> bool:
+    """Whether ``run``'s detector reads its prompt mode, decoding mode and conversation template, from the run's
+    stored configuration (so it holds for detectors registered by plugins, and needs no list of names)."""
+    return PROMPTED_MARK in ((run.config or {}).get("detector_config") or {})
 
 
 def run_summary(repo: Repository, run: Run) -> RunSummary:
@@ -16,7 +26,7 @@ def run_summary(repo: Repository, run: Run) -> RunSummary:
     config = run.config or {}
     detector_config = config.get("detector_config") or {}
     totals = repo.status_totals(run.id)
-    uses_language = run.detector in PROMPTED_DETECTORS
+    uses_language = uses_prompt(run)
     return RunSummary(
         name=run.name, status=run.status, created=f"{run.created_at:%Y-%m-%d %H:%M}", detector=run.detector,
         model_fingerprint=run.model_fingerprint or "—",

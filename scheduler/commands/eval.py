@@ -12,7 +12,7 @@ from rich.table import Table
 
 from metrics.errors import LegacyInputError
 from metrics.legacy_evaluation import evaluate_legacy
-from metrics.output import metrics_table, shown, visible, write_metrics_csv
+from metrics.output import csv_order, metrics_table, shown, visible, write_metrics_csv
 
 
 def _parse_classes(value: str | None) -> list[str] | None:
@@ -58,6 +58,11 @@ def eval_command(pred_root: Path, mvtec_root: Path, out_csv: Path, pro_hard: boo
     decompression-bomb limit or linked out of --mvtec-root, a category that is not under --mvtec-root, and
     every folder of an image that several folders claim (the reason names them all). Names are printed with
     control characters escaped.
+
+    Rows (CSV and table, as `readar metrics`): mean, overall, categories, defect types. A warning names both
+    folders when the predictions' metadata.json image paths are not under --mvtec-root (right for a copy of
+    their dataset, wrong for another one); when not one anomalous prediction has its mask under --mvtec-root,
+    the command fails without evaluating.
     """
     class_names = _parse_classes(classes)
     out = Console()
@@ -75,9 +80,12 @@ def eval_command(pred_root: Path, mvtec_root: Path, out_csv: Path, pro_hard: boo
 
         try:
             result = evaluate_legacy(pred_root, mvtec_root, classes=class_names, pro_hard=pro_hard,
-                                     workers=workers, on_image=advanced, on_start=started)
+                                     workers=workers, on_image=advanced, on_start=started, require_match=True)
         except LegacyInputError as exc:
             raise click.ClickException(visible(exc)) from exc
+    mismatch = result.survey.mismatch_warning() if result.survey else None
+    if mismatch:
+        err.print(f"[yellow]warning:[/] {shown(mismatch)}", soft_wrap=True)
     if class_names:
         found = {row["category"] for row in result.rows}
         for name in class_names:
@@ -90,10 +98,10 @@ def eval_command(pred_root: Path, mvtec_root: Path, out_csv: Path, pro_hard: boo
     if not result.rows:
         raise click.ClickException(f"no usable prediction under {visible(pred_root)}; nothing to write")
     try:
-        write_metrics_csv(result.rows, out_csv)
+        write_metrics_csv(csv_order(result.rows), out_csv)
     except OSError as exc:
         raise click.ClickException(visible(exc)) from exc
-    out.print(metrics_table(result.rows))
+    out.print(metrics_table(result.rows, title=f"eval of {visible(pred_root)} — metrics (%)"))
     err.print(f"{result.num_evaluated} image(s) evaluated, {len(result.skips)} skipped; wrote {shown(out_csv)}")
 
 
