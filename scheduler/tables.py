@@ -118,6 +118,17 @@ def _row_name(row: dict[str, Any]) -> str:
     return shown(row["scope"])  # mean, overall
 
 
+def left_out_line(run_name: str, failed: int, skipped: int) -> str:
+    """The line under the metrics naming the images they leave out and the ``results`` filter of each kind.
+
+    Only kinds with images are named: ``--status failed`` lists failed images, ``--status skipped`` skipped ones."""
+    kinds = [(n, status) for n, status in ((failed, "failed"), (skipped, "skipped")) if n]
+    counts = " and ".join(f"{n} {status}" for n, status in kinds)
+    commands = " and ".join(f"`readar results {visible(run_name)} --status {status}`" for _, status in kinds)
+    return f"left out of these metrics: {counts} image(s); {commands} {'list' if len(kinds) > 1 else 'lists'} " \
+           "them and why"
+
+
 def print_metrics(console: Console, repo: Repository, run: Run, *, include_defects: bool = False) -> None:
     """Print the run's metrics (percent) with its oracle warning where the prompt used defect names.
 
@@ -137,11 +148,8 @@ def print_metrics(console: Console, repo: Repository, run: Run, *, include_defec
     console.print(table)
     overall = next((r for r in rows if r["scope"] == "overall"), None)
     if overall is not None and (overall["num_failed"] or overall["num_skipped"]):
-        console.print(
-            f"left out of these metrics: {overall['num_failed']} failed and {overall['num_skipped']} skipped "
-            f"image(s); `readar results {visible(run.name)} --status failed` lists the failed ones and why",
-            markup=False, highlight=False,
-        )
+        console.print(left_out_line(run.name, overall["num_failed"], overall["num_skipped"]),
+                      markup=False, highlight=False)
     note = published_setting_note(run.detector, run.config.get("detector_config") or {})
     if note:
         console.print(f"[cyan]{note}[/]")

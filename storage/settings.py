@@ -21,6 +21,8 @@ DAY_S = 86_400
 WEEK_S = 7 * DAY_S
 # Batches in flight per worker process (READAR_PIPELINE_DEPTH): 2 prepares the next batch while one runs.
 DEFAULT_PIPELINE_DEPTH = 2
+# Most images per batched forward: READAR_BATCH_SIZE and every --batch-size flag share this bound.
+MAX_BATCH_SIZE = 1024
 
 
 def broker_kind(url: str | None) -> str:
@@ -53,7 +55,7 @@ class Settings(BaseSettings):
     checkpoint: Path | None = Field(None, description="Local folder of a released READ checkpoint.")
     clip: Path | None = Field(None, description="Local folder of CLIP ViT-L/14-336 (HF format).")
     device: str = Field("cpu", description="cpu, cuda or cuda:N.")
-    batch_size: int = Field(4, ge=1, le=1024, description="Images per batched forward.")
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH_SIZE, description="Images per batched forward.")
     pipeline_depth: int = Field(
         DEFAULT_PIPELINE_DEPTH, ge=1, le=4, description="Batches in flight per worker process: task threads (and so "
         "Celery prefetch) = batch size × this. 2 (double buffering) prepares the next batch while one runs on the "
@@ -136,14 +138,17 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_time_limits(self) -> Settings:
+        # The messages name the environment variables (the only way to set these): READAR_<FIELD>.
         if not self.soft_time_limit < self.hard_time_limit:
-            raise ValueError(f"soft_time_limit ({self.soft_time_limit}) must be below hard_time_limit "
-                             f"({self.hard_time_limit})")
+            raise ValueError(
+                f"READAR_SOFT_TIME_LIMIT ({self.soft_time_limit}) must be below READAR_HARD_TIME_LIMIT "
+                f"({self.hard_time_limit}); lower the first or raise the second"
+            )
         if not self.hard_time_limit < self.lease_seconds <= self.visibility_timeout:
             raise ValueError(
-                f"need hard_time_limit ({self.hard_time_limit}) < lease_seconds ({self.lease_seconds}) <= "
-                f"visibility_timeout ({self.visibility_timeout}): a live task must never lose its lease, and a "
-                "redelivered task must find the dead worker's lease expired"
+                f"need READAR_HARD_TIME_LIMIT ({self.hard_time_limit}) < READAR_LEASE_SECONDS "
+                f"({self.lease_seconds}) <= READAR_VISIBILITY_TIMEOUT ({self.visibility_timeout}): a live task must "
+                "never lose its lease, and a redelivered task must find the dead worker's lease expired"
             )
         return self
 

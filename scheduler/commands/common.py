@@ -16,6 +16,7 @@ from scheduler.context import AppContext
 from scheduler.planner import RUN_NAME_RULE, RunNameError, RunRequest, check_run_name, parse_list
 from scheduler.tables import print_metrics, run_csv_path, shown, write_run_csv
 from storage.redact import redact_text
+from storage.settings import MAX_BATCH_SIZE
 from workers.detectors.base import (
     CONVERSATIONS,
     DECODE_MODES,
@@ -25,6 +26,24 @@ from workers.detectors.base import (
     DetectorError,
 )
 from workers.read import MAX_NEW_TOKENS, MAX_NEW_TOKENS_CAP
+
+# --batch-size of run, submit, resume, retry and worker: the range READAR_BATCH_SIZE has.
+BATCH_SIZE = click.IntRange(1, MAX_BATCH_SIZE)
+
+
+class _MaxPerClass(click.ParamType):
+    """-1 (all images) or a positive count; 0 is refused here, naming the flag, rather than by the indexer."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        number = click.INT.convert(value, param, ctx)
+        if number == -1 or number > 0:
+            return number
+        self.fail(f"must be -1 (all images) or a positive number of images per category; got {number}", param, ctx)
+
+
+MAX_PER_CLASS = _MaxPerClass()
 
 
 def _check_detector(ctx: click.Context, _param: click.Parameter, name: str) -> str:
@@ -58,7 +77,7 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--mvtec-root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
                      help="Dataset root: <root>/<category>/test/<defect>/<image>."),
         click.option("--classes", help="Comma-separated categories (default: all)."),
-        click.option("--max-per-class", default=-1, show_default=True, type=click.IntRange(min=-1),
+        click.option("--max-per-class", default=-1, show_default=True, type=MAX_PER_CLASS,
                      help="First N images per category in sorted order (-1 = all)."),
         click.option("--exclude-defects", help="Comma-separated defect types to leave out, e.g. color,combined."),
         click.option("--detector", default="baseline", show_default=True, callback=_check_detector,
@@ -78,10 +97,11 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="The question per image. generic: 'Segment any anomaly on the {class}.'; binary: 'Is "
                      "there any anomaly in the image?'; template: --prompt-template; all_types: one query per "
                      "defect type of the category, maps combined by max; anomaly: names the ground-truth defect "
-                     "folder, an ORACLE setting. Only anomaly leaks labels. [default: generic; anomaly for "
-                     "read_as_published]"),
-        click.option("--prompt-template", help="User template for --prompt-mode template ({class_name}, "
-                     "{anomaly_type})."),
+                     "folder, an ORACLE setting. Labels leak with anomaly, and with template whenever the template "
+                     "uses {anomaly_type}. [default: generic; anomaly for read_as_published]"),
+        click.option("--prompt-template", help="User template for --prompt-mode template, e.g. 'Segment the defect "
+                     "on the {class_name}.'; fields {class_name} and {anomaly_type} (the ground-truth defect "
+                     "folder: an ORACLE setting)."),
         click.option("--decode-mode", type=click.Choice(DECODE_MODES), default="generate", show_default=True,
                      help="generate: greedy decoding, [SEG] state from the step that emits it (as READ); "
                      "teacher_forced: one forward pass over the answer 'Sure, [SEG].' (faster, approximate)."),
@@ -92,7 +112,8 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help=f"READ detectors: most tokens generated per question (1-{MAX_NEW_TOKENS_CAP}). "
                      f"[default: {MAX_NEW_TOKENS}; {MAX_NEW_TOKENS_CAP} for read_as_published]"),
         click.option("--device", help="cpu, cuda or cuda:N [env READAR_DEVICE; cpu]."),
-        click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward [env READAR_BATCH_SIZE; 4]."),
+        click.option("--batch-size", type=BATCH_SIZE,
+                     help=f"Images per forward (1-{MAX_BATCH_SIZE}) [env READAR_BATCH_SIZE; 4]."),
         click.option("--run-name", callback=_check_run_name,
                      help=f"Name of the run: {RUN_NAME_RULE} (default: derived from the dataset and options)."),
     ]

@@ -10,19 +10,53 @@ from scheduler.context import AppContext
 from scheduler.tables import shown
 
 
+def _check_output_folder(directory: Path, what: str) -> None:
+    """DIRECTORY and the folders above it must be folders or not exist yet (one line, exit 1, not a traceback)."""
+    for folder in (directory, *directory.parents):
+        if folder.exists() and not folder.is_dir():
+            inside = "" if folder == directory else f" (it would hold {directory})"
+            raise click.ClickException(
+                f"{folder} is a file, not a folder{inside}; pass a folder (new or existing) to write {what} to"
+            )
+
+
+def _write_failure(directory: Path, what: str, exc: OSError) -> str:
+    """One line for a folder that cannot be written (a parent that is a file, no permission, a full disk)."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    return (f"cannot write {what} to {directory}: {exc.strerror or exc}{where}; "
+            "choose a folder you can write to")
+
+
 @click.command("make-sample-data")
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--size", default=256, show_default=True, type=click.IntRange(32, 4096), help="Image side in px.")
-@click.option("--per-class", default=12, show_default=True, type=click.IntRange(3, 10000),
-              help="Test images per category.")
+# The generator's own bounds (scheduler/sample_data.py): 32-2048 px, at least one good image and one per defect type.
+@click.option("--size", default=256, show_default=True, type=click.IntRange(32, 2048), help="Image side in px.")
+@click.option("--per-class", default=12, show_default=True, type=click.IntRange(4, 10000),
+              help="Test images per category (one good and one per defect type at least).")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Random seed: the same seed writes the same images.")
+@click.option("--overwrite", is_flag=True,
+              help="Write into category folders DIRECTORY already holds (files of the same name are replaced, "
+              "others are kept: an empty folder gives a clean dataset).")
 @click.pass_obj
-def make_sample_data_command(app: AppContext, directory: Path, size: int, per_class: int, seed: int) -> None:
+def make_sample_data_command(app: AppContext, directory: Path, size: int, per_class: int, seed: int,
+                             overwrite: bool) -> None:
     """Write a small MVTec-format dataset (textures and objects with exact defect masks) to DIRECTORY."""
-    from scheduler.sample_data import make_sample_data
+    from scheduler.sample_data import DEFAULT_CATEGORIES, SampleDataError, make_sample_data
 
-    summary = make_sample_data(directory, size=size, per_class=per_class, seed=seed)
+    _check_output_folder(directory, "the sample dataset")
+    existing = [name for name in DEFAULT_CATEGORIES if (directory / name).exists()]
+    if existing and not overwrite:
+        raise click.ClickException(
+            f"{directory} already holds {', '.join(existing)}; choose an empty folder or pass --overwrite "
+            "to write over them"
+        )
+    try:
+        summary = make_sample_data(directory, size=size, per_class=per_class, seed=seed, overwrite=overwrite)
+    except SampleDataError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(_write_failure(directory, "the sample dataset", exc)) from exc
     app.console.print(f"sample dataset written to [bold]{shown(directory)}[/]: {shown(summary)}")
 
 
@@ -44,16 +78,20 @@ def make_tiny_checkpoint_command(app: AppContext, directory: Path, seed: int, ki
     The released layout file for file: config.json, weight shards + index, and the tokenizer as the released
     folders ship it (a small SentencePiece tokenizer.model trained here with LLaMA's settings,
     tokenizer_config.json, special_tokens_map.json, added_tokens.json; no tokenizer.json)."""
-    if kind.startswith("pixellm"):
-        from workers.pixellm.tiny import make_tiny_pixellm
+    _check_output_folder(directory, "the checkpoint")
+    try:
+        if kind.startswith("pixellm"):
+            from workers.pixellm.tiny import make_tiny_pixellm
 
-        checkpoint, clip = make_tiny_pixellm(directory, seed=seed, layout="13b" if kind.endswith("13b") else "7b")
-        family, kind = "PixelLM", "pixellm"
-    else:
-        from workers.read.tiny import make_tiny_checkpoint
+            checkpoint, clip = make_tiny_pixellm(directory, seed=seed, layout="13b" if kind.endswith("13b") else "7b")
+            family, kind = "PixelLM", "pixellm"
+        else:
+            from workers.read.tiny import make_tiny_checkpoint
 
-        checkpoint, clip = make_tiny_checkpoint(directory, seed=seed, kind=kind)
-        family, kind = ("LISA", "lisa") if kind.startswith("lisa") else ("READ", kind)
+            checkpoint, clip = make_tiny_checkpoint(directory, seed=seed, kind=kind)
+            family, kind = ("LISA", "lisa") if kind.startswith("lisa") else ("READ", kind)
+    except OSError as exc:
+        raise click.ClickException(_write_failure(directory, "the checkpoint", exc)) from exc
     app.console.print(f"tiny {family} checkpoint: [bold]{shown(checkpoint)}[/]\n"
                       f"tiny CLIP folder:     [bold]{shown(clip)}[/]")
     app.console.print(f"use: readar run --detector {kind} --checkpoint {shown(checkpoint)} --clip {shown(clip)} "

@@ -9,12 +9,20 @@ from typing import Any
 
 import click
 
-from scheduler.commands.common import celery_for, detector_config, resume_hint, run_options, run_request
+from scheduler.commands.common import (
+    BATCH_SIZE,
+    celery_for,
+    detector_config,
+    resume_hint,
+    run_options,
+    run_request,
+)
 from scheduler.context import AppContext
 from scheduler.planner import RunNameError, plan_run
 from scheduler.tables import shown, visible
 from storage.models import ImageStatus, RunStatus
 from storage.redact import redact_url
+from storage.settings import MAX_BATCH_SIZE
 from workers.detectors.base import DetectorError, build_detector
 
 
@@ -117,13 +125,15 @@ def reconcile_command(app: AppContext, run_name: str | None) -> None:
     runs = [app.run(run_name)] if run_name else [
         r for r in app.repo.list_runs() if r.status not in (RunStatus.DONE, RunStatus.CANCELLED) and is_distributed(r)
     ]
+    if not runs:
+        app.console.print("nothing to reconcile: no unfinished run was submitted to workers (a run that `readar "
+                          "run` started goes on with `readar resume RUN`)", markup=False, highlight=False)
     for run in runs:
         report = reconcile_run(celery, app.repo, run.id, visibility_timeout=app.settings.visibility_timeout,
                                stale_aggregation_s=app.settings.visibility_timeout)
-        app.console.print(f"{shown(run.name)}: {report.leases_expired} expired lease(s) requeued, {report.enqueued} "
-                          "task(s) "
-                          f"enqueued, {report.lost} lost message(s) sent again, {report.aggregations} "
-                          "aggregation(s) triggered")
+        app.console.print(f"reconciled {shown(run.name)}: {report.leases_expired} expired lease(s) requeued, "
+                          f"{report.enqueued} task(s) enqueued, {report.lost} lost message(s) sent again, "
+                          f"{report.aggregations} aggregation(s) triggered")
 
 
 @click.command("worker")
@@ -131,7 +141,9 @@ def reconcile_command(app: AppContext, run_name: str | None) -> None:
 @click.option("--device", type=click.Choice(["cpu"]), help="Run on the CPU instead of GPUs.")
 @click.option("--processes", default=1, show_default=True, type=click.IntRange(1, 64),
               help="CPU worker processes (with --device cpu).")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward (task threads per process: this × READAR_PIPELINE_DEPTH).")
+@click.option("--batch-size", type=BATCH_SIZE,
+              help=f"Images per forward, 1-{MAX_BATCH_SIZE} (task threads per process: this × "
+              "READAR_PIPELINE_DEPTH) [env READAR_BATCH_SIZE].")
 @click.option("--queues", default="readar.images,readar.aggregate", show_default=True,
               help="Queues to take tasks from: readar.images (one task per image) and/or readar.aggregate "
               "(category metrics; CPU work that reads the masks).")

@@ -2,16 +2,87 @@
 
 from __future__ import annotations
 
+import math
+import threading
+import time
 from typing import Any
 
 import click
+from rich.console import Console
 
-from scheduler.commands.common import detector_config, resume_hint, run_options, run_request, summarise
+from scheduler.commands.common import (
+    BATCH_SIZE,
+    detector_config,
+    resume_hint,
+    run_options,
+    run_request,
+    summarise,
+)
 from scheduler.context import AppContext
 from scheduler.planner import RunNameError, RunRequest, plan_run
 from scheduler.tables import shown, visible
-from storage.models import RunStatus
+from storage.models import ImageStatus, RunStatus
+from storage.settings import MAX_BATCH_SIZE
 from workers.detectors.base import DetectorConfig, DetectorError, build_detector
+
+# Progress lines when stderr is not a terminal (a log file, CI): one whenever PROGRESS_EVERY_S seconds passed
+# since the last line, and one at every tenth of the images of a run of at least PROGRESS_MIN_IMAGES images unless
+# the last line is under PROGRESS_MIN_GAP_S old. A run that takes seconds prints none.
+PROGRESS_EVERY_S = 30.0
+PROGRESS_MIN_GAP_S = 5.0
+PROGRESS_STEPS = 10
+PROGRESS_MIN_IMAGES = 50
+
+
+class PlainProgress:
+    """The runner's ``image_hook`` that prints plain progress lines, e.g. ``run NAME: 40/180 images done
+    (2 failed), 12.3 images/s, about 11 s left`` (the live progress bar is shown on terminals only)."""
+
+    def __init__(self, console: Console, run_name: str, total: int) -> None:
+        from workers.task import Outcome
+
+        self.console, self.run_name, self.total = console, run_name, total
+        self.every_s, self.min_gap_s = PROGRESS_EVERY_S, min(PROGRESS_MIN_GAP_S, PROGRESS_EVERY_S)
+        self.not_finished = {o.value for o in Outcome if o.queued_again}
+        self.failed_outcome = Outcome.FAILED.value
+        self.done = self.failed = 0
+        self.start = self.last = time.monotonic()
+        self.step = math.ceil(total / PROGRESS_STEPS) if total >= PROGRESS_MIN_IMAGES else 0
+        self.next_mark = self.step
+        self.lock = threading.Lock()
+
+    def __call__(self, _image_id: int, outcome: str) -> None:
+        if outcome in self.not_finished:  # queued for another attempt: not done yet
+            return
+        with self.lock:  # called from the runner's task threads
+            self.done += 1
+            self.failed += outcome == self.failed_outcome
+            now = time.monotonic()
+            since = now - self.last
+            at_mark = self.step and self.done >= self.next_mark
+            if not (at_mark and since >= self.min_gap_s) and since < self.every_s:
+                return
+            while self.step and self.done >= self.next_mark:
+                self.next_mark += self.step
+            self.last = now
+            self.console.print(self.line(now), markup=False, highlight=False, soft_wrap=True)
+
+    def line(self, now: float) -> str:
+        total = max(self.total, self.done)  # images whose results were lost and that were computed again
+        rate = self.done / max(now - self.start, 1e-6)
+        remaining = (total - self.done) / rate if rate > 0 else 0.0
+        left = f", about {_duration(remaining)} left" if remaining >= 1 else ""
+        return (f"run {visible(self.run_name)}: {self.done}/{total} images done ({self.failed} failed), "
+                f"{rate:.1f} images/s{left}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def execute(app: AppContext, detector_name: str, config: DetectorConfig, request: RunRequest | None,
@@ -38,15 +109,23 @@ def execute(app: AppContext, detector_name: str, config: DetectorConfig, request
         app.err.print(f"run [bold]{shown(run.name)}[/]: {new_rows} new image row(s) planned")
     else:
         run = repo.get_run(run_name or "")
+    # On a terminal the runner shows a live bar; in a log file, plain lines now and then.
+    progress = None if app.err.is_terminal else PlainProgress(app.err, run.name, _unfinished(app, run.id))
     outcome = execute_run(
         repo, app.store, run, detector, batch_size=config.batch_size, lease_seconds=app.settings.lease_seconds,
-        max_attempts=app.settings.max_attempts, device=config.device, console=app.err,
+        max_attempts=app.settings.max_attempts, device=config.device, console=app.err, image_hook=progress,
         secrets=app.settings.secrets(), resume=shown(resume_hint(app, run.name)),  # the runner prints markup
         pipeline_depth=app.settings.pipeline_depth, torch_threads=app.settings.torch_threads,
     )
     if outcome.interrupted:
         raise SystemExit(outcome.exit_code)
     summarise(app, outcome.run.id, outcome.run.name)
+
+
+def _unfinished(app: AppContext, run_id: int) -> int:
+    """Images this invocation is to process: queued ones and running ones (those of a stopped process)."""
+    totals = app.repo.status_totals(run_id)
+    return totals.get(ImageStatus.QUEUED, 0) + totals.get(ImageStatus.RUNNING, 0)
 
 
 @click.command("run")
@@ -61,7 +140,7 @@ def run_command(app: AppContext, **options: Any) -> None:
 @click.command("resume")
 @click.argument("run_name")
 @click.option("--device", help="Override the device of the stored run configuration.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Override the batch size.")
+@click.option("--batch-size", type=BATCH_SIZE, help=f"Override the batch size (1-{MAX_BATCH_SIZE}).")
 @click.pass_obj
 def resume_command(app: AppContext, run_name: str, device: str | None, batch_size: int | None) -> None:
     """Finish an interrupted run: images already done are not redone.
@@ -74,7 +153,7 @@ def resume_command(app: AppContext, run_name: str, device: str | None, batch_siz
 @click.argument("run_name")
 @click.option("--category", help="Only this category's failed images.")
 @click.option("--device", help="Override the device of the stored run configuration.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Override the batch size.")
+@click.option("--batch-size", type=BATCH_SIZE, help=f"Override the batch size (1-{MAX_BATCH_SIZE}).")
 @click.pass_obj
 def retry_command(app: AppContext, run_name: str, category: str | None, device: str | None,
                   batch_size: int | None) -> None:
@@ -120,8 +199,9 @@ def delete_command(app: AppContext, run_name: str, yes: bool) -> None:
     """Delete a run: its rows in the database and its logits in the object store (the dataset is untouched)."""
     run = app.run(run_name)
     images = sum(app.repo.status_totals(run.id).values())
-    if not yes:
-        click.confirm(f"delete run {visible(run.name)} ({images} images) and its stored logits?", abort=True)
+    if not yes and not click.confirm(f"delete run {visible(run.name)} ({images} images) and its stored logits?"):
+        app.console.print(f"nothing deleted: run {shown(run.name)} is kept")
+        return
     keys = app.store.list(f"runs/{run.id}")
     for key in keys:
         app.store.delete(key)

@@ -122,7 +122,10 @@ class DetectorConfig:
                 f"unknown conversation template {self.conversation!r}; choose one of {', '.join(CONVERSATIONS)}"
             )
         if self.prompt_mode == "template" and not self.prompt_template:
-            raise DetectorError("prompt mode 'template' needs a prompt template (e.g. 'Find the {anomaly_type}.')")
+            raise DetectorError(
+                "prompt mode 'template' needs a prompt template (--prompt-template), e.g. 'Segment the defect on the "
+                "{class_name}.'"
+            )
         if self.batch_size < 1:
             raise DetectorError(f"batch size must be at least 1; got {self.batch_size}")
 
