@@ -20,20 +20,24 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from metrics.output import OutputError, shown, visible, write_metrics_csv
+from metrics.output import (
+    OutputError,
+    csv_order,
+    metrics_table,
+    shown,  # noqa: F401 - re-exported: the command modules print names through it
+    visible,
+    write_metrics_csv,
+)
 from metrics.published import oracle_note, published_setting_note
-from metrics.scopes import METRIC_COLUMNS
 from storage.models import MetricRow, Run
 from storage.repository import Repository
 
-_SCOPE_ORDER = {"mean": 0, "overall": 1, "category": 2, "defect": 3}
 _FILE_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def metric_dicts(repo: Repository, run_id: int) -> list[dict[str, Any]]:
     """The run's metric rows as dicts with the CSV's column names: mean, overall, categories, defects."""
-    rows = [_as_dict(row) for row in repo.metric_rows(run_id)]
-    return sorted(rows, key=lambda r: (_SCOPE_ORDER.get(r["scope"], 9), r["category"], r["defect_type"]))
+    return csv_order(_as_dict(row) for row in repo.metric_rows(run_id))  # type: ignore[return-value]
 
 
 def _as_dict(row: MetricRow) -> dict[str, Any]:
@@ -77,12 +81,6 @@ def run_csv_path(work_dir: Path, run_name: str) -> Path:
     return path
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "—" if math.isnan(value) else f"{100 * value:.1f}"
-    return str(value)
-
-
 def compact_table(title: str, *, caption: str | None = None) -> Table:
     """An empty table in the compact style every printed table uses (two spaces between columns)."""
     return Table(title=title, title_justify="left", caption=caption, caption_justify="left", box=box.SIMPLE_HEAD,
@@ -97,25 +95,6 @@ def add_text_column(table: Table, header: str) -> None:
 def add_number_column(table: Table, header: str) -> None:
     """A right-aligned column of numbers that never wraps nor shrinks below its header."""
     table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
-
-
-def _display_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """mean, overall, then each category row followed by its defect rows."""
-    summary = [r for r in rows if r["scope"] not in ("category", "defect")]
-    ordered = [*summary]
-    for category_row in (r for r in rows if r["scope"] == "category"):
-        ordered.append(category_row)
-        ordered.extend(r for r in rows if r["scope"] == "defect" and r["category"] == category_row["category"])
-    listed = {id(r) for r in ordered}
-    return ordered + [r for r in rows if id(r) not in listed]  # defect rows of a category without its row
-
-
-def _row_name(row: dict[str, Any]) -> str:
-    if row["scope"] == "defect":
-        return f"  {shown(row['defect_type'])}"  # under its category's row
-    if row["scope"] == "category":
-        return shown(row["category"])
-    return shown(row["scope"])  # mean, overall
 
 
 def left_out_line(run_name: str, failed: int, skipped: int) -> str:
@@ -135,17 +114,7 @@ def print_metrics(console: Console, repo: Repository, run: Run, *, include_defec
     One name column: ``mean``, ``overall``, each category, and (``include_defects``) its defect types indented
     under it."""
     rows = [r for r in metric_dicts(repo, run.id) if include_defects or r["scope"] != "defect"]
-    table = compact_table(f"run {shown(run.name)} — metrics (%)",
-                          caption="mean: average of the category rows; overall: all images pooled; "
-                                  "anom.: anomalous images" if rows else None)
-    add_text_column(table, "category" if not include_defects else "category / defect")
-    for header in (*METRIC_COLUMNS, "images", "anom."):
-        add_number_column(table, header)
-    for row in _display_order(rows):
-        table.add_row(_row_name(row), *(_fmt(row[c]) for c in (*METRIC_COLUMNS, "num_images", "num_anom_images")),
-                      style="bold" if row["scope"] in ("mean", "overall") else None,
-                      end_section=row["scope"] == "overall")
-    console.print(table)
+    console.print(metrics_table(rows, title=f"run {run.name} — metrics (%)"))  # the table escapes the title
     overall = next((r for r in rows if r["scope"] == "overall"), None)
     if overall is not None and (overall["num_failed"] or overall["num_skipped"]):
         console.print(left_out_line(run.name, overall["num_failed"], overall["num_skipped"]),
