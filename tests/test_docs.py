@@ -35,6 +35,23 @@ def test_every_command_is_documented() -> None:
     assert not missing, f"commands missing from the README: {missing}"
 
 
+def test_reliability_cites_only_tests_that_exist() -> None:
+    """docs/RELIABILITY.md names its evidence as `test_file.py::test_name` (and `::test_name` for the same file
+    again); each one must be a test function of that file, or the table vouches for nothing."""
+    text = (ROOT / "docs" / "RELIABILITY.md").read_text()
+    missing, cited = [], 0
+    for line in text.splitlines():
+        current = None
+        for file_name, name in re.findall(r"`(test_\w+\.py)?::(\w+)[^`]*`", line):
+            current = file_name or current
+            assert current, f"RELIABILITY.md cites ::{name} without a file before it on its line"
+            cited += 1
+            if not re.search(rf"^(async )?def {name}\(", (ROOT / "tests" / current).read_text(), flags=re.M):
+                missing.append(f"{current}::{name}")
+    assert cited > 40, "the citation pattern no longer matches RELIABILITY.md's style"
+    assert not missing, f"RELIABILITY.md cites tests that do not exist: {missing}"
+
+
 def test_readme_lists_every_detector() -> None:
     from workers.detectors.base import available_detectors
 
