@@ -146,7 +146,9 @@ def _status_table(app: AppContext, run: Any) -> Table:
                                     last_finished=last_finished, remaining=remaining)
     status = shown_status(run)
     moving = status == RunStatus.RUNNING and last_finished is not None and (now - last_finished).total_seconds() < 120
-    table = compact_table(f"run {shown(run.name)} ({shown(status)}) — {_throughput_text(throughput, moving=moving)}")
+    table = compact_table(f"run {shown(run.name)} ({shown(status)}) — {_throughput_text(throughput, moving=moving)}",
+                          caption="metrics: vN = how many times the category's metrics were computed, then its "
+                          "state (open: images unfinished or results since; aggregating; done)")
     for header in ("category", "progress"):
         add_text_column(table, header)
     for status in IMAGE_STATUSES:
@@ -269,7 +271,9 @@ def results_command(app: AppContext, run_name: str, category: str | None, status
     else:
         # The image path names the category and the defect type (<category>/test/<defect>/<file>); errors are
         # listed under the table, where they have the whole width.
-        table = compact_table(f"run {shown(run.name)}: {len(rows)} image(s)")
+        table = compact_table(f"run {shown(run.name)}: {len(rows)} image(s)",
+                              caption="score: the image's anomaly score (image_score: the highest pixel probability "
+                              "of its full-resolution map); tries: attempts" if rows else None)
         add_number_column(table, "id")
         add_text_column(table, "image")
         add_number_column(table, "label")
