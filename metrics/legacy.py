@@ -88,7 +88,7 @@ class RootSurvey:
     recorded_roots: the folder above ``<category>/test/<defect>/<file>`` of each metadata.json image_path (as
     written, from any machine) → how many predictions name it. anomalous: predictions of an anomalous image (of
     the selected categories); anomalous_with_mask: those whose mask is under the MVTec root;
-    first_missing_mask: the relative path of the first mask that is not.
+    first_missing_mask: the first mask that is not, with why (missing, or refused and the reason).
     """
 
     mvtec_root: Path
@@ -98,10 +98,12 @@ class RootSurvey:
     first_missing_mask: str = ""
 
     def foreign_roots(self) -> list[str]:
-        """The recorded roots that are not ``mvtec_root`` (most predictions first)."""
-        own = {os.path.normpath(self.mvtec_root.absolute()), str(self.mvtec_root.resolve())}
+        """The recorded absolute roots that are not ``mvtec_root``, as written or through their links (most
+        predictions first). A relative root was relative to wherever the predictions were made, so it cannot be
+        placed and is left out."""
+        own = {os.path.normpath(self.mvtec_root.absolute()), os.path.realpath(self.mvtec_root)}
         return [root for root, _ in self.recorded_roots.most_common()
-                if os.path.normpath(os.path.join(os.getcwd(), root)) not in own]
+                if os.path.isabs(root) and {os.path.normpath(root), os.path.realpath(root)}.isdisjoint(own)]
 
     def _roots_text(self, roots: list[str]) -> str:
         more = f" (and {len(roots) - 1} other folder(s))" if len(roots) > 1 else ""
@@ -123,10 +125,15 @@ class RootSurvey:
         if not self.anomalous or self.anomalous_with_mask:
             return None
         roots = self.foreign_roots()
-        made_on = (f"they were made on images under {self._roots_text(roots)}: give that dataset (or a copy) as "
-                   "--mvtec-root" if roots else "check that --mvtec-root holds the dataset's ground_truth folders")
+        if " is refused: " in self.first_missing_mask:
+            made_on = "masks must be files inside --mvtec-root (replace links that lead out of it with the files)"
+        elif roots:
+            made_on = (f"they were made on images under {self._roots_text(roots)}: give that dataset (or a copy) "
+                       "as --mvtec-root")
+        else:
+            made_on = "check that --mvtec-root holds the dataset's ground_truth folders"
         return (f"no prediction matches --mvtec-root {self.mvtec_root}: none of the {self.anomalous} anomalous "
-                f"image(s) has its mask there (e.g. {self.first_missing_mask} is missing); {made_on}")
+                f"image(s) has its mask there (e.g. {self.first_missing_mask}); {made_on}")
 
 
 def recorded_root(image_path: str) -> str:
@@ -256,11 +263,14 @@ def _mask_relative(category: str, defect: str, file_name: str) -> str:
     return f"{category}/ground_truth/{defect}/{PurePosixPath(file_name).stem}_mask.png"
 
 
-def _has_mask(mvtec_root: Path, category: str, defect: str, file_name: str) -> bool:
+def _mask_problem(mvtec_root: Path, category: str, defect: str, file_name: str) -> str | None:
+    """None when the image's mask is under ``mvtec_root``; else the mask and why not (missing, or refused)."""
+    relative = _mask_relative(category, defect, file_name)
     try:
-        return resolve_inside(mvtec_root, _mask_relative(category, defect, file_name)).exists()
-    except (PathEscapeError, OSError, RuntimeError):
-        return False
+        present = resolve_inside(mvtec_root, relative).exists()
+    except (PathEscapeError, OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        return f"{relative} is refused: {exc}"
+    return None if present else f"{relative} is missing"
 
 
 def _resolve(folder: Path, mvtec_root: Path, category: str, defect: str, file_name: str) -> LegacyImage:
@@ -350,10 +360,11 @@ def discover(
             survey.recorded_roots[recorded_root(image_path)] += 1
             if defect != GOOD:
                 survey.anomalous += 1
-                if _has_mask(mvtec_root, category, defect, file_name):
+                problem = _mask_problem(mvtec_root, category, defect, file_name)
+                if problem is None:
                     survey.anomalous_with_mask += 1
                 elif not survey.first_missing_mask:
-                    survey.first_missing_mask = _mask_relative(category, defect, file_name)
+                    survey.first_missing_mask = problem
             image = _resolve(folder, mvtec_root, category, defect, file_name)
         except LegacyInputError as exc:
             if classes is None or category is None or category in classes:

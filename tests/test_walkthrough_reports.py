@@ -5,6 +5,7 @@ metrics``, and eval against an ``--mvtec-root`` that is not the predictions' dat
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
 from pathlib import Path
@@ -169,3 +170,35 @@ def test_eval_against_another_dataset_fails_in_one_line(exported: SimpleNamespac
     assert not out_csv.exists()
     strict = _eval(exported, wrong, out_csv, "--strict")
     assert strict.exit_code == 1 and not out_csv.exists(), strict.output
+
+
+def test_predictions_recorded_through_a_link_to_the_dataset_do_not_warn(exported: SimpleNamespace,
+                                                                        tmp_path: Path) -> None:
+    """Predictions whose metadata.json paths go through a symbolic link to the dataset (as the original tool
+    wrote whatever path it was given) are not from "another root", whichever of the two --mvtec-root names."""
+    link = tmp_path / "linked data"
+    link.symlink_to(exported.root.resolve(), target_is_directory=True)
+    predictions = tmp_path / "predictions"
+    shutil.copytree(exported.export, predictions)
+    for metadata in predictions.glob("*/metadata.json"):
+        record = json.loads(metadata.read_text())
+        record["image_path"] = record["image_path"].replace(str(exported.root.resolve()), str(link), 1)
+        metadata.write_text(json.dumps(record))
+    for root in (exported.root, link):
+        result = invoke(exported.work, "eval", "--pred-root", str(predictions), "--mvtec-root", str(root),
+                        "--out-csv", str(tmp_path / "ev.csv"), "--workers", "1")
+        assert result.exit_code == 0 and "warning" not in result.output, result.output
+
+
+def test_masks_refused_as_links_out_of_the_root_are_named_as_such(exported: SimpleNamespace, tmp_path: Path) -> None:
+    """Every mask a link leading out of --mvtec-root: the error says they were refused, not that they are missing."""
+    linked = tmp_path / "linked"
+    shutil.copytree(exported.root, linked)
+    outside = tmp_path / "outside"
+    for mask in sorted(linked.glob("*/ground_truth/*/*.png")):
+        target = outside / mask.relative_to(linked)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mask.rename(target)
+        mask.symlink_to(target)
+    line = one_line_error(_eval(exported, linked, tmp_path / "ev.csv"))
+    assert "is refused" in line and "replace links that lead out of it" in line and "is missing" not in line, line
