@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -111,8 +112,12 @@ def test_truncated_shard_names_the_file(copy) -> None:
 def test_shard_with_pickled_objects_is_refused(copy) -> None:
     read_dir, clip_dir = copy
     torch.save({"model.norm.weight": torch.ones(2), "payload": Path("x")}, read_dir / SHARD_1)
-    with pytest.raises(CorruptShardError, match=SHARD_1):
+    with pytest.raises(CorruptShardError, match=SHARD_1) as raised:
         read_state_dict(read_dir)
+    # The reason is the refusal (named), not "truncated": the file is whole.
+    message = str(raised.value)
+    assert "Unsupported global" in message and "objects other than tensors" in message, message
+    assert "truncated" not in message and "\n" not in message
 
 
 def test_missing_shard_file(copy) -> None:
@@ -336,3 +341,32 @@ def test_truncated_clip_weights_fail_the_cheap_check(copy, tmp_path: Path) -> No
     weights.write_bytes(weights.read_bytes()[:-64])
     with pytest.raises(ClipFolderError, match=rf"CLIP weights {weights} \(\d+ bytes\) is truncated"):
         check_model_folders(None, clip)
+
+
+def test_the_cheap_check_reads_no_oversized_header_and_never_raises(tmp_path: Path) -> None:
+    """A damaged length field must not make the check read a whole shard, nor a deep header crash it."""
+    path = tmp_path / "model.safetensors"
+    size = 120_000_000
+    with open(path, "wb") as handle:
+        handle.write((size - 8).to_bytes(8, "little"))
+        handle.truncate(size)  # sparse: no disk space used
+    with pytest.raises(CorruptShardError, match="more than safetensors allows"):
+        check_weight_files(tmp_path)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    path.write_bytes(len(deep).to_bytes(8, "little") + deep)
+    with pytest.raises(CorruptShardError, match="no readable safetensors header"):
+        check_weight_files(tmp_path)
+
+
+def test_a_zip_feature_python_cannot_read_is_left_to_torch(copy) -> None:
+    """zipfile raises NotImplementedError for versions it does not know; the check must not turn that into a
+    traceback nor refuse a file torch may read."""
+    read_dir, _ = copy
+    shard = read_dir / SHARD_1
+    data = bytearray(shard.read_bytes())
+    directory = data.rfind(b"PK\x01\x02")  # a central directory entry: "version needed" (one byte) at offset 6
+    data[directory + 6] = 226  # version 22.6: one flipped bit; zipfile knows up to 6.3 and refuses on open
+    shard.write_bytes(bytes(data))
+    with pytest.raises(NotImplementedError):  # the control: Python's zipfile gives up on it
+        zipfile.ZipFile(shard)
+    check_weight_files(read_dir)  # no verdict from the cheap check; torch decides when it loads

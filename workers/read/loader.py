@@ -57,6 +57,8 @@ _IGNORED_PREFIXES = ("model.vision_tower.",)
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+# The safetensors library refuses headers above this (100 MB); the cheap check reads no more than that either.
+_SAFETENSORS_MAX_HEADER = 100_000_000
 
 DTYPES = {
     "float32": torch.float32,
@@ -247,9 +249,11 @@ def _safetensors_problem(path: Path, size: int) -> str | None:
         header_size = int.from_bytes(head, "little") if len(head) == 8 else -1
         if not 0 < header_size <= size - 8:
             return "is truncated or not a safetensors file"
+        if header_size > _SAFETENSORS_MAX_HEADER:
+            return f"has a {header_size}-byte header, more than safetensors allows: it is damaged"
         try:
             header = json.loads(handle.read(header_size))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             header = None
     if not isinstance(header, dict):
         return "has no readable safetensors header"
@@ -270,12 +274,25 @@ def _torch_file_problem(path: Path, size: int) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
+    except NotImplementedError:
+        return None  # a zip feature Python's reader lacks: leave the verdict to torch at load time
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         return f"is truncated or damaged ({exc})"
     # Each member's data follows its local header (30 bytes + name + extra, the extra not in the directory).
     if any(member.header_offset + 30 + len(member.filename) + member.compress_size > size for member in members):
         return "is truncated: its zip directory lists data beyond the file's end"
     return None
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why a shard did not load, in one line. torch's text runs to a paragraph of advice: keep its first sentence,
+    or, for the weights-only unpickler, the line that names what it refused (the file is whole, not damaged)."""
+    text = str(exc)
+    refused = next((line for line in text.splitlines() if "WeightsUnpickler error" in line), None)
+    if refused is not None:
+        return (f"{one_line(refused)[:300]}: it holds objects other than tensors, which READAR does not unpickle; "
+                "use the released shard")
+    return f"{type(exc).__name__}: {one_line(exc).split('. ')[0][:200]}; it is truncated or corrupt — copy it again"
 
 
 def read_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -286,12 +303,7 @@ def read_shard(path: Path) -> dict[str, torch.Tensor]:
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure to parse (pickle, zip, safetensors header) means an unusable file
-        # torch's own text runs to a paragraph of advice; its first sentence says what failed.
-        reason = one_line(exc).split(". ")[0][:200]
-        raise CorruptShardError(
-            f"weight shard {path} cannot be read ({type(exc).__name__}: {reason}); it is truncated or corrupt — "
-            "copy it again"
-        ) from exc
+        raise CorruptShardError(f"weight shard {path} cannot be read ({_load_failure(exc)})") from exc
     if not isinstance(tensors, dict) or not all(
         isinstance(value, torch.Tensor) for value in tensors.values()
     ):
