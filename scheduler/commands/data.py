@@ -13,7 +13,11 @@ from scheduler.tables import shown
 def _check_output_folder(directory: Path, what: str) -> None:
     """DIRECTORY and the folders above it must be folders or not exist yet (one line, exit 1, not a traceback)."""
     for folder in (directory, *directory.parents):
-        if folder.exists() and not folder.is_dir():
+        try:
+            is_file = folder.exists() and not folder.is_dir()
+        except OSError as exc:  # e.g. a parent folder that cannot be searched
+            raise click.ClickException(_write_failure(directory, what, exc)) from exc
+        if is_file:
             inside = "" if folder == directory else f" (it would hold {directory})"
             raise click.ClickException(
                 f"{folder} is a file, not a folder{inside}; pass a folder (new or existing) to write {what} to"

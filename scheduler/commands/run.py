@@ -43,7 +43,8 @@ class PlainProgress:
 
         self.console, self.run_name, self.total = console, run_name, total
         self.every_s, self.min_gap_s = PROGRESS_EVERY_S, min(PROGRESS_MIN_GAP_S, PROGRESS_EVERY_S)
-        self.not_finished = {o.value for o in Outcome if o.queued_again}
+        # Only results count: a retry, a row another claim holds, a cancelled or stale delivery is not an image done.
+        self.finished = {Outcome.DONE.value, Outcome.FAILED.value}
         self.failed_outcome = Outcome.FAILED.value
         self.done = self.failed = 0
         self.start = self.last = time.monotonic()
@@ -52,7 +53,7 @@ class PlainProgress:
         self.lock = threading.Lock()
 
     def __call__(self, _image_id: int, outcome: str) -> None:
-        if outcome in self.not_finished:  # queued for another attempt: not done yet
+        if outcome not in self.finished:
             return
         with self.lock:  # called from the runner's task threads
             self.done += 1
