@@ -182,6 +182,26 @@ def test_slow_runs_print_a_line_every_interval(tmp_path: Path, dataset: Path,
     assert done[-1][1] == 1  # the broken chelsea image
 
 
+def test_only_results_count_as_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A held, cancelled, stale or retried delivery is not an image done (a setup error cancels every pending
+    image: the line must not say they are all done)."""
+    import io
+
+    from rich.console import Console
+
+    import scheduler.commands.run as run_module
+    from workers.task import Outcome
+
+    monkeypatch.setattr(run_module, "PROGRESS_EVERY_S", 0.0)
+    console = Console(file=io.StringIO(), width=200)
+    progress = run_module.PlainProgress(console, "r", total=4)
+    for outcome in (Outcome.HELD, Outcome.CANCELLED, Outcome.STALE, Outcome.RETRY, Outcome.NOT_CLAIMED,
+                    Outcome.DONE, Outcome.FAILED, Outcome.CANCELLED):
+        progress(1, outcome.value)
+    assert [(d, t, f) for _, d, t, f in PROGRESS_LINE.findall(console.file.getvalue())] == [
+        ("1", "4", "0"), ("2", "4", "1")]
+
+
 def test_small_fast_runs_stay_quiet(skipped_run: tuple[Path, str, str]) -> None:
     _, _, output = skipped_run
     assert not PROGRESS_LINE.search(output), output
