@@ -223,3 +223,46 @@ def test_a_setup_error_fails_the_whole_batch_at_once() -> None:
             future.result(timeout=5)
     batcher.close()
     assert calls == [1, 4]  # one call per batch, no retries one by one
+
+
+def test_a_failed_detector_build_is_tried_again_by_the_next_task(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build that raised (a bad READAR_* lever, a passing fault) left the run mapped to a context that did not
+    exist: every later task of the run failed with KeyError and a distributed run stalled. Now the next task
+    builds again and gets the detector once the cause is gone."""
+    import workers.runtime
+    from storage.repository import PlannedImage
+    from workers.detectors.base import DetectorConfig
+    from workers.detectors.noop import NoopDetector
+    from workers.read.levers import LeverError
+    from workers.runtime import WorkerRuntime
+
+    builds: list[str] = []
+
+    def build(_name: str, config: DetectorConfig) -> NoopDetector:
+        builds.append(_name)
+        if len(builds) == 1:
+            raise LeverError("READAR_COMPILE='banana': use on, off or auto")
+        return NoopDetector(config)
+
+    monkeypatch.setattr(workers.runtime, "build_detector", build)
+    runtime = WorkerRuntime(Settings(work_dir=tmp_path))
+    try:
+        run_id = runtime.repo.create_run(name="r", detector="noop", dataset_root="/d",
+                                         config={"detector_config": DetectorConfig().public()}, code_version="t",
+                                         model_fingerprint=None, identity_keys=()).id
+        runtime.repo.add_images(run_id, [PlannedImage("c", "good", 0, "c/test/good/0.png", None, 8, 8)])
+        with pytest.raises(LeverError):
+            runtime.context_for_run(run_id)
+        assert runtime.context_for_run(run_id).detector is runtime.context_for_run(run_id).detector
+        assert len(builds) == 2
+    finally:
+        runtime.close()
+
+
+def test_a_bad_lever_variable_is_a_setup_error() -> None:
+    """So the embedded run stops with one line and a worker takes no task, as for missing weights."""
+    from workers.detectors.base import SetupError
+    from workers.read.levers import LeverError
+
+    assert issubclass(LeverError, SetupError)

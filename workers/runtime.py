@@ -108,8 +108,7 @@ class WorkerRuntime:
                         config, checkpoint=self.path_map(config.checkpoint) if config.checkpoint else None,
                         clip=self.path_map(config.clip) if config.clip else None)
                 key = json.dumps({"detector": run.detector, **config.public()}, sort_keys=True)
-                self._runs[run_id] = key
-                if key not in self._contexts:
+                if key not in self._contexts:  # the run is remembered only once its context exists (below)
                     self._cap_torch_threads()
                     detector = build_detector(run.detector, config)
                     detector.preflight()  # a broken setup stops the worker before it claims an image
@@ -126,6 +125,9 @@ class WorkerRuntime:
                         pipeline_depth=self.settings.pipeline_depth,
                         path_map=self.path_map,
                     )
+                # Not before: a build that raised must be tried again by the next task, not leave a key
+                # without a context (every later task of the run failed with KeyError, and the run stalled).
+                self._runs[run_id] = key
             return self._contexts[key]
 
     def _cap_torch_threads(self) -> None:

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.detectors.base import SetupError
+
 # field → (environment variable, default on CUDA once measured, default on the CPU)
 _SWITCHES: dict[str, tuple[str, bool, bool]] = {
     "device_frames": ("READAR_DEVICE_FRAMES", True, False),
@@ -61,8 +63,9 @@ _TRUE = {"1", "on", "true", "yes"}
 _FALSE = {"0", "off", "false", "no"}
 
 
-class LeverError(ValueError):
-    """A READAR_* lever variable holds something other than on, off or auto."""
+class LeverError(SetupError, ValueError):
+    """A READAR_* lever variable holds something other than on, off or auto: a setup error (no image is to
+    blame; the run or the worker stops with this line until the variable is fixed)."""
 
 
 @dataclass(frozen=True)
