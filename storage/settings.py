@@ -23,6 +23,8 @@ WEEK_S = 7 * DAY_S
 DEFAULT_PIPELINE_DEPTH = 2
 # Most images per batched forward: READAR_BATCH_SIZE and every --batch-size flag share this bound.
 MAX_BATCH_SIZE = 1024
+# The devices READAR runs on: READAR_DEVICE and every --device flag accept exactly these.
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 
 
 def broker_kind(url: str | None) -> str:
@@ -132,7 +134,7 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        if not DEVICE_PATTERN.fullmatch(value):
             raise ValueError(f"device must be cpu, cuda or cuda:N; got {value!r}")
         return value
 

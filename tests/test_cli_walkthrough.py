@@ -253,3 +253,43 @@ def test_declined_delete_keeps_the_run_and_exits_0(skipped_run: tuple[Path, str,
     assert result.exit_code == 0, result.output
     assert "Aborted" not in result.output and f"nothing deleted: run {name} is kept" in result.output
     assert name in _ok(["--work-dir", str(work), "runs"])
+
+
+# Adversarial pass: what used to be charged image by image (or a traceback) is refused before planning.
+
+@pytest.mark.parametrize("device", ["mps", "CPU", "cuda:-1", "cuda:0 "])
+def test_a_device_readar_does_not_run_on_is_a_usage_error(tmp_path: Path, dataset: Path, device: str) -> None:
+    result = _invoke(["--work-dir", str(tmp_path), "run", "--mvtec-root", str(dataset), "--device", device])
+    assert result.exit_code == 2 and "must be cpu, cuda or cuda:N" in result.output, result.output
+    assert not (tmp_path / "readar.sqlite").exists() or "planned" not in result.output
+
+
+@pytest.mark.parametrize(("template", "problem"), [
+    ("Segment {foo}", "uses {foo}"),
+    ("Segment {", "is not a valid template"),
+    ("Segment {class_name.__class__}", "uses {class_name.__class__}"),
+    ("Find the {class_name!r}", "uses {class_name!r}"),
+])
+def test_a_template_that_cannot_be_filled_is_refused_before_planning(tmp_path: Path, dataset: Path, template: str,
+                                                                      problem: str) -> None:
+    result = _invoke(["--work-dir", str(tmp_path), "run", "--mvtec-root", str(dataset), "--prompt-mode", "template",
+                      "--prompt-template", template])
+    assert result.exit_code == 2 and problem in result.output and "planned" not in result.output, result.output
+
+
+def test_a_template_without_the_template_mode_is_refused(tmp_path: Path, dataset: Path) -> None:
+    result = _invoke(["--work-dir", str(tmp_path), "run", "--mvtec-root", str(dataset),
+                      "--prompt-template", "Segment the defect on the {class_name}."])
+    assert result.exit_code == 2 and "used only with --prompt-mode template" in result.output, result.output
+
+
+def test_a_bad_lever_variable_stops_the_run_in_one_line(tmp_path: Path, dataset: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.read_fixtures import tiny_checkpoint
+
+    read_dir, clip_dir = tiny_checkpoint()
+    monkeypatch.setenv("READAR_COMPILE", "banana")
+    result = _invoke(["--work-dir", str(tmp_path), "run", "--mvtec-root", str(dataset), "--classes", "brick",
+                      "--detector", "read", "--checkpoint", str(read_dir), "--clip", str(clip_dir)])
+    assert result.exit_code == 1, result.output
+    assert "READAR_COMPILE='banana': use on, off or auto" in result.output and "Traceback" not in result.output

@@ -46,6 +46,22 @@ class _MaxPerClass(click.ParamType):
 MAX_PER_CLASS = _MaxPerClass()
 
 
+class _Device(click.ParamType):
+    """cpu, cuda or cuda:N, as READAR_DEVICE accepts (storage/settings.py DEVICE_PATTERN)."""
+
+    name = "device"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from storage.settings import DEVICE_PATTERN
+
+        if isinstance(value, str) and DEVICE_PATTERN.fullmatch(value):
+            return value
+        self.fail(f"must be cpu, cuda or cuda:N (as READAR_DEVICE); got {value!r}", param, ctx)
+
+
+DEVICE = _Device()
+
+
 def _check_detector(ctx: click.Context, _param: click.Parameter, name: str) -> str:
     """Unknown detector names are usage errors (exit 2) listing the registered ones."""
     from workers.detectors.base import find_detector
@@ -111,7 +127,7 @@ def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-new-tokens", type=click.IntRange(1, MAX_NEW_TOKENS_CAP),
                      help=f"READ detectors: most tokens generated per question (1-{MAX_NEW_TOKENS_CAP}). "
                      f"[default: {MAX_NEW_TOKENS}; {MAX_NEW_TOKENS_CAP} for read_as_published]"),
-        click.option("--device", help="cpu, cuda or cuda:N [env READAR_DEVICE; cpu]."),
+        click.option("--device", type=DEVICE, help="cpu, cuda or cuda:N [env READAR_DEVICE; cpu]."),
         click.option("--batch-size", type=BATCH_SIZE,
                      help=f"Images per forward (1-{MAX_BATCH_SIZE}) [env READAR_BATCH_SIZE; 4]."),
         click.option("--run-name", callback=_check_run_name,
@@ -136,13 +152,17 @@ def detector_config(app: AppContext, options: dict[str, Any]) -> DetectorConfig:
             f"--max-new-tokens applies to the READ detectors (read, lisa, read_as_published); "
             f"{options['detector']} generates no text"
         )
+    prompt_mode = options.get("prompt_mode") or defaults.get("prompt_mode", "generic")
+    if options.get("prompt_template") and prompt_mode != "template":
+        raise click.UsageError(f"--prompt-template is used only with --prompt-mode template (this run's mode is "
+                               f"{prompt_mode}); add --prompt-mode template or drop the template")
     try:
         return DetectorConfig(
             # Stored absolute: `resume` from another folder and workers elsewhere must find the same folders.
             checkpoint=_absolute(options.get("checkpoint") or settings.checkpoint),
             clip=_absolute(options.get("clip") or settings.clip),
             device=options.get("device") or settings.device,
-            prompt_mode=options.get("prompt_mode") or defaults.get("prompt_mode", "generic"),
+            prompt_mode=prompt_mode,
             prompt_template=options.get("prompt_template"),
             decode_mode=options["decode_mode"],
             conversation=options.get("conversation") or defaults.get("conversation", "llava_v1"),

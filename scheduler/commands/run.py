@@ -12,6 +12,7 @@ from rich.console import Console
 
 from scheduler.commands.common import (
     BATCH_SIZE,
+    DEVICE,
     detector_config,
     resume_hint,
     run_options,
@@ -140,7 +141,7 @@ def run_command(app: AppContext, **options: Any) -> None:
 
 @click.command("resume")
 @click.argument("run_name")
-@click.option("--device", help="Override the device of the stored run configuration.")
+@click.option("--device", type=DEVICE, help="Override the device of the stored run configuration.")
 @click.option("--batch-size", type=BATCH_SIZE, help=f"Override the batch size (1-{MAX_BATCH_SIZE}).")
 @click.pass_obj
 def resume_command(app: AppContext, run_name: str, device: str | None, batch_size: int | None) -> None:
@@ -153,7 +154,7 @@ def resume_command(app: AppContext, run_name: str, device: str | None, batch_siz
 @click.command("retry")
 @click.argument("run_name")
 @click.option("--category", help="Only this category's failed images.")
-@click.option("--device", help="Override the device of the stored run configuration.")
+@click.option("--device", type=DEVICE, help="Override the device of the stored run configuration.")
 @click.option("--batch-size", type=BATCH_SIZE, help=f"Override the batch size (1-{MAX_BATCH_SIZE}).")
 @click.pass_obj
 def retry_command(app: AppContext, run_name: str, category: str | None, device: str | None,

@@ -9,6 +9,7 @@ batched forward over whatever the in-process batcher collected. Detectors are bu
 from __future__ import annotations
 
 import importlib
+import string
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,10 @@ class SetupError(DetectorError):
 
 def check_device(device: str) -> None:
     """SetupError unless ``device`` exists here (cpu always; cuda:N needs a CUDA build of torch and GPU N)."""
+    from storage.settings import DEVICE_PATTERN
+
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise SetupError(f"device {device!r} is not one READAR runs on: use cpu, cuda or cuda:N")
     if not device.startswith("cuda"):
         return
     import torch
@@ -50,6 +55,27 @@ def check_device(device: str) -> None:
             f"device {device!r} was asked for, but only {torch.cuda.device_count()} CUDA device(s) are visible "
             "(CUDA_VISIBLE_DEVICES)"
         )
+
+
+TEMPLATE_FIELDS = ("class_name", "anomaly_type")
+
+
+def template_problem(template: str | None) -> str | None:
+    """Why a --prompt-template cannot be used for every image (None: it can). Only plain {class_name} and
+    {anomaly_type} are allowed: no other name, no attribute or index access, no conversion or format spec, no
+    lone brace (the template is checked once here instead of failing image by image)."""
+    if not template:
+        return None
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as exc:
+        return f"is not a valid template ({exc}); write a literal brace as {{{{ or }}}}"
+    for name, spec, conversion in fields:
+        if name not in TEMPLATE_FIELDS or spec or conversion:
+            return (f"uses {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}; only "
+                    "{class_name} and {anomaly_type} can stand in it")
+    return None
 
 
 @dataclass(frozen=True)
@@ -126,6 +152,9 @@ class DetectorConfig:
                 "prompt mode 'template' needs a prompt template (--prompt-template), e.g. 'Segment the defect on the "
                 "{class_name}.'"
             )
+        problem = template_problem(self.prompt_template) if self.prompt_mode == "template" else None
+        if problem:
+            raise DetectorError(f"prompt template {self.prompt_template!r} {problem}")
         if self.batch_size < 1:
             raise DetectorError(f"batch size must be at least 1; got {self.batch_size}")
 
