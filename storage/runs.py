@@ -116,6 +116,11 @@ class RunRecords:
         with self.db.session() as session, session.begin():
             session.execute(update(Run).where(Run.id == run_id).values(status=status))
 
+    def set_model_fingerprint(self, run_id: int, fingerprint: str) -> None:
+        """Record the model a run's images are computed with (only while none has been, see the `run` command)."""
+        with self.db.session() as session, session.begin():
+            session.execute(update(Run).where(Run.id == run_id).values(model_fingerprint=fingerprint))
+
     def set_run_executor(self, run_id: int, owner: str | None) -> None:
         """Record (``host:pid``) or clear the process executing an embedded run, kept in the run's config, so
         that a run whose process is gone can be shown as interrupted."""

@@ -293,3 +293,25 @@ def test_a_bad_lever_variable_stops_the_run_in_one_line(tmp_path: Path, dataset:
                       "--detector", "read", "--checkpoint", str(read_dir), "--clip", str(clip_dir)])
     assert result.exit_code == 1, result.output
     assert "READAR_COMPILE='banana': use on, off or auto" in result.output and "Traceback" not in result.output
+
+
+def test_a_run_is_not_continued_with_changed_model_files(tmp_path: Path, dataset: Path) -> None:
+    """The checkpoint path is part of a run's identity, its files are not: a changed file under the same path
+    must not be mixed into the run, neither by `run` again nor by `resume`."""
+    import json
+    import shutil
+
+    from tests.read_fixtures import tiny_checkpoint
+
+    read_dir, clip_dir = tiny_checkpoint()
+    checkpoint = tmp_path / "ck"
+    shutil.copytree(read_dir, checkpoint)
+    command = ["--work-dir", str(tmp_path / "work"), "run", "--mvtec-root", str(dataset), "--classes", "brick",
+               "--max-per-class", "4", "--run-name", "fp", "--detector", "read", "--checkpoint", str(checkpoint),
+               "--clip", str(clip_dir)]
+    _ok(command)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "note": "another model"}))
+    for args in (command, ["--work-dir", str(tmp_path / "work"), "resume", "fp"]):
+        result = _invoke(args)
+        assert result.exit_code == 1 and "the model files of run fp changed since its first results" in result.output, result.output

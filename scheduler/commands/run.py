@@ -103,7 +103,7 @@ def execute(app: AppContext, detector_name: str, config: DetectorConfig, request
     if request is not None:
         try:
             run, new_rows = plan_run(
-                repo, request, model_fingerprint=detector.fingerprint(),
+                repo, request, model_fingerprint=detector.fingerprint(),  # compared below for an existing run
                 uses_ground_truth_names=detector.uses_ground_truth_names, settings_public=app.settings.public(),
             )
         except (DatasetError, RunConflictError, RunNameError) as exc:
@@ -111,6 +111,20 @@ def execute(app: AppContext, detector_name: str, config: DetectorConfig, request
         app.err.print(f"run [bold]{shown(run.name)}[/]: {new_rows} new image row(s) planned")
     else:
         run = repo.get_run(run_name or "")
+    fingerprint = detector.fingerprint()
+    if run.model_fingerprint and fingerprint != run.model_fingerprint:
+        # The same checkpoint path with other files in it (the path alone is part of the run's identity). While
+        # no image has a result yet (a shard replaced after it failed to load, say) nothing can be mixed.
+        if not repo.status_totals(run.id).get(ImageStatus.DONE, 0):
+            repo.set_model_fingerprint(run.id, fingerprint)
+            run = repo.get_run_by_id(run.id)
+        else:
+            raise click.ClickException(
+                f"the model files of run {visible(run.name)} changed since its first results (fingerprint "
+                f"{run.model_fingerprint} then, {fingerprint} now): going on would mix two models in one run; "
+                f"put back the files it used ({visible(config.checkpoint or '-')}, {visible(config.clip or '-')}) "
+                "or start a new run with another --run-name"
+            )
     # On a terminal the runner shows a live bar; in a log file, plain lines now and then.
     progress = None if app.err.is_terminal else PlainProgress(app.err, run.name, _unfinished(app, run.id))
     outcome = execute_run(
