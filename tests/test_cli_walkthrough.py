@@ -315,3 +315,28 @@ def test_a_run_is_not_continued_with_changed_model_files(tmp_path: Path, dataset
     for args in (command, ["--work-dir", str(tmp_path / "work"), "resume", "fp"]):
         result = _invoke(args)
         assert result.exit_code == 1 and "the model files of run fp changed since its first results" in result.output, result.output
+
+
+def test_a_run_a_live_process_executes_is_not_deleted(tmp_path: Path, dataset: Path) -> None:
+    import socket
+    import subprocess
+
+    from scheduler.context import AppContext
+    from storage.models import RunStatus
+
+    work = tmp_path / "work"
+    _ok(["--work-dir", str(work), "run", "--mvtec-root", str(dataset), "--classes", "brick", "--run-name", "busy"])
+    app = AppContext(settings=Settings(work_dir=work))
+    run = app.repo.get_run("busy")
+    executor = subprocess.Popen(["sleep", "60"])  # stands for the `readar run` process still executing it
+    try:
+        app.repo.set_run_executor(run.id, f"{socket.gethostname()}:{executor.pid}")
+        app.repo.set_run_status(run.id, RunStatus.RUNNING)
+        result = _invoke(["--work-dir", str(work), "delete", "busy", "--yes"])
+        assert result.exit_code == 1 and f"is being worked on by {socket.gethostname()}:{executor.pid}" in \
+            result.output, result.output
+    finally:
+        executor.kill()
+        executor.wait()
+    _ok(["--work-dir", str(work), "delete", "busy", "--yes"])  # its process is gone: deleted
+    assert "busy" not in _ok(["--work-dir", str(work), "runs"])

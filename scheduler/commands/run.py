@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 import threading
 import time
 from typing import Any
@@ -213,7 +214,20 @@ def _continue(app: AppContext, run: Any, *, device: str | None, batch_size: int 
 @click.pass_obj
 def delete_command(app: AppContext, run_name: str, yes: bool) -> None:
     """Delete a run: its rows in the database and its logits in the object store (the dataset is untouched)."""
+    from workers.task import dead_local_owners
+
     run = app.run(run_name)
+    # A process of this machine still working on the run would go on writing into a deleted run (and its
+    # objects into the key space of the next run that gets this id): it is stopped first.
+    executor = (run.config or {}).get("executor")
+    owners = [*([executor] if executor and run.status == RunStatus.RUNNING else []), *app.repo.running_owners(run.id)]
+    host = socket.gethostname()
+    live = sorted({o for o in owners if o.rpartition(":")[0] == host} - set(dead_local_owners(owners)))
+    if live:
+        raise click.ClickException(
+            f"run {visible(run.name)} is being worked on by {', '.join(live)} on this machine; stop that first "
+            f"(Ctrl-C the `readar run`, or `readar cancel {visible(run.name)}` for workers), then delete it"
+        )
     images = sum(app.repo.status_totals(run.id).values())
     if not yes and not click.confirm(f"delete run {visible(run.name)} ({images} images) and its stored logits?"):
         app.console.print(f"nothing deleted: run {shown(run.name)} is kept")
