@@ -340,3 +340,23 @@ def test_a_run_a_live_process_executes_is_not_deleted(tmp_path: Path, dataset: P
         executor.wait()
     _ok(["--work-dir", str(work), "delete", "busy", "--yes"])  # its process is gone: deleted
     assert "busy" not in _ok(["--work-dir", str(work), "runs"])
+
+
+def test_metrics_printed_while_images_are_unfinished_say_they_are_partial(tmp_path: Path, dataset: Path) -> None:
+    """A second `readar run` of the same run that finishes first, or `aggregate` of an interrupted run, printed
+    partial numbers as if final."""
+    from scheduler.context import AppContext
+    from storage.models import ImageStatus
+
+    work = tmp_path / "work"
+    _ok(["--work-dir", str(work), "run", "--mvtec-root", str(dataset), "--classes", "brick", "--run-name", "part"])
+    app = AppContext(settings=Settings(work_dir=work))
+    run = app.repo.get_run("part")
+    image = next(row for row in app.repo.images(run.id) if row.status == ImageStatus.DONE)
+    with app.repo.db.session() as session, session.begin():  # as if another process still held it
+        from sqlalchemy import update
+
+        from storage.models import Image
+        session.execute(update(Image).where(Image.id == image.id).values(status=ImageStatus.RUNNING))
+    output = _ok(["--work-dir", str(work), "aggregate", "part"])
+    assert "1 image(s) are not finished yet" in " ".join(output.split()), output

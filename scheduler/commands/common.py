@@ -14,7 +14,8 @@ import click
 
 from scheduler.context import AppContext
 from scheduler.planner import RUN_NAME_RULE, RunNameError, RunRequest, check_run_name, parse_list
-from scheduler.tables import print_metrics, run_csv_path, shown, write_run_csv
+from scheduler.tables import print_metrics, run_csv_path, shown, visible, write_run_csv
+from storage.models import ImageStatus
 from storage.redact import redact_text
 from storage.settings import MAX_BATCH_SIZE
 from workers.detectors.base import (
@@ -195,6 +196,12 @@ def summarise(app: AppContext, run_id: int, run_name: str) -> Path:
     print_metrics(app.console, app.repo, run)
     totals = app.repo.status_totals(run_id)
     app.console.print("images: " + ", ".join(f"{n} {shown(s)}" for s, n in sorted(totals.items())))
+    unfinished = totals.get(ImageStatus.RUNNING, 0) + totals.get(ImageStatus.QUEUED, 0)
+    if unfinished:  # held by another process (a second `readar run`, a worker), or an interrupted run
+        app.console.print(
+            f"note: {unfinished} image(s) are not finished yet (queued or running), so these metrics are partial; "
+            f"`readar status {visible(run_name)}` follows them, and `readar metrics {visible(run_name)}` shows "
+            "the final numbers once they finish", style="yellow", markup=False, highlight=False)
     app.console.print(f"metrics CSV:  {shown(csv_path)}")
     app.console.print(f"database:     {shown(redact_text(app.settings.resolved_database_url))}")
     app.console.print(f"logits:       {shown(app.store.describe())}/runs/{run_id}/images/")
