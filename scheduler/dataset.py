@@ -118,7 +118,8 @@ def _over_budget(kind: str, relative: str, size: tuple[int, int], max_pixels: in
         return None
     return (
         f"{kind} {relative} is {_fmt_size(*size)} = {pixels:,} pixels, more than the limit of {max_pixels:,} "
-        "(READAR_MAX_IMAGE_PIXELS); shrink the image or raise the limit"
+        "(READAR_MAX_IMAGE_PIXELS); a run keeps the limit it was planned with: start a new run with a higher "
+        "limit, or with the image shrunk"
     )
 
 

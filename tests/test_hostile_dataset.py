@@ -171,6 +171,7 @@ def test_image_over_the_pixel_budget_fails_at_indexing(tmp_path: Path) -> None:
     assert row.status == "failed" and (row.height, row.width) == (10_000, 10_000)
     assert "bottle/test/good/bomb.png" in row.reason and "10000×10000" in row.reason
     assert "READAR_MAX_IMAGE_PIXELS" in row.reason and "4,194,304" in row.reason
+    assert "start a new run" in row.reason and "retry" not in row.reason  # a retry keeps the run's limit
     assert status_counts(index) == {"queued": 18, "skipped": 0, "failed": 1}
     # The budget is settable: 16×16 = 256 pixels is the most this one lets through.
     small = index_dataset(root, classes=["grid"], max_image_pixels=255)

@@ -44,8 +44,14 @@ class ImageLoadError(RuntimeError):
     def __init__(self, path: Path | str, reason: str, advice: str | None = None) -> None:
         self.path = Path(path)
         self.reason = reason
-        advice = advice or "Replace the file with a valid PNG or JPEG"
-        super().__init__(f"cannot load image {self.path}: {reason}. {advice}, then run `readar retry RUN`")
+        advice = advice or "Replace the file with a valid PNG or JPEG, then run `readar retry RUN`"
+        super().__init__(f"cannot load image {self.path}: {reason}. {advice}")
+
+
+# A run keeps the pixel limit it was planned with, and a shrunk image is a changed dataset: neither a retry nor a
+# resume can take such an image, only a new run.
+TOO_LARGE_ADVICE = ("A run keeps the pixel limit it was planned with: start a new run (another --run-name) with a "
+                    "higher READAR_MAX_IMAGE_PIXELS, or with the image shrunk")
 
 
 def set_max_image_pixels(limit: int) -> None:
@@ -88,7 +94,7 @@ def _open_fully(path: Path, max_pixels: int | None) -> Image.Image:
             if width * height > limit:
                 raise ImageLoadError(
                     path, f"the image is {height}×{width} = {width * height:,} pixels, more than the limit of "
-                    f"{limit:,} (READAR_MAX_IMAGE_PIXELS)", "Shrink the image or raise READAR_MAX_IMAGE_PIXELS",
+                    f"{limit:,} (READAR_MAX_IMAGE_PIXELS)", TOO_LARGE_ADVICE,
                 )
             opened.load()
             # ``load`` decodes the pixels; copying detaches them from the file handle.
@@ -97,7 +103,7 @@ def _open_fully(path: Path, max_pixels: int | None) -> Image.Image:
         raise ImageLoadError(path, "the file is not in an image format Pillow recognises") from None
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(
-            path, f"the image is implausibly large ({exc})", "Shrink the image or raise READAR_MAX_IMAGE_PIXELS"
+            path, f"the image is implausibly large ({exc})", TOO_LARGE_ADVICE
         ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         # Truncated data raises OSError ("image file is truncated"), broken chunks raise SyntaxError/ValueError.
