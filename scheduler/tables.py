@@ -29,7 +29,7 @@ from metrics.output import (
     write_metrics_csv,
 )
 from metrics.published import oracle_note, published_setting_note
-from storage.models import MetricRow, Run
+from storage.models import ImageStatus, MetricRow, Run
 from storage.repository import Repository
 
 _FILE_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -97,15 +97,23 @@ def add_number_column(table: Table, header: str) -> None:
     table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
 
 
-def left_out_line(run_name: str, failed: int, skipped: int) -> str:
+def left_out_line(run_name: str, failed: int, skipped: int, skipped_rows: int | None = None) -> str:
     """The line under the metrics naming the images they leave out and the ``results`` filter of each kind.
 
-    Only kinds with images are named: ``--status failed`` lists failed images, ``--status skipped`` skipped ones."""
-    kinds = [(n, status) for n, status in ((failed, "failed"), (skipped, "skipped")) if n]
-    counts = " and ".join(f"{n} {status}" for n, status in kinds)
-    commands = " and ".join(f"`readar results {visible(run_name)} --status {status}`" for _, status in kinds)
-    return f"left out of these metrics: {counts} image(s); {commands} {'list' if len(kinds) > 1 else 'lists'} " \
-           "them and why"
+    Only kinds with images are named: ``--status failed`` lists failed images, ``--status skipped`` skipped ones.
+    ``skipped_rows``: how many image rows are ``skipped``; the metrics may count more, images whose mask went
+    missing or changed after they were computed (their rows stay done), which no filter lists."""
+    later = max(skipped - skipped_rows, 0) if skipped_rows is not None else 0
+    listed = [(n, status) for n, status in ((failed, "failed"), (skipped - later, "skipped")) if n]
+    counts = " and ".join(f"{n} {status}" for n, status in ((failed, "failed"), (skipped, "skipped")) if n)
+    line = f"left out of these metrics: {counts} image(s)"
+    if listed:
+        commands = " and ".join(f"`readar results {visible(run_name)} --status {status}`" for _, status in listed)
+        line += f"; {commands} {'list' if len(listed) > 1 else 'lists'} them and why"
+    if later:
+        line += (f"; {later} skipped image(s) were done, but their mask was missing or unusable when the metrics "
+                 f"were computed: put the masks back and run `readar aggregate {visible(run_name)}`")
+    return line
 
 
 def print_metrics(console: Console, repo: Repository, run: Run, *, include_defects: bool = False) -> None:
@@ -117,7 +125,8 @@ def print_metrics(console: Console, repo: Repository, run: Run, *, include_defec
     console.print(metrics_table(rows, title=f"run {run.name} — metrics (%)"))  # the table escapes the title
     overall = next((r for r in rows if r["scope"] == "overall"), None)
     if overall is not None and (overall["num_failed"] or overall["num_skipped"]):
-        console.print(left_out_line(run.name, overall["num_failed"], overall["num_skipped"]),
+        skipped_rows = repo.status_totals(run.id).get(ImageStatus.SKIPPED, 0)
+        console.print(left_out_line(run.name, overall["num_failed"], overall["num_skipped"], skipped_rows),
                       markup=False, highlight=False)
     note = published_setting_note(run.detector, run.config.get("detector_config") or {})
     if note:

@@ -360,3 +360,16 @@ def test_metrics_printed_while_images_are_unfinished_say_they_are_partial(tmp_pa
         session.execute(update(Image).where(Image.id == image.id).values(status=ImageStatus.RUNNING))
     output = _ok(["--work-dir", str(work), "aggregate", "part"])
     assert "1 image(s) are not finished yet" in " ".join(output.split()), output
+
+
+def test_images_skipped_at_aggregation_are_explained(tmp_path: Path) -> None:
+    """A mask that goes missing after its image is done: the metrics skip it, its row stays done, and no results
+    filter lists it; the line under the table says so and how to fix it."""
+    root = tmp_path / "data"
+    make_sample_data(root, categories=("brick",), size=32, per_class=4, train_per_class=2)
+    work = tmp_path / "work"
+    _ok(["--work-dir", str(work), "run", "--mvtec-root", str(root), "--run-name", "late"])
+    next(root.glob("brick/ground_truth/*/*.png")).unlink()
+    output = " ".join(_ok(["--work-dir", str(work), "aggregate", "late"]).split())
+    assert "1 skipped image(s) were done, but their mask was missing" in output, output
+    assert "--status skipped" not in output and "readar aggregate late" in output
