@@ -20,6 +20,24 @@ COMMANDS_ON_EXISTING_RUNS = frozenset({
 })
 
 
+# Commands that read a stored run's images and masks again from its dataset root.
+READS_STORED_DATASET = frozenset({"show", "report"})
+
+
+def dataset_failure(exc: BaseException) -> str | None:
+    """One line for an image or mask of a stored run that is gone (the dataset moved or changed since the run)."""
+    from metrics.errors import GroundTruthError
+
+    if isinstance(exc, FileNotFoundError):
+        what = f"{exc.filename} does not exist" if exc.filename else str(exc)
+    elif isinstance(exc, GroundTruthError) and "does not exist" in str(exc):
+        what = str(exc).splitlines()[0]
+    else:
+        return None
+    return (f"{what}: the run's dataset has moved or changed since the run; put it back where the run read it "
+            "(the folder named here)")
+
+
 class ReadarGroup(click.Group):
     """Connection and URL failures end as one line naming what failed and what to do (``-v``: traceback).
 
@@ -46,6 +64,8 @@ class ReadarGroup(click.Group):
                 database_url=settings.resolved_database_url if settings else None,
                 broker_url=settings.broker_url if settings else None,
             )
+            if message is None and ctx.invoked_subcommand in READS_STORED_DATASET:
+                message = dataset_failure(exc)
             if message is None:
                 raise
             if app is not None and app.verbose:

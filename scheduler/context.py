@@ -5,15 +5,24 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import click
 from rich.console import Console
 
 from storage.database import Database
 from storage.models import Run
-from storage.objects import ObjectStore
+from storage.objects import ObjectStore, ObjectStoreError, check_store_url
 from storage.repository import Repository, RunNotFoundError
 from storage.settings import Settings
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The path itself or its nearest existing parent when that is not a folder (a file), else None."""
+    for candidate in (path.absolute(), *path.absolute().parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 @dataclass
@@ -26,8 +35,22 @@ class AppContext:
 
     needs_existing_database: bool = False
 
+    def check_store_url(self) -> None:
+        """A work folder or store URL that cannot work is refused before the database is opened (so before a run
+        is planned)."""
+        blocker = file_in_the_way(self.settings.work_dir)
+        if blocker is not None:
+            where = "" if blocker == self.settings.work_dir.absolute() else f" (on the way to {self.settings.work_dir})"
+            raise click.ClickException(f"work folder: {blocker}{where} is a file, not a folder: pass a --work-dir (or "
+                                       "READAR_WORK_DIR) that is a folder or a new path")
+        try:
+            check_store_url(self.settings.resolved_object_store_url)
+        except ObjectStoreError as exc:
+            raise click.ClickException(f"object store: {exc}") from exc
+
     @cached_property
     def database(self) -> Database:
+        self.check_store_url()
         default_file = self.settings.work_dir / "readar.sqlite"
         if self.needs_existing_database and not self.settings.database_url and not default_file.is_file():
             raise click.ClickException(
@@ -52,7 +75,10 @@ class AppContext:
 
     @cached_property
     def store(self) -> ObjectStore:
-        return ObjectStore(self.settings.resolved_object_store_url, self.settings.storage_options())
+        try:
+            return ObjectStore(self.settings.resolved_object_store_url, self.settings.storage_options())
+        except ObjectStoreError as exc:
+            raise click.ClickException(f"object store: {exc}") from exc
 
 
 class VisibleFormatter(logging.Formatter):

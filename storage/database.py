@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.redact import redact_text, redact_url
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+SUPPORTED_URLS = "sqlite:////absolute/path.sqlite and postgresql+psycopg://user@host:5432/dbname"
 
 
 class DatabaseError(RuntimeError):
@@ -47,14 +48,27 @@ class Database:
         if self.is_sqlite:
             path = url.split("///", 1)[-1]
             if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                folder = Path(path).parent
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:  # a file in the way, a read-only or missing mount
+                    raise DatabaseError(
+                        f"cannot create the folder {folder} for the SQLite database ({exc.strerror or exc}): pass a "
+                        "--work-dir (or READAR_WORK_DIR) that is a folder you can write, or a --database-url"
+                    ) from exc
             self.engine: Engine = create_engine(url, echo=echo, connect_args={"timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
             # No pre-ping (a round trip per checkout on the hot path): a dropped connection fails its statement,
             # SQLAlchemy invalidates the pool, and the task retries (transient error) on a fresh connection.
             connect_args = {"sslmode": "verify-full", "sslrootcert": tls_ca_file} if tls_ca_file else {}
-            self.engine = create_engine(url, echo=echo, pool_recycle=1800, connect_args=connect_args)
+            try:
+                self.engine = create_engine(url, echo=echo, pool_recycle=1800, connect_args=connect_args)
+            except ImportError as exc:  # mysql://, postgresql:// (psycopg2), ...: a driver READAR does not ship
+                raise DatabaseError(
+                    f"database URL {redact_url(url)} needs a driver READAR does not ship ({exc.name or exc}): "
+                    f"READAR supports {SUPPORTED_URLS}"
+                ) from exc
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Same pool, no BEGIN/COMMIT round trips: for single statements that need no transaction around them.
         self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")

@@ -42,16 +42,48 @@ def check_key(key: str) -> str:
     return key
 
 
+def check_store_url(url: str) -> None:
+    """Refuse, without creating anything, a store URL that cannot work: an unknown protocol (``foo://``), or a
+    local path where a file stands in place of a folder (the path itself or one of its parents)."""
+    protocol, path = fsspec.core.split_protocol(url)
+    if protocol not in (None, "file", "local"):
+        if protocol not in fsspec.available_protocols():
+            raise ObjectStoreError(f"object store URL {redact_url(url)} has an unknown protocol {protocol!r}: give "
+                                   "--object-store-url (or READAR_OBJECT_STORE_URL) a folder path or an s3:// URL")
+        return
+    folder = os.path.abspath(path)
+    while True:
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            where = "" if folder == os.path.abspath(path) else f" (on the object store path {os.path.abspath(path)})"
+            raise ObjectStoreError(f"{folder}{where} is a file, not a folder: give --object-store-url (or "
+                                   "READAR_OBJECT_STORE_URL) a folder path")
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return
+        folder = parent
+
+
 class ObjectStore:
     """Read and write whole objects by key under one fsspec URL."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url = url.rstrip("/")
-        self.filesystem, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
-        self.is_local = self.filesystem.protocol in ("file", ("file", "local")) or "file" in self.filesystem.protocol
         self._secrets = [str(v) for k, v in (storage_options or {}).items() if k in ("key", "secret", "token")]
+        check_store_url(self.url)
+        try:
+            self.filesystem, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        except (ValueError, ImportError) as exc:  # an unknown protocol, a missing fsspec backend
+            raise ObjectStoreError(redact_text(f"cannot open the object store {self.describe()}: {exc}",
+                                               self._secrets)) from exc
+        self.is_local = self.filesystem.protocol in ("file", ("file", "local")) or "file" in self.filesystem.protocol
         if self.is_local:
-            os.makedirs(self.root, exist_ok=True)
+            try:
+                os.makedirs(self.root, exist_ok=True)
+            except OSError as exc:
+                raise ObjectStoreError(
+                    f"cannot create the object store folder {self.root} ({exc.strerror or exc}): give "
+                    "--object-store-url (or READAR_OBJECT_STORE_URL) a folder path you can write"
+                ) from exc
 
     def describe(self) -> str:
         return redact_url(self.url) or ""

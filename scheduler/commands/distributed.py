@@ -97,6 +97,14 @@ def aggregate_command(app: AppContext, run_name: str, category: str | None) -> N
     from scheduler.commands.common import summarise
 
     run = app.run(run_name)
+    # The aggregator reads the masks under the stored root as it stands (no READAR_PATH_MAP here): a root that is
+    # gone would turn every mask into a skip and rewrite the stored metrics with NaN.
+    if not Path(run.dataset_root).is_dir():
+        raise click.ClickException(
+            f"the dataset root of run {run.name}, {run.dataset_root}, is not an existing folder (moved or "
+            f"unmounted?): restore the dataset there, then run `readar aggregate {run.name}` again; the stored "
+            "metrics are left as they were"
+        )
     categories = [c.category for c in app.repo.categories(run.id)]
     if category and category not in categories:
         raise click.ClickException(f"run {run.name} has no category {category!r}; it has {', '.join(categories)}")

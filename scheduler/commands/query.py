@@ -234,6 +234,11 @@ def metrics_command(app: AppContext, run_name: str, out_csv: Path | None, defect
     from scheduler.tables import print_metrics, run_csv_path, write_run_csv
 
     run = app.run(run_name)
+    if not app.repo.metric_rows(run.id):  # not an empty table and a header-only CSV
+        app.console.print(f"run {visible(run.name)} has no metrics yet: no category has finished (no CSV written); "
+                          f"`readar status {visible(run.name)}` shows its progress, `readar resume "
+                          f"{visible(run.name)}` finishes it", markup=False, highlight=False, soft_wrap=True)
+        return
     path = write_run_csv(app.repo, run.id, out_csv or run_csv_path(app.settings.work_dir, run.name))
     print_metrics(app.console, app.repo, run, include_defects=defects)
     app.console.print(f"metrics CSV: {shown(path)}")
@@ -305,6 +310,10 @@ def export_command(app: AppContext, run_name: str, directory: Path, layout: str)
     run = app.run(run_name)
     root = Path(run.dataset_root)
     rows = app.repo.images(run.id, status=ImageStatus.DONE)
+    if directory.is_dir() and any(directory.iterdir()):
+        # Another run's export (or anything else) there would be mixed into this one, and `readar eval` of the
+        # folder would report the mix.
+        raise click.ClickException(f"export folder {directory} is not empty: choose an empty or new folder")
     make_folder(directory)
     lost: list[str] = []
     for row in rows:
