@@ -373,3 +373,29 @@ def test_images_skipped_at_aggregation_are_explained(tmp_path: Path) -> None:
     output = " ".join(_ok(["--work-dir", str(work), "aggregate", "late"]).split())
     assert "1 skipped image(s) were done, but their mask was missing" in output, output
     assert "--status skipped" not in output and "readar aggregate late" in output
+
+
+def test_watching_an_interrupted_run_ends(tmp_path: Path, dataset: Path) -> None:
+    """Nothing works on an interrupted run, so `status --watch` said so at the start and then looped forever."""
+    import subprocess
+    import sys
+
+    from scheduler.context import AppContext
+    from storage.models import RunStatus
+
+    work = tmp_path / "work"
+    _ok(["--work-dir", str(work), "run", "--mvtec-root", str(dataset), "--classes", "brick", "--run-name", "stopped"])
+    app = AppContext(settings=Settings(work_dir=work))
+    run = app.repo.get_run("stopped")
+    app.repo.set_run_status(run.id, RunStatus.INTERRUPTED)
+    with app.repo.db.session() as session, session.begin():  # one image left to do, as after a Ctrl-C
+        from sqlalchemy import update
+
+        from storage.models import Image, ImageStatus
+        image = app.repo.images(run.id, status=ImageStatus.DONE)[0]
+        session.execute(update(Image).where(Image.id == image.id).values(status=ImageStatus.QUEUED))
+    completed = subprocess.run([sys.executable, "-m", "scheduler", "--work-dir", str(work), "status", "stopped",
+                                "--watch", "--interval", "0.5"], capture_output=True, text=True, timeout=120,
+                               env={k: v for k, v in os.environ.items() if not k.startswith("READAR_")})
+    assert completed.returncode == 0, completed.stderr
+    assert "is interrupted; nothing is working on it" in " ".join(completed.stdout.split()), completed.stdout

@@ -202,6 +202,13 @@ def status_command(app: AppContext, run_name: str, watch: bool, interval: float)
                 if run.status == RunStatus.CANCELLED or (app.repo.active_count(run.id) == 0
                                                          and all(c.status == CategoryStatus.DONE for c in categories)):
                     break
+                if shown_status(run) == RunStatus.INTERRUPTED:  # nothing works on it: watching would never end
+                    from scheduler.commands.common import resume_hint
+
+                    live.stop()
+                    app.console.print(f"run {visible(run.name)} is interrupted; nothing is working on it. Resume "
+                                      f"with: {visible(resume_hint(app, run.name))}", markup=False, highlight=False)
+                    break
                 time.sleep(interval)
     failed = app.repo.images(run.id, status=ImageStatus.FAILED)
     for row in failed[:20]:
