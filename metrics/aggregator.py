@@ -42,14 +42,19 @@ class LostResultsError(AggregationError):
 def aggregate_category(
     repo: Repository, store: ObjectStore, run_id: int, category: str,
     *, progress: Callable[[int, int], None] | None = None,
+    path_map: Callable[[str], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Compute and store the metric rows of one category (category scope + its defect scopes), then finish the
-    run when this was its last category (:func:`finish_run_if_complete`)."""
+    run when this was its last category (:func:`finish_run_if_complete`).
+
+    path_map: where this machine finds the run's dataset root (a worker's READAR_PATH_MAP); None reads it as
+    stored."""
     from metrics.errors import GroundTruthError, MetricInputError
     from metrics.results import load_result
     from metrics.scopes import ScopedAccumulator, set_image_counts
 
     run = repo.get_run_by_id(run_id)
+    dataset_root = str(path_map(run.dataset_root)) if path_map else run.dataset_root
     rows = repo.images(run_id, category=category)
     done = [r for r in rows if r.status == ImageStatus.DONE]
     # Per (category, defect type): each metric row reports the skips and failures of its own scope.
@@ -60,7 +65,7 @@ def aggregate_category(
     lost = []
     for position, row in enumerate(done, start=1):
         try:
-            result = load_result(store, run.dataset_root, row)
+            result = load_result(store, dataset_root, row)
             accumulator.add(category, row.defect, result.logits, result.mask)
         except (ObjectMissingError, LogitFormatError) as exc:  # an unreachable store still raises: retried
             log.warning("result of %s is lost: %s", row.image_path, exc)

@@ -24,3 +24,34 @@ def test_only_a_category_in_aggregation_is_aggregated_by_a_task(tmp_path: Path) 
     repo.finish_aggregation(run_id, "c", rows=[], state_key="s", num_used=1, num_skipped=0, num_failed=0)
     assert not _still_aggregating(runtime, run_id, "c")  # done: a redelivered copy is skipped
     runtime.close()
+
+
+def test_a_worker_reads_the_masks_where_its_path_map_mounts_the_dataset(tmp_path: Path) -> None:
+    """The image tasks applied READAR_PATH_MAP to the dataset root, the aggregation did not: a worker mounting the
+    data elsewhere skipped every mask and stored NaN metrics."""
+    import math
+    import shutil
+
+    from click.testing import CliRunner
+
+    from metrics.aggregator import aggregate_category
+    from scheduler.cli import cli
+    from scheduler.context import AppContext
+    from scheduler.sample_data import make_sample_data
+    from storage.paths import PathMap
+
+    submitted = tmp_path / "submitted" / "data"
+    make_sample_data(submitted, categories=("brick",), size=32, per_class=4, train_per_class=2)
+    work = tmp_path / "work"
+    result = CliRunner().invoke(cli, ["--work-dir", str(work), "run", "--mvtec-root", str(submitted),
+                                      "--run-name", "m"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    app = AppContext(settings=Settings(work_dir=work))
+    run = app.repo.get_run("m")
+    mounted = tmp_path / "mounted" / "data"
+    shutil.copytree(submitted, mounted)
+    shutil.rmtree(submitted)  # this "machine" has the dataset only where its path map says
+    rows = aggregate_category(app.repo, app.store, run.id, "brick",
+                              path_map=PathMap(f"{run.dataset_root}={mounted}"))
+    category = next(row for row in rows if row["scope"] == "category")
+    assert not math.isnan(category["pAUROC"]) and category["num_skipped"] == 0, category

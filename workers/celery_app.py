@@ -270,7 +270,8 @@ def aggregate_category_task(self: Any, run_id: int, category: str) -> int:
             # A second delivery of a finished aggregation (redelivered after the visibility timeout, or sent
             # twice): the rows are stored already; running again would only repeat the work.
             return 0
-        rows = aggregate_category(state.repo, state.store, run_id, category)
+        rows = aggregate_category(state.repo, state.store, run_id, category,
+                                  path_map=state.path_map or None)  # the masks where this machine mounts them
     except LostResultsError as exc:
         # Those images are queued again: send them; the last of them to finish triggers this aggregation anew.
         log.warning("%s", exc)
